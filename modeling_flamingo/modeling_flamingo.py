@@ -1,0 +1,624 @@
+"""OpenFlamingo on transformers' own vision and language models.
+
+Layout of the module tree (and so of the state dict):
+
+- `vision_encoder`: `CLIPVisionModel`; its last block's patch tokens (before `post_layernorm`, CLS dropped) are the
+  image tokens, as open_clip <= 2.20 returned them when OpenFlamingo was trained.
+- `perceiver`: `FlamingoPerceiverResampler`, turning each image's tokens into `perceiver_num_latents` latents.
+- `language_model`: the causal LM (`LlamaForCausalLM`, `GPTNeoXForCausalLM`, `MptForCausalLM` or our
+  `MosaicGPTForCausalLM`). Each entry of its decoder layer list is replaced by a `FlamingoDecoderLayer` holding the
+  original layer as `decoder_layer` and, every `cross_attn_every_n_layers` layers, a
+  `FlamingoGatedCrossAttentionBlock` as `gated_cross_attn_layer`, which runs first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModelForCausalLM, CLIPVisionModel, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.utils import ModelOutput
+
+from modeling_flamingo.configuration.configuration_flamingo import FlamingoConfig
+
+
+def _get_attr_path(obj: Any, path: str) -> Any:
+    for name in path.split("."):
+        obj = getattr(obj, name)
+    return obj
+
+
+class FlamingoFeedForward(nn.Module):
+    """LayerNorm -> Linear(d, mult * d) -> exact GELU -> Linear(mult * d, d); Linears without bias."""
+
+    def __init__(self, dim: int, mult: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, dim * mult, bias=False)
+        self.fc2 = nn.Linear(dim * mult, dim, bias=False)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(self.norm(hidden_states))))
+
+
+class FlamingoPerceiverAttention(nn.Module):
+    """Latents attend to the concatenation of (normed) media tokens and (normed) latents."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int):
+        super().__init__()
+        self.heads = heads
+        self.head_dim = head_dim
+        inner = heads * head_dim
+        self.norm_media = nn.LayerNorm(dim)
+        self.norm_latents = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * inner, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+
+    def forward(self, media: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            media: (N, v, d) image tokens, N = batch * images.
+            latents: (N, n, d).
+        Returns:
+            (N, n, d) attention output (the caller adds the residual).
+        """
+        N, n, _ = latents.shape
+        media = self.norm_media(media)
+        latents = self.norm_latents(latents)
+        q = self.to_q(latents).view(N, n, self.heads, self.head_dim).transpose(1, 2)
+        k, v = self.to_kv(torch.cat((media, latents), dim=1)).chunk(2, dim=-1)
+        k = k.view(N, -1, self.heads, self.head_dim).transpose(1, 2)
+        v = v.view(N, -1, self.heads, self.head_dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.to_out(out.transpose(1, 2).reshape(N, n, self.heads * self.head_dim))
+
+
+class FlamingoPerceiverLayer(nn.Module):
+    def __init__(self, config: FlamingoConfig, dim: int):
+        super().__init__()
+        self.attention = FlamingoPerceiverAttention(dim, config.perceiver_heads, config.perceiver_head_dim)
+        self.feed_forward = FlamingoFeedForward(dim, config.perceiver_ff_mult)
+
+    def forward(self, media: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        latents = self.attention(media, latents) + latents
+        return self.feed_forward(latents) + latents
+
+
+class FlamingoPerceiverResampler(nn.Module):
+    """Maps each image's vision tokens to a fixed number of latents."""
+
+    def __init__(self, config: FlamingoConfig):
+        super().__init__()
+        dim = config.vision_config.hidden_size
+        self.latents = nn.Parameter(torch.randn(config.perceiver_num_latents, dim))
+        self.frame_embs = nn.Parameter(torch.randn(config.max_num_frames, dim)) if config.max_num_frames else None
+        self.media_time_embs = (
+            nn.Parameter(torch.randn(config.max_num_media, 1, dim)) if config.max_num_media else None
+        )
+        self.layers = nn.ModuleList([FlamingoPerceiverLayer(config, dim) for _ in range(config.perceiver_depth)])
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, vision_tokens: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            vision_tokens: (B, T_img, F, v, d) patch tokens of each frame of each image.
+        Returns:
+            (B, T_img, n, d) latents, n = `perceiver_num_latents`.
+        """
+        B, T, Fr, v, d = vision_tokens.shape
+        if self.frame_embs is not None:
+            vision_tokens = vision_tokens + self.frame_embs[:Fr, None, :]
+        media = vision_tokens.reshape(B, T, Fr * v, d)
+        if self.media_time_embs is not None:
+            media = media + self.media_time_embs[:T]
+        media = media.reshape(B * T, Fr * v, d)
+        latents = self.latents.unsqueeze(0).expand(B * T, -1, -1)
+        for layer in self.layers:
+            latents = layer(media, latents)
+        return self.norm(latents).view(B, T, -1, d)
+
+
+class FlamingoMaskedCrossAttention(nn.Module):
+    """Text tokens attend to the latents of the image they belong to."""
+
+    def __init__(self, config: FlamingoConfig, dim: int, dim_visual: int):
+        super().__init__()
+        self.heads = config.cross_attn_heads
+        self.head_dim = config.cross_attn_head_dim
+        self.only_attend_immediate_media = config.only_attend_immediate_media
+        inner = self.heads * self.head_dim
+        self.norm = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(dim_visual, 2 * inner, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+
+    def project_media(self, image_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        Args:
+            image_features: (B, T_img, n, d_visual) resampler latents.
+        Returns:
+            keys and values, each (B, heads, T_img, n, head_dim).
+        """
+        B, T, n, _ = image_features.shape
+        k, v = self.to_kv(image_features).chunk(2, dim=-1)
+        k = k.view(B, T, n, self.heads, self.head_dim).permute(0, 3, 1, 2, 4)
+        v = v.view(B, T, n, self.heads, self.head_dim).permute(0, 3, 1, 2, 4)
+        return k, v
+
+    def forward(
+        self, hidden_states: torch.Tensor, key: torch.Tensor, value: torch.Tensor, image_indices: torch.Tensor
+    ) -> torch.Tensor:
+        """
+        Args:
+            hidden_states: (B, T, d) text hidden states.
+            key, value: (B, heads, T_img, n, head_dim) from `project_media`.
+            image_indices: (B, T) 1-based index of the image each token belongs to, 0 for none.
+        Returns:
+            (B, T, d); zero for tokens without an image.
+        """
+        B, T, _ = hidden_states.shape
+        _, h, T_img, n, hd = key.shape
+        q = self.to_q(self.norm(hidden_states)).view(B, T, h, hd).transpose(1, 2)
+        has_media = (image_indices > 0).unsqueeze(1).unsqueeze(-1)  # (B, 1, T, 1)
+        if T == 1 and self.only_attend_immediate_media:
+            # Decoding: gather the one image this token sees, so the cost does not grow with the image count.
+            img = (image_indices[:, 0] - 1).clamp(min=0)
+            batch = torch.arange(B, device=img.device)
+            k = key[batch, :, img]  # (B, h, n, hd)
+            v = value[batch, :, img]
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            key_image = torch.arange(1, T_img + 1, device=image_indices.device).repeat_interleave(n)  # (T_img * n,)
+            idx = image_indices.unsqueeze(-1)  # (B, T, 1)
+            allowed = (key_image == idx) if self.only_attend_immediate_media else (key_image <= idx)
+            # Rows without an image would be fully masked (NaN in SDPA): let them attend anywhere, zero them below.
+            allowed = allowed | (idx == 0)
+            out = F.scaled_dot_product_attention(
+                q, key.reshape(B, h, T_img * n, hd), value.reshape(B, h, T_img * n, hd), attn_mask=allowed[:, None]
+            )
+        out = out * has_media
+        return self.to_out(out.transpose(1, 2).reshape(B, T, h * hd))
+
+
+class FlamingoGatedCrossAttentionBlock(GradientCheckpointingLayer):
+    """x = tanh(attn_gate) * xattn(x, media) + x; x = tanh(ff_gate) * ff(x) + x."""
+
+    def __init__(self, config: FlamingoConfig, dim: int, dim_visual: int):
+        super().__init__()
+        self.attn = FlamingoMaskedCrossAttention(config, dim, dim_visual)
+        self.attn_gate = nn.Parameter(torch.zeros(1))
+        self.ff = FlamingoFeedForward(dim, config.cross_attn_ff_mult)
+        self.ff_gate = nn.Parameter(torch.zeros(1))
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        key: torch.Tensor | None = None,
+        value: torch.Tensor | None = None,
+        image_indices: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """
+        Args:
+            hidden_states: (B, T, d).
+            key, value: (B, heads, T_img, n, head_dim), or None for text-only input (the attention branch then
+                contributes zero, as the original does for tokens without an image).
+            image_indices: (B, T), see `FlamingoMaskedCrossAttention.forward`.
+        """
+        if key is not None:
+            hidden_states = self.attn(hidden_states, key, value, image_indices) * self.attn_gate.tanh() + hidden_states
+        return self.ff(hidden_states) * self.ff_gate.tanh() + hidden_states
+
+
+@dataclass
+class FlamingoMediaConditioning:
+    """What the cross-attention blocks need for one forward call.
+
+    Attributes:
+        image_features: (B, T_img, n, d_visual) resampler latents, or None for text-only input.
+        image_indices: (B, T) 1-based image index of every input token (0: no image yet).
+        key_values: one `(key, value)` per cross-attention block, each (B, heads, T_img, n, head_dim); entries
+            start as None and are filled on first use, so a generation computes them once.
+    """
+
+    image_features: torch.Tensor | None
+    image_indices: torch.Tensor
+    key_values: list[tuple[torch.Tensor, torch.Tensor] | None]
+    _indices_on: dict[torch.device, torch.Tensor] | None = None
+
+    def indices_on(self, device: torch.device) -> torch.Tensor:
+        # A model split over devices reads the indices once per device, not once per layer.
+        if self._indices_on is None:
+            self._indices_on = {self.image_indices.device: self.image_indices}
+        if device not in self._indices_on:
+            self._indices_on[device] = self.image_indices.to(device)
+        return self._indices_on[device]
+
+
+class FlamingoDecoderLayer(nn.Module):
+    """A language model's decoder layer, preceded by a gated cross-attention block where the config puts one.
+
+    The language model calls this module exactly as it called its own layer. The media conditioning of the current
+    forward call is not an argument of that call (transformers' `MptModel` does not pass extra keyword arguments on
+    to its blocks), so `FlamingoForConditionalGeneration.forward` sets it for the duration of one call through
+    `conditioned_on` and clears it afterwards; with gradient checkpointing the tensors reach the checkpointed block
+    as explicit arguments, so recomputation does not depend on it.
+    """
+
+    def __init__(self, decoder_layer: nn.Module, gated_cross_attn_layer: FlamingoGatedCrossAttentionBlock | None):
+        super().__init__()
+        self.gated_cross_attn_layer = gated_cross_attn_layer
+        self.decoder_layer = decoder_layer
+        self.cross_attn_index: int | None = None
+        self._conditioning: FlamingoMediaConditioning | None = None
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        if self.gated_cross_attn_layer is not None:
+            cond = self._conditioning
+            if cond is None:
+                raise RuntimeError("FlamingoDecoderLayer called outside FlamingoForConditionalGeneration.forward.")
+            key = value = None
+            if cond.image_features is not None:
+                kv = cond.key_values[self.cross_attn_index]
+                device = self.gated_cross_attn_layer.attn.to_kv.weight.device
+                if kv is None:
+                    kv = self.gated_cross_attn_layer.attn.project_media(cond.image_features.to(device))
+                    cond.key_values[self.cross_attn_index] = kv
+                key, value = kv[0].to(device), kv[1].to(device)
+            hidden_states = self.gated_cross_attn_layer(
+                hidden_states, key, value, cond.indices_on(hidden_states.device)
+            )
+        return self.decoder_layer(hidden_states, *args, **kwargs)
+
+
+@dataclass
+class FlamingoCausalLMOutputWithPast(ModelOutput):
+    """
+    Args:
+        loss: language modelling loss (labels shifted inside), when `labels` is given.
+        logits: (B, T, vocab).
+        past_key_values: the language model's cache.
+        hidden_states, attentions: as returned by the language model when asked for.
+        image_features: (B, T_img, n, d_visual) resampler latents of the images of this call, reusable through the
+            `image_features` argument.
+        cross_attention_key_values: per cross-attention block, the `(key, value)` of the image latents, each
+            (B, heads, T_img, n, head_dim); returned with `use_cache=True` so later decoding steps skip them.
+        image_indices: (B, T) 1-based image index of every input token (0: none yet).
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    image_features: torch.FloatTensor | None = None
+    cross_attention_key_values: tuple[tuple[torch.Tensor, torch.Tensor], ...] | None = None
+    image_indices: torch.LongTensor | None = None
+
+
+class FlamingoPreTrainedModel(PreTrainedModel):
+    config: FlamingoConfig
+    config_class = FlamingoConfig
+    base_model_prefix = ""
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    # FlamingoDecoderLayer is not listed: a device map may put a cross-attention block and its decoder layer apart.
+    _no_split_modules = [
+        "CLIPEncoderLayer",
+        "FlamingoPerceiverResampler",
+        "FlamingoGatedCrossAttentionBlock",
+        "LlamaDecoderLayer",
+        "GPTNeoXLayer",
+        "MptBlock",
+        "MosaicGPTBlock",
+    ]
+    _skip_keys_device_placement = ["past_key_values", "cross_attention_key_values"]
+    _supports_sdpa = True
+    _supports_attention_backend = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, FlamingoPerceiverResampler):
+            init.normal_(module.latents, mean=0.0, std=1.0)
+            if module.frame_embs is not None:
+                init.normal_(module.frame_embs, mean=0.0, std=1.0)
+            if module.media_time_embs is not None:
+                init.normal_(module.media_time_embs, mean=0.0, std=1.0)
+        elif isinstance(module, FlamingoGatedCrossAttentionBlock):
+            # Gates start closed, as in the original: a fresh model is its language model.
+            init.zeros_(module.attn_gate)
+            init.zeros_(module.ff_gate)
+
+
+class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin):
+    """OpenFlamingo: interleaved images and text in, text out."""
+
+    def __init__(self, config: FlamingoConfig):
+        super().__init__(config)
+        self.vision_encoder = CLIPVisionModel._from_config(config.vision_config)
+        self.perceiver = FlamingoPerceiverResampler(config)
+        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        dim_visual = config.vision_config.hidden_size
+        dim = config.text_config.hidden_size
+        layers = _get_attr_path(self.language_model, config.decoder_layers_attr_name)
+        cross_attn_index = 0
+        for i, layer in enumerate(layers):
+            block = FlamingoGatedCrossAttentionBlock(config, dim, dim_visual) if config.has_cross_attn(i) else None
+            layers[i] = FlamingoDecoderLayer(layer, block)
+            if block is not None:
+                layers[i].cross_attn_index = cross_attn_index
+                cross_attn_index += 1
+        self.post_init()
+        if config.eoc_token_id is not None:
+            self.generation_config.eos_token_id = config.eoc_token_id
+
+    # ----------------------------------------------------------------------------------------------------------
+    # accessors
+
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        """The language model's layer list, every entry a `FlamingoDecoderLayer`."""
+        return _get_attr_path(self.language_model, self.config.decoder_layers_attr_name)
+
+    @property
+    def gated_cross_attn_layers(self) -> list[FlamingoGatedCrossAttentionBlock]:
+        return [layer.gated_cross_attn_layer for layer in self.decoder_layers if layer.gated_cross_attn_layer is not None]
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_output_embeddings(value)
+
+    def get_decoder(self) -> nn.Module:
+        return self.language_model
+
+    # ----------------------------------------------------------------------------------------------------------
+    # images
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Encode images with the vision tower and the resampler.
+
+        Args:
+            pixel_values: (B, T_img, F, C, H, W), or (B, T_img, C, H, W) for single-frame images.
+        Returns:
+            (B, T_img, n, d_visual) resampler latents.
+        """
+        if pixel_values.ndim == 5:
+            pixel_values = pixel_values.unsqueeze(2)
+        if pixel_values.ndim != 6:
+            raise ValueError(
+                "pixel_values must have shape (batch, images, frames, channels, height, width) or "
+                f"(batch, images, channels, height, width); got {tuple(pixel_values.shape)}."
+            )
+        B, T, Fr, C, H, W = pixel_values.shape
+        vc = self.config.vision_config
+        if (C, H, W) != (vc.num_channels, vc.image_size, vc.image_size):
+            raise ValueError(
+                f"pixel_values images must be {vc.num_channels}x{vc.image_size}x{vc.image_size} (channels, height, "
+                f"width); got {C}x{H}x{W}."
+            )
+        max_frames = self.config.max_num_frames or 1
+        if Fr > max_frames:
+            raise ValueError(
+                f"pixel_values has {Fr} frames per image but this model accepts at most {max_frames} "
+                "(it has no frame embeddings)." if max_frames == 1 else f"pixel_values has {Fr} frames per image "
+                f"but this model accepts at most {max_frames}."
+            )
+        if T > (self.config.max_num_media or T):
+            raise ValueError(f"pixel_values has {T} images per sample but this model accepts at most {self.config.max_num_media}.")
+        pixel_values = pixel_values.reshape(B * T * Fr, C, H, W).to(self.vision_encoder.dtype)
+        # The vision tower is frozen in every release: skip its autograd graph unless someone unfroze it.
+        track = torch.is_grad_enabled() and any(p.requires_grad for p in self.vision_encoder.parameters())
+        with torch.set_grad_enabled(track):
+            tokens = self.vision_encoder(pixel_values=pixel_values).last_hidden_state[:, 1:]
+        tokens = tokens.reshape(B, T, Fr, tokens.shape[1], tokens.shape[2])
+        return self.perceiver(tokens.to(self.perceiver.latents.dtype))
+
+    def image_indices_from_input_ids(self, input_ids: torch.LongTensor) -> torch.LongTensor:
+        """(B, T) ids -> (B, T) number of `<image>` tokens at or before each position."""
+        return torch.cumsum(input_ids == self.config.media_token_id, dim=1)
+
+    @contextlib.contextmanager
+    def conditioned_on(self, conditioning: FlamingoMediaConditioning) -> Iterator[None]:
+        """Give the cross-attention blocks `conditioning` for the duration of one language model call."""
+        layers = [layer for layer in self.decoder_layers if layer.gated_cross_attn_layer is not None]
+        for layer in layers:
+            layer._conditioning = conditioning
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer._conditioning = None
+
+    # ----------------------------------------------------------------------------------------------------------
+    # forward
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        image_features: torch.FloatTensor | None = None,
+        image_indices: torch.LongTensor | None = None,
+        cross_attention_key_values: tuple[tuple[torch.Tensor, torch.Tensor], ...] | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> FlamingoCausalLMOutputWithPast:
+        r"""
+        Args:
+            input_ids: (B, T) token ids; `<image>` marks where each image goes.
+            pixel_values: (B, T_img, F, C, H, W) or (B, T_img, C, H, W); samples with fewer images are padded
+                (padding images are never attended).
+            attention_mask: (B, T) or the language model's own mask format; 0 marks (left) padding.
+            image_features: (B, T_img, n, d_visual) precomputed `get_image_features(pixel_values)` (e.g. few-shot
+                demonstrations encoded once); exclusive with `pixel_values`.
+            image_indices: (B, T) the 1-based image each token attends (0: none). Computed from `input_ids` when not
+                given; required when continuing from a non-empty `past_key_values` with images (pass the last column
+                of the previous output's `image_indices`, incremented at new `<image>` tokens). `generate` does this.
+            cross_attention_key_values: the previous output's field of that name, to skip re-projecting the images.
+            labels: (B, T) as for any causal LM (shifted inside); use `-100` to ignore (see `mask_flamingo_labels`).
+        """
+        if pixel_values is not None and image_features is not None:
+            raise ValueError("Pass either pixel_values or image_features, not both.")
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
+        batch, seq = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        if labels is not None and labels.shape != (batch, seq):
+            raise ValueError(f"labels must have shape {(batch, seq)} like the input ids; got {tuple(labels.shape)}.")
+        if pixel_values is not None:
+            image_features = self.get_image_features(pixel_values)
+        has_images = image_features is not None or cross_attention_key_values is not None
+        if image_features is not None and image_features.shape[0] != batch:
+            raise ValueError(f"Got images for {image_features.shape[0]} samples but {batch} input sequences.")
+
+        if image_indices is None:
+            past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+            if input_ids is None or (past_length > 0 and has_images):
+                if has_images:
+                    raise ValueError(
+                        "image_indices is required with inputs_embeds or a non-empty past_key_values: the number of "
+                        "<image> tokens before the new tokens is not known otherwise (generate() passes it)."
+                    )
+                image_indices = torch.zeros(batch, seq, dtype=torch.long, device=inputs_embeds.device)
+            else:
+                image_indices = self.image_indices_from_input_ids(input_ids)
+                self._check_image_count(image_indices, image_features, cross_attention_key_values)
+
+        num_blocks = len(self.gated_cross_attn_layers)
+        key_values = list(cross_attention_key_values) if cross_attention_key_values is not None else [None] * num_blocks
+        conditioning = FlamingoMediaConditioning(
+            image_features=image_features if has_images else None, image_indices=image_indices, key_values=key_values
+        )
+        if position_ids is not None:
+            kwargs["position_ids"] = position_ids
+        kwargs["return_dict"] = True
+        with self.conditioned_on(conditioning):
+            outputs = self.language_model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                past_key_values=past_key_values,
+                inputs_embeds=inputs_embeds,
+                labels=labels,
+                use_cache=use_cache,
+                logits_to_keep=logits_to_keep,
+                **kwargs,
+            )
+        keep_kv = has_images and (use_cache if use_cache is not None else self.config.text_config.use_cache)
+        return FlamingoCausalLMOutputWithPast(
+            loss=outputs.loss,
+            logits=outputs.logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_features=image_features,
+            cross_attention_key_values=tuple(key_values) if keep_kv else None,
+            image_indices=image_indices,
+        )
+
+    def _check_image_count(
+        self,
+        image_indices: torch.LongTensor,
+        image_features: torch.Tensor | None,
+        cross_attention_key_values: tuple | None,
+    ) -> None:
+        counts = image_indices[:, -1]
+        if image_features is not None:
+            available = image_features.shape[1]
+        elif cross_attention_key_values is not None:
+            available = cross_attention_key_values[0][0].shape[2]
+        else:
+            available = 0
+        too_many = (counts > available).nonzero()
+        if too_many.numel():
+            b = int(too_many[0, 0])
+            raise ValueError(
+                f"Sample {b} has {int(counts[b])} <image> tokens but only {available} images were given"
+                + (" (no pixel_values or image_features)." if available == 0 else ".")
+            )
+
+    # ----------------------------------------------------------------------------------------------------------
+    # generation
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        image_features: torch.FloatTensor | None = None,
+        **kwargs,
+    ):
+        """`GenerationMixin.generate` with the images encoded once, before beams or samples are expanded.
+
+        Returns prompt + new tokens, stopping at `<|endofchunk|>` unless `eos_token_id` says otherwise.
+        """
+        if pixel_values is not None:
+            if image_features is not None:
+                raise ValueError("Pass either pixel_values or image_features, not both.")
+            image_features = self.get_image_features(pixel_values)
+        if input_ids is not None:
+            self._check_image_count(self.image_indices_from_input_ids(input_ids), image_features, None)
+        return super().generate(
+            input_ids=input_ids, attention_mask=attention_mask, image_features=image_features, **kwargs
+        )
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        past_key_values: Cache | None = None,
+        attention_mask: torch.LongTensor | None = None,
+        image_features: torch.FloatTensor | None = None,
+        cross_attention_key_values: tuple | None = None,
+        **kwargs,
+    ) -> dict[str, Any]:
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids, past_key_values=past_key_values, attention_mask=attention_mask, **kwargs
+        )
+        new_tokens = model_inputs["input_ids"].shape[1] if model_inputs.get("input_ids") is not None else None
+        # Every token attends to the last image at or before it: generated tokens keep the prompt's last image.
+        indices = self.image_indices_from_input_ids(input_ids)
+        model_inputs["image_indices"] = indices[:, -new_tokens:] if new_tokens is not None else indices
+        model_inputs["image_features"] = image_features
+        model_inputs["cross_attention_key_values"] = cross_attention_key_values
+        return model_inputs
+
+    def _update_model_kwargs_for_generation(
+        self, outputs: ModelOutput, model_kwargs: dict[str, Any], is_encoder_decoder: bool = False, num_new_tokens: int = 1
+    ) -> dict[str, Any]:
+        model_kwargs = super()._update_model_kwargs_for_generation(
+            outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens
+        )
+        if getattr(outputs, "cross_attention_key_values", None) is not None:
+            model_kwargs["cross_attention_key_values"] = outputs.cross_attention_key_values
+        return model_kwargs
+
+
+__all__ = [
+    "FlamingoCausalLMOutputWithPast",
+    "FlamingoDecoderLayer",
+    "FlamingoForConditionalGeneration",
+    "FlamingoGatedCrossAttentionBlock",
+    "FlamingoPerceiverResampler",
+    "FlamingoPreTrainedModel",
+]

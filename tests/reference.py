@@ -1,0 +1,121 @@
+"""The original OpenFlamingo (pip `open-flamingo` 2.0.1, open_clip 2.20), built from tiny parts exactly as its
+`create_model_and_transforms` builds the released models, and our model carrying the same weights."""
+
+from __future__ import annotations
+
+import contextlib
+from unittest import mock
+
+import open_clip
+import torch
+from open_flamingo.src import factory as of_factory
+from transformers import AutoModelForCausalLM
+
+from modeling_flamingo import FlamingoForConditionalGeneration
+from modeling_flamingo.convert.mapping import original_flamingo_state_dict
+from modeling_flamingo.testing import (
+    CROSS_ATTN_EVERY,
+    make_tiny_tokenizer,
+    tiny_flamingo_config,
+    tiny_text_config,
+    tiny_vision_config,
+)
+
+# The lang_encoder_path decides the original's MPT-1B embedding hack and nothing else here.
+LM_PATHS = {
+    "llama": "tiny/llama",
+    "gpt_neox": "tiny/gpt-neox",
+    "mpt": "tiny/mpt-7b",
+    "mosaic_gpt": "tiny/mpt-1b-redpajama-200b",
+}
+
+
+def tiny_open_clip(seed: int = 0) -> open_clip.CLIP:
+    """An open_clip CLIP whose vision tower matches `tiny_vision_config()` (QuickGELU, 14-px patches)."""
+    vc = tiny_vision_config()
+    torch.manual_seed(seed)
+    return open_clip.CLIP(
+        embed_dim=32,
+        vision_cfg=open_clip.model.CLIPVisionCfg(
+            layers=vc.num_hidden_layers,
+            width=vc.hidden_size,
+            head_width=vc.hidden_size // vc.num_attention_heads,
+            patch_size=vc.patch_size,
+            image_size=vc.image_size,
+            mlp_ratio=vc.intermediate_size / vc.hidden_size,
+        ),
+        text_cfg=open_clip.model.CLIPTextCfg(context_length=8, vocab_size=64, width=32, heads=2, layers=1),
+        quick_gelu=True,
+    )
+
+
+def randomize_(module: torch.nn.Module, seed: int) -> None:
+    """Give every parameter a random value (norms near 1, gates open) so no component can hide behind its init."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+            if name.endswith("_gate"):
+                p.copy_(0.5 + noise.abs().clamp(max=1.0))
+            elif p.ndim == 1 and ("norm" in name or "ln" in name.split(".")[-2:][0]):
+                p.copy_(1.0 + 0.1 * noise if name.endswith("weight") else 0.1 * noise)
+            else:
+                p.copy_(0.1 * noise)
+
+
+def build_original(family: str, seed: int = 0, cross_attn_every_n_layers: int | None = None):
+    """Return (original Flamingo module, tokenizer) built by `open_flamingo.create_model_and_transforms`."""
+    tokenizer = make_tiny_tokenizer(bos_token="<s>" if family == "llama" else None)
+    torch.manual_seed(seed)
+    lm = AutoModelForCausalLM.from_config(tiny_text_config(family))
+    clip = tiny_open_clip(seed)
+    vision_width = tiny_vision_config().hidden_size
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(
+            mock.patch.object(of_factory.open_clip, "create_model_and_transforms", lambda *a, **k: (clip, None, None))
+        )
+        stack.enter_context(
+            mock.patch.object(
+                of_factory.open_clip, "get_model_config", lambda *a, **k: {"vision_cfg": {"width": vision_width}}
+            )
+        )
+        stack.enter_context(mock.patch.object(of_factory.AutoTokenizer, "from_pretrained", lambda *a, **k: tokenizer))
+        stack.enter_context(mock.patch.object(of_factory.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: lm))
+        model, _, tokenizer = of_factory.create_model_and_transforms(
+            clip_vision_encoder_path="tiny-ViT",
+            clip_vision_encoder_pretrained="openai",
+            lang_encoder_path=LM_PATHS[family],
+            tokenizer_path=LM_PATHS[family],
+            cross_attn_every_n_layers=cross_attn_every_n_layers or CROSS_ATTN_EVERY[family],
+        )
+    randomize_(model, seed + 1)
+    model.eval()
+    return model, tokenizer
+
+
+def ours_from_original(original, tokenizer, family: str, **config_kwargs) -> FlamingoForConditionalGeneration:
+    """Our model with the original's weights (vision tower included)."""
+    config = tiny_flamingo_config(
+        family, tokenizer=tokenizer, cross_attn_every_n_layers=_every_n(original), **config_kwargs
+    )
+    model = FlamingoForConditionalGeneration(config)
+    state = original_flamingo_state_dict(original.state_dict())
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # post_layernorm's weights exist in CLIPVisionModel and in the open_clip tower: both carried over.
+    assert not unexpected, unexpected
+    tied = {k for k in missing if k.endswith("lm_head.weight")}
+    assert set(missing) <= tied, set(missing) - tied
+    model.tie_weights()
+    return model.eval()
+
+
+def _every_n(original) -> int:
+    layers = original.lang_encoder._get_decoder_layers()
+    first = next(i for i, layer in enumerate(layers) if layer.gated_cross_attn_layer is not None)
+    return first + 1
+
+
+def random_pixels(batch: int, images: int, size: int = 42, seed: int = 0) -> torch.Tensor:
+    """(batch, images, 1, 3, size, size) normalised-looking pixel values."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, images, 1, 3, size, size, generator=gen)
