@@ -83,7 +83,9 @@ _CLIP_TOP_NAMES = {
 OPEN_CLIP_UNUSED = {"proj"}
 
 
-def open_clip_vision_state_dict(state_dict: dict[str, torch.Tensor], prefix: str = "vision_encoder.") -> dict[str, torch.Tensor]:
+def open_clip_vision_state_dict(
+    state_dict: dict[str, torch.Tensor], prefix: str = "vision_encoder."
+) -> dict[str, torch.Tensor]:
     """Rename an open_clip `VisionTransformer` state dict (keys like `conv1.weight`) to HF `CLIPVisionModel` names.
 
     The fused attention input projection is split into q, k and v. Unknown keys raise `KeyError` naming them.
@@ -102,7 +104,7 @@ def open_clip_vision_state_dict(state_dict: dict[str, torch.Tensor], prefix: str
         base = f"{prefix}encoder.layers.{layer}."
         if rest in ("attn.in_proj_weight", "attn.in_proj_bias"):
             kind = "weight" if rest.endswith("weight") else "bias"
-            for name, part in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3, dim=0)):
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3, dim=0), strict=True):
                 out[f"{base}self_attn.{name}.{kind}"] = part
         elif rest in _CLIP_BLOCK_NAMES:
             out[base + _CLIP_BLOCK_NAMES[rest]] = tensor

@@ -371,7 +371,9 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
 
     @property
     def gated_cross_attn_layers(self) -> list[FlamingoGatedCrossAttentionBlock]:
-        return [layer.gated_cross_attn_layer for layer in self.decoder_layers if layer.gated_cross_attn_layer is not None]
+        return [
+            layer.gated_cross_attn_layer for layer in self.decoder_layers if layer.gated_cross_attn_layer is not None
+        ]
 
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()
@@ -417,11 +419,14 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
         if Fr > max_frames:
             raise ValueError(
                 f"pixel_values has {Fr} frames per image but this model accepts at most {max_frames} "
-                "(it has no frame embeddings)." if max_frames == 1 else f"pixel_values has {Fr} frames per image "
-                f"but this model accepts at most {max_frames}."
+                "(it has no frame embeddings)."
+                if max_frames == 1
+                else f"pixel_values has {Fr} frames per image but this model accepts at most {max_frames}."
             )
         if T > (self.config.max_num_media or T):
-            raise ValueError(f"pixel_values has {T} images per sample but this model accepts at most {self.config.max_num_media}.")
+            raise ValueError(
+                f"pixel_values has {T} images per sample but this model accepts at most {self.config.max_num_media}."
+            )
         pixel_values = pixel_values.reshape(B * T * Fr, C, H, W).to(self.vision_encoder.dtype)
         # The vision tower is frozen in every release: skip its autograd graph unless someone unfroze it.
         track = torch.is_grad_enabled() and any(p.requires_grad for p in self.vision_encoder.parameters())
@@ -506,7 +511,9 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
                 self._check_image_count(image_indices, image_features, cross_attention_key_values)
 
         num_blocks = len(self.gated_cross_attn_layers)
-        key_values = list(cross_attention_key_values) if cross_attention_key_values is not None else [None] * num_blocks
+        key_values = (
+            list(cross_attention_key_values) if cross_attention_key_values is not None else [None] * num_blocks
+        )
         conditioning = FlamingoMediaConditioning(
             image_features=image_features if has_images else None, image_indices=image_indices, key_values=key_values
         )
@@ -604,7 +611,11 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
         return model_inputs
 
     def _update_model_kwargs_for_generation(
-        self, outputs: ModelOutput, model_kwargs: dict[str, Any], is_encoder_decoder: bool = False, num_new_tokens: int = 1
+        self,
+        outputs: ModelOutput,
+        model_kwargs: dict[str, Any],
+        is_encoder_decoder: bool = False,
+        num_new_tokens: int = 1,
     ) -> dict[str, Any]:
         model_kwargs = super()._update_model_kwargs_for_generation(
             outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens
