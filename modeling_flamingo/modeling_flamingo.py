@@ -266,12 +266,12 @@ class FlamingoDecoderLayer(nn.Module):
             if cond is None:
                 raise RuntimeError("FlamingoDecoderLayer called outside FlamingoForConditionalGeneration.forward.")
             key = value = None
-            if cond.image_features is not None:
-                kv = cond.key_values[self.cross_attn_index]
-                device = self.gated_cross_attn_layer.attn.to_kv.weight.device
-                if kv is None:
-                    kv = self.gated_cross_attn_layer.attn.project_media(cond.image_features.to(device))
-                    cond.key_values[self.cross_attn_index] = kv
+            kv = cond.key_values[self.cross_attn_index]
+            device = self.gated_cross_attn_layer.attn.to_kv.weight.device
+            if kv is None and cond.image_features is not None:
+                kv = self.gated_cross_attn_layer.attn.project_media(cond.image_features.to(device))
+                cond.key_values[self.cross_attn_index] = kv
+            if kv is not None:
                 key, value = kv[0].to(device), kv[1].to(device)
             hidden_states = self.gated_cross_attn_layer(
                 hidden_states, key, value, cond.indices_on(hidden_states.device)
@@ -515,7 +515,7 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
             list(cross_attention_key_values) if cross_attention_key_values is not None else [None] * num_blocks
         )
         conditioning = FlamingoMediaConditioning(
-            image_features=image_features if has_images else None, image_indices=image_indices, key_values=key_values
+            image_features=image_features, image_indices=image_indices, key_values=key_values
         )
         if position_ids is not None:
             kwargs["position_ids"] = position_ids
@@ -597,15 +597,21 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
         attention_mask: torch.LongTensor | None = None,
         image_features: torch.FloatTensor | None = None,
         cross_attention_key_values: tuple | None = None,
+        image_indices: torch.LongTensor | None = None,
         **kwargs,
     ) -> dict[str, Any]:
         model_inputs = super().prepare_inputs_for_generation(
             input_ids, past_key_values=past_key_values, attention_mask=attention_mask, **kwargs
         )
         new_tokens = model_inputs["input_ids"].shape[1] if model_inputs.get("input_ids") is not None else None
-        # Every token attends to the last image at or before it: generated tokens keep the prompt's last image.
-        indices = self.image_indices_from_input_ids(input_ids)
-        model_inputs["image_indices"] = indices[:, -new_tokens:] if new_tokens is not None else indices
+        if image_indices is None:
+            # Prefill: each prompt token belongs to the last <image> at or before it.
+            indices = self.image_indices_from_input_ids(input_ids)
+            image_indices = indices[:, -new_tokens:] if new_tokens is not None else indices
+        else:
+            # Decoding: generated tokens keep the image the prompt ended with (a generated <image> has no picture).
+            image_indices = image_indices[:, -1:].expand(-1, new_tokens)
+        model_inputs["image_indices"] = image_indices
         model_inputs["image_features"] = image_features
         model_inputs["cross_attention_key_values"] = cross_attention_key_values
         return model_inputs
@@ -620,9 +626,36 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
         model_kwargs = super()._update_model_kwargs_for_generation(
             outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens
         )
-        if getattr(outputs, "cross_attention_key_values", None) is not None:
-            model_kwargs["cross_attention_key_values"] = outputs.cross_attention_key_values
+        last = outputs.image_indices[:, -1:]
+        key_values = getattr(outputs, "cross_attention_key_values", None)
+        if key_values is not None and model_kwargs.get("image_features") is not None:
+            if self.config.only_attend_immediate_media:
+                # From here on every token of a sample attends to the same image: keep only that image's keys and
+                # values (one instead of T_img per sample) and drop the image features.
+                key_values, last = _select_current_image(key_values, last)
+                model_kwargs["image_features"] = None
+            model_kwargs["cross_attention_key_values"] = key_values
+        model_kwargs["image_indices"] = last
         return model_kwargs
+
+
+def _select_current_image(
+    key_values: tuple[tuple[torch.Tensor, torch.Tensor], ...], last: torch.LongTensor
+) -> tuple[tuple[tuple[torch.Tensor, torch.Tensor], ...], torch.LongTensor]:
+    """Keep, per sample, the keys/values of image `last` (1-based, 0: none).
+
+    Args:
+        key_values: per block, (B, heads, T_img, n, head_dim) keys and values.
+        last: (B, 1) image index of each sample's last token.
+    Returns:
+        per block (B, heads, 1, n, head_dim) keys and values, and the (B, 1) indices into them (1, or 0 for none).
+    """
+    selected = []
+    for key, value in key_values:
+        img = (last[:, 0] - 1).clamp(min=0).to(key.device)
+        batch = torch.arange(key.shape[0], device=key.device)
+        selected.append((key[batch, :, img].unsqueeze(2), value[batch, :, img].unsqueeze(2)))
+    return tuple(selected), (last > 0).long()
 
 
 __all__ = [

@@ -9,17 +9,22 @@ from unittest import mock
 import open_clip
 import torch
 from open_flamingo.src import factory as of_factory
+from open_flamingo.src.flamingo_lm import FlamingoLMMixin
 from transformers import AutoModelForCausalLM
 
-from modeling_flamingo import FlamingoForConditionalGeneration
+from modeling_flamingo import FlamingoConfig, FlamingoForConditionalGeneration
 from modeling_flamingo.convert.mapping import original_flamingo_state_dict
 from modeling_flamingo.testing import (
     CROSS_ATTN_EVERY,
     make_tiny_tokenizer,
-    tiny_flamingo_config,
     tiny_text_config,
     tiny_vision_config,
 )
+
+# Compatibility shim, numerics untouched: transformers 5 drops an all-ones attention mask before the first forward
+# of generate(), and the original mixin takes `attention_mask` as a required positional argument.
+if FlamingoLMMixin.forward.__defaults__ is None:
+    FlamingoLMMixin.forward.__defaults__ = (None,)
 
 # The lang_encoder_path decides the original's MPT-1B embedding hack and nothing else here.
 LM_PATHS = {
@@ -30,9 +35,9 @@ LM_PATHS = {
 }
 
 
-def tiny_open_clip(seed: int = 0) -> open_clip.CLIP:
-    """An open_clip CLIP whose vision tower matches `tiny_vision_config()` (QuickGELU, 14-px patches)."""
-    vc = tiny_vision_config()
+def tiny_open_clip(seed: int = 0, vision_config=None) -> open_clip.CLIP:
+    """An open_clip CLIP whose vision tower matches `vision_config` (default `tiny_vision_config()`; QuickGELU)."""
+    vc = vision_config or tiny_vision_config()
     torch.manual_seed(seed)
     return open_clip.CLIP(
         embed_dim=32,
@@ -63,13 +68,17 @@ def randomize_(module: torch.nn.Module, seed: int) -> None:
                 p.copy_(0.1 * noise)
 
 
-def build_original(family: str, seed: int = 0, cross_attn_every_n_layers: int | None = None):
-    """Return (original Flamingo module, tokenizer) built by `open_flamingo.create_model_and_transforms`."""
+def build_original(
+    family: str, seed: int = 0, cross_attn_every_n_layers: int | None = None, text_config=None, vision_config=None
+):
+    """Return (original Flamingo module, tokenizer) built by `open_flamingo.create_model_and_transforms` from a
+    random language model (`text_config`, default the tiny one of `family`) and CLIP tower (`vision_config`)."""
     tokenizer = make_tiny_tokenizer(bos_token="<s>" if family == "llama" else None)
     torch.manual_seed(seed)
-    lm = AutoModelForCausalLM.from_config(tiny_text_config(family))
-    clip = tiny_open_clip(seed)
-    vision_width = tiny_vision_config().hidden_size
+    lm = AutoModelForCausalLM.from_config(text_config or tiny_text_config(family))
+    vision_config = vision_config or tiny_vision_config()
+    clip = tiny_open_clip(seed, vision_config)
+    vision_width = vision_config.hidden_size
     with contextlib.ExitStack() as stack:
         stack.enter_context(
             mock.patch.object(of_factory.open_clip, "create_model_and_transforms", lambda *a, **k: (clip, None, None))
@@ -93,10 +102,17 @@ def build_original(family: str, seed: int = 0, cross_attn_every_n_layers: int | 
     return model, tokenizer
 
 
-def ours_from_original(original, tokenizer, family: str, **config_kwargs) -> FlamingoForConditionalGeneration:
+def ours_from_original(
+    original, tokenizer, family: str, vision_config=None, **config_kwargs
+) -> FlamingoForConditionalGeneration:
     """Our model with the original's weights (vision tower included)."""
-    config = tiny_flamingo_config(
-        family, tokenizer=tokenizer, cross_attn_every_n_layers=_every_n(original), **config_kwargs
+    config = FlamingoConfig(
+        vision_config=(vision_config or tiny_vision_config()).to_dict(),
+        text_config=original.lang_encoder.config.to_dict(),
+        cross_attn_every_n_layers=_every_n(original),
+        media_token_id=original.media_token_id,
+        eoc_token_id=original.eoc_token_id,
+        **config_kwargs,
     )
     model = FlamingoForConditionalGeneration(config)
     state = original_flamingo_state_dict(original.state_dict())
