@@ -18,10 +18,8 @@ if MosaicGPTConfig is not None:
 AutoConfig.register("openflamingo", FlamingoConfig, exist_ok=True)
 AutoModelForImageTextToText.register(FlamingoConfig, FlamingoForConditionalGeneration, exist_ok=True)
 
-try:  # TODO(lead): plain import once processing/ lands
-    from modeling_flamingo.processing import FlamingoImageProcessor, FlamingoProcessor  # noqa: E402
-except ImportError:
-    FlamingoImageProcessor = FlamingoProcessor = None
+from modeling_flamingo.processing import FlamingoImageProcessor, FlamingoProcessor  # noqa: E402
+
 __all__ = [
     "FlamingoConfig",
     "FlamingoForConditionalGeneration",

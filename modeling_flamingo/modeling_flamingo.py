@@ -202,20 +202,32 @@ class FlamingoGatedCrossAttentionBlock(GradientCheckpointingLayer):
     def forward(
         self,
         hidden_states: torch.Tensor,
+        image_features: torch.Tensor | None = None,
         key: torch.Tensor | None = None,
         value: torch.Tensor | None = None,
         image_indices: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """
         Args:
             hidden_states: (B, T, d).
-            key, value: (B, heads, T_img, n, head_dim), or None for text-only input (the attention branch then
-                contributes zero, as the original does for tokens without an image).
+            image_features: (B, T_img, n, d_visual) resampler latents, projected to keys and values here unless
+                `key`/`value` (from an earlier call) are given. Projecting inside this forward keeps it under the
+                hooks that Accelerate puts on this module (device placement, offloaded weights).
+            key, value: (B, heads, T_img, n, head_dim). With neither these nor `image_features` (text-only input)
+                the attention branch contributes zero, as the original's does for tokens without an image.
             image_indices: (B, T), see `FlamingoMaskedCrossAttention.forward`.
+        Returns:
+            the new hidden states and the keys and values used (None for text-only input).
         """
+        device = hidden_states.device
+        if key is None and image_features is not None:
+            key, value = self.attn.project_media(image_features.to(device))
         if key is not None:
-            hidden_states = self.attn(hidden_states, key, value, image_indices) * self.attn_gate.tanh() + hidden_states
-        return self.ff(hidden_states) * self.ff_gate.tanh() + hidden_states
+            key, value = key.to(device), value.to(device)
+            attn = self.attn(hidden_states, key, value, image_indices.to(device))
+            hidden_states = attn * self.attn_gate.tanh() + hidden_states
+        hidden_states = self.ff(hidden_states) * self.ff_gate.tanh() + hidden_states
+        return hidden_states, key, value
 
 
 @dataclass
@@ -232,15 +244,6 @@ class FlamingoMediaConditioning:
     image_features: torch.Tensor | None
     image_indices: torch.Tensor
     key_values: list[tuple[torch.Tensor, torch.Tensor] | None]
-    _indices_on: dict[torch.device, torch.Tensor] | None = None
-
-    def indices_on(self, device: torch.device) -> torch.Tensor:
-        # A model split over devices reads the indices once per device, not once per layer.
-        if self._indices_on is None:
-            self._indices_on = {self.image_indices.device: self.image_indices}
-        if device not in self._indices_on:
-            self._indices_on[device] = self.image_indices.to(device)
-        return self._indices_on[device]
 
 
 class FlamingoDecoderLayer(nn.Module):
@@ -265,17 +268,13 @@ class FlamingoDecoderLayer(nn.Module):
             cond = self._conditioning
             if cond is None:
                 raise RuntimeError("FlamingoDecoderLayer called outside FlamingoForConditionalGeneration.forward.")
-            key = value = None
-            kv = cond.key_values[self.cross_attn_index]
-            device = self.gated_cross_attn_layer.attn.to_kv.weight.device
-            if kv is None and cond.image_features is not None:
-                kv = self.gated_cross_attn_layer.attn.project_media(cond.image_features.to(device))
-                cond.key_values[self.cross_attn_index] = kv
-            if kv is not None:
-                key, value = kv[0].to(device), kv[1].to(device)
-            hidden_states = self.gated_cross_attn_layer(
-                hidden_states, key, value, cond.indices_on(hidden_states.device)
+            cached = cond.key_values[self.cross_attn_index]
+            key, value = cached if cached is not None else (None, None)
+            hidden_states, key, value = self.gated_cross_attn_layer(
+                hidden_states, None if cached is not None else cond.image_features, key, value, cond.image_indices
             )
+            if cached is None and key is not None:
+                cond.key_values[self.cross_attn_index] = (key, value)
         return self.decoder_layer(hidden_states, *args, **kwargs)
 
 
@@ -337,6 +336,17 @@ class FlamingoPreTrainedModel(PreTrainedModel):
             # Gates start closed, as in the original: a fresh model is its language model.
             init.zeros_(module.attn_gate)
             init.zeros_(module.ff_gate)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, which also accepts the original OpenFlamingo hub repos (e.g.
+        `openflamingo/OpenFlamingo-3B-vitl-mpt1b`, holding only `checkpoint.pt`): they are converted once into a local
+        cache folder (see `modeling_flamingo.convert.hub`) and loaded from there."""
+        from modeling_flamingo.convert.hub import HUB_KWARGS, resolve_pretrained_path
+
+        hub_kwargs = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
+        pretrained_model_name_or_path = resolve_pretrained_path(pretrained_model_name_or_path, **hub_kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
 
 class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin):
