@@ -5,6 +5,11 @@ from __future__ import annotations
 from transformers import AutoConfig, PretrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+from modeling_flamingo.configuration.configuration_mosaic_gpt import MosaicGPTConfig
+
+# Registered where defined, so that a hub folder carrying these files (trust_remote_code) registers them too.
+AutoConfig.register("mosaic_gpt", MosaicGPTConfig, exist_ok=True)
+
 # Where each supported language model keeps its list of decoder layers (attribute path from the causal LM).
 DECODER_LAYERS_ATTR_NAMES = {
     "llama": "model.layers",
@@ -107,5 +112,7 @@ class FlamingoConfig(PretrainedConfig):
         """Whether a gated cross-attention block runs before decoder layer `layer_idx` (0-based)."""
         return (layer_idx + 1) % self.cross_attn_every_n_layers == 0
 
+
+AutoConfig.register("openflamingo", FlamingoConfig, exist_ok=True)
 
 __all__ = ["FlamingoConfig", "DECODER_LAYERS_ATTR_NAMES"]

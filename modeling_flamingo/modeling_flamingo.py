@@ -21,13 +21,24 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModelForCausalLM, CLIPVisionModel, GenerationMixin, PreTrainedModel
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    CLIPVisionModel,
+    GenerationMixin,
+    PreTrainedModel,
+)
 from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
 from modeling_flamingo.configuration.configuration_flamingo import FlamingoConfig
+from modeling_flamingo.configuration.configuration_mosaic_gpt import MosaicGPTConfig
+from modeling_flamingo.modeling_mosaic_gpt import MosaicGPTForCausalLM
+
+# Registered where defined, so that a hub folder carrying these files (trust_remote_code) registers them too.
+AutoModelForCausalLM.register(MosaicGPTConfig, MosaicGPTForCausalLM, exist_ok=True)
 
 
 def _get_attr_path(obj: Any, path: str) -> Any:
@@ -667,6 +678,8 @@ def _select_current_image(
         selected.append((key[batch, :, img].unsqueeze(2), value[batch, :, img].unsqueeze(2)))
     return tuple(selected), (last > 0).long()
 
+
+AutoModelForImageTextToText.register(FlamingoConfig, FlamingoForConditionalGeneration, exist_ok=True)
 
 __all__ = [
     "FlamingoCausalLMOutputWithPast",
