@@ -92,24 +92,8 @@ def open_clip_vision_state_dict(
     """
     out: dict[str, torch.Tensor] = {}
     for key, tensor in state_dict.items():
-        if key in OPEN_CLIP_UNUSED:
-            continue
-        if key in _CLIP_TOP_NAMES:
-            out[prefix + _CLIP_TOP_NAMES[key]] = tensor
-            continue
-        m = _CLIP_BLOCK.match(key)
-        if m is None:
-            raise KeyError(key)
-        layer, rest = m[1], m[2]
-        base = f"{prefix}encoder.layers.{layer}."
-        if rest in ("attn.in_proj_weight", "attn.in_proj_bias"):
-            kind = "weight" if rest.endswith("weight") else "bias"
-            for name, part in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3, dim=0), strict=True):
-                out[f"{base}self_attn.{name}.{kind}"] = part
-        elif rest in _CLIP_BLOCK_NAMES:
-            out[base + _CLIP_BLOCK_NAMES[rest]] = tensor
-        else:
-            raise KeyError(key)
+        for name, chunk in open_clip_vision_targets(key):
+            out[prefix + name] = tensor if chunk is None else tensor.chunk(3, dim=0)[chunk]
     return out
 
 
@@ -126,3 +110,102 @@ def original_flamingo_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[st
             out[new] = tensor
     out.update(open_clip_vision_state_dict(vision))
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Helpers for the streaming converter (`modeling_flamingo.convert.converter`): the same renames, one key at a time.
+
+# Wrappers of training code that insert themselves into parameter names: DDP (`module.`), activation checkpointing
+# (`_checkpoint_wrapped_module.`), FSDP (`_fsdp_wrapped_module.`) and torch.compile (`_orig_mod.`).
+_WRAPPER_PARTS = ("_checkpoint_wrapped_module.", "_fsdp_wrapped_module.", "_orig_mod.")
+
+
+def strip_wrapper_prefixes(key: str) -> str:
+    """Remove training-wrapper components from a parameter name (`module.perceiver.x` -> `perceiver.x`)."""
+    while key.startswith("module."):
+        key = key[len("module.") :]
+    for part in _WRAPPER_PARTS:
+        key = key.replace(part, "")
+    return key
+
+
+_XATTN_ALIAS = re.compile(r"^lang_encoder\.gated_cross_attn_layers\.(\d+)\.(.+)$")
+_DECODER_ALIAS = re.compile(r"^lang_encoder\.old_decoder_blocks\.(\d+)\.(.+)$")
+
+
+def canonical_original_key(key: str, decoder_layers_attr_name: str) -> tuple[str, bool]:
+    """Name of the tensor an original `Flamingo` key refers to, and whether `key` was an alias of it.
+
+    The original module reaches each cross-attention block twice (`lang_encoder.gated_cross_attn_layers.{i}` and
+    `lang_encoder.<layers>.{i}.gated_cross_attn_layer`) and each decoder layer twice (`old_decoder_blocks.{i}` and
+    `<layers>.{i}.decoder_layer`); v1 checkpoints store both copies. The canonical name is the one inside the layer.
+    """
+    if m := _XATTN_ALIAS.match(key):
+        return f"lang_encoder.{decoder_layers_attr_name}.{m[1]}.gated_cross_attn_layer.{m[2]}", True
+    if m := _DECODER_ALIAS.match(key):
+        return f"lang_encoder.{decoder_layers_attr_name}.{m[1]}.decoder_layer.{m[2]}", True
+    return key, False
+
+
+# Names a language model's weight file (or the original module) may use that transformers 5.23 spells differently,
+# relative to the causal LM. GPT-NeoX's output head is `embed_out` on the hub and in OpenFlamingo's checkpoints.
+LM_KEY_RENAMES: dict[str, tuple[tuple[str, str], ...]] = {
+    "gpt_neox": (("embed_out.", "lm_head."),),
+}
+
+
+def rename_lm_key(key: str, model_type: str) -> str:
+    """Apply `LM_KEY_RENAMES` to a parameter name relative to the causal LM (`embed_out.weight` -> `lm_head.weight`)."""
+    for old, new in LM_KEY_RENAMES.get(model_type, ()):
+        if key.startswith(old):
+            return new + key[len(old) :]
+    return key
+
+
+# Non-parameter entries older transformers versions (and OpenFlamingo's checkpoints, which keep buffers) stored next
+# to the weights; they are recomputed by the modules and never loaded.
+IGNORED_BUFFER_PATTERNS = (
+    r"rotary_emb\.inv_freq$",
+    r"(^|\.)attention\.(masked_)?bias$",
+    r"(^|\.)attn\.(masked_)?bias$",
+    r"(^|\.)position_ids$",
+)
+
+
+def open_clip_vision_targets(key: str) -> list[tuple[str, int | None]]:
+    """Where one open_clip `VisionTransformer` tensor goes in an HF `CLIPVisionModel` (names without prefix).
+
+    Returns `(name, chunk)` pairs: `chunk` is the index of the third of the tensor (along dim 0) that `name` gets,
+    for the fused attention input projection, else None. `[]` for tensors OpenFlamingo never uses (`proj`).
+    Unknown keys raise `KeyError` naming them.
+    """
+    if key in OPEN_CLIP_UNUSED:
+        return []
+    if key in _CLIP_TOP_NAMES:
+        return [(_CLIP_TOP_NAMES[key], None)]
+    m = _CLIP_BLOCK.match(key)
+    if m is None:
+        raise KeyError(key)
+    layer, rest = m[1], m[2]
+    base = f"encoder.layers.{layer}."
+    if rest in ("attn.in_proj_weight", "attn.in_proj_bias"):
+        kind = "weight" if rest.endswith("weight") else "bias"
+        return [(f"{base}self_attn.{name}.{kind}", i) for i, name in enumerate(("q_proj", "k_proj", "v_proj"))]
+    if rest in _CLIP_BLOCK_NAMES:
+        return [(base + _CLIP_BLOCK_NAMES[rest], None)]
+    raise KeyError(key)
+
+
+_HF_CLIP_VISION_ROOTS = ("embeddings.", "encoder.", "pre_layrnorm.", "post_layernorm.")
+
+
+def hf_clip_vision_key(key: str) -> str | None:
+    """Name of an HF CLIP weight inside `CLIPVisionModel` (without prefix), or None for the text tower and heads.
+
+    Accepts `CLIPModel` files (`vision_model.embeddings...`) and bare vision towers (`embeddings...`).
+    """
+    if key.startswith("vision_model."):
+        return key[len("vision_model.") :]
+    if key.startswith(_HF_CLIP_VISION_ROOTS):
+        return key
+    return None

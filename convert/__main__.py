@@ -1,0 +1,121 @@
+"""Command line: convert an original OpenFlamingo checkpoint into a transformers model folder.
+
+    python -m modeling_flamingo.convert --preset openflamingo/OpenFlamingo-9B-vitl-mpt7b --output-dir DIR
+    python -m modeling_flamingo.convert --checkpoint CKPT --vision-model VIS --language-model LM \\
+        --tokenizer TOK --cross-attn-every-n-layers N --output-dir DIR
+
+Any failure prints one line, `error: ...`, on stderr and exits with status 1, leaving no output folder behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .converter import DTYPES, ConversionSpec, convert
+from .hub import hub_cache_dir, offline_mode
+from .presets import PRESETS
+from .sources import ConversionError, HubOptions, first_line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="openflamingo-convert",
+        description="Convert an original OpenFlamingo checkpoint.pt (plus its vision tower, language model and "
+        "tokenizer) into a folder that FlamingoForConditionalGeneration.from_pretrained and "
+        "FlamingoProcessor.from_pretrained load. Paths may be local paths or hub repo ids.",
+    )
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        metavar="REPO",
+        help="a released model: " + ", ".join(PRESETS) + ". Other flags override its defaults "
+        "(e.g. --checkpoint with a local copy of checkpoint.pt).",
+    )
+    parser.add_argument("--checkpoint", help="checkpoint.pt file, folder holding it, or hub repo id")
+    parser.add_argument(
+        "--vision-model",
+        help="HF CLIP model (folder or repo id), or a file holding an open_clip vision state dict",
+    )
+    parser.add_argument("--language-model", help="the language model (transformers folder or repo id)")
+    parser.add_argument("--tokenizer", help="tokenizer folder or repo id (default: the language model's)")
+    parser.add_argument(
+        "--cross-attn-every-n-layers",
+        type=int,
+        help="cross-attention interval; checked against the checkpoint (read from it when omitted)",
+    )
+    parser.add_argument("--output-dir", required=True, help="folder to create")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the weights written")
+    parser.add_argument("--max-shard-size", default="5GB", help="largest weight file, e.g. 5GB (default), 500MB")
+    parser.add_argument("--language-model-revision", help="hub revision of the language model (and its tokenizer)")
+    parser.add_argument("--checkpoint-revision", help="hub revision of the checkpoint repo")
+    parser.add_argument("--vision-model-revision", help="hub revision of the vision model repo")
+    parser.add_argument("--tokenizer-revision", help="hub revision of the tokenizer repo")
+    parser.add_argument(
+        "--vision-hidden-act",
+        default="quick_gelu",
+        choices=["quick_gelu", "gelu"],
+        help="activation of an open_clip vision tower (OpenAI CLIP: quick_gelu, the default)",
+    )
+    parser.add_argument("--cache-dir", help="hub cache folder (default: HF_HUB_CACHE)")
+    parser.add_argument("--offline", action="store_true", help="use the hub cache only (also set by HF_HUB_OFFLINE=1)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
+    parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    return parser
+
+
+def _spec(args: argparse.Namespace, parser: argparse.ArgumentParser) -> ConversionSpec:
+    common = {
+        "tokenizer": args.tokenizer,
+        "cross_attn_every_n_layers": args.cross_attn_every_n_layers,
+        "checkpoint_revision": args.checkpoint_revision,
+        "vision_model_revision": args.vision_model_revision,
+        "language_model_revision": args.language_model_revision,
+        "tokenizer_revision": args.tokenizer_revision,
+        "dtype": args.dtype,
+        "max_shard_size": args.max_shard_size,
+        "vision_hidden_act": args.vision_hidden_act,
+    }
+    if args.preset:
+        return ConversionSpec.from_preset(
+            args.preset,
+            checkpoint=args.checkpoint,
+            vision_model=args.vision_model,
+            language_model=args.language_model,
+            **common,
+        )
+    missing = [f"--{n.replace('_', '-')}" for n in ("checkpoint", "vision_model", "language_model") if not getattr(args, n)]
+    if missing:
+        parser.error(f"without --preset, {' '.join(missing)} {'is' if len(missing) == 1 else 'are'} required")
+    return ConversionSpec(
+        checkpoint=args.checkpoint,
+        vision_model=args.vision_model,
+        language_model=args.language_model,
+        **{k: v for k, v in common.items() if v is not None},
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the converter; returns the exit status (0 on success, 1 on a conversion error)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # The environment is read now, not when huggingface_hub was imported.
+    hub = HubOptions(cache_dir=hub_cache_dir(args.cache_dir), local_files_only=args.offline or offline_mode())
+    log = (lambda message: None) if args.quiet else (lambda message: print(message, flush=True))
+    try:
+        spec = _spec(args, parser)
+        convert(spec, args.output_dir, overwrite=args.overwrite, hub=hub, log=log)
+    except ConversionError as exc:
+        print("error: " + " ".join(str(exc).split()), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # an unforeseen failure still gets one line, with its type for bug reports
+        print(f"error: {type(exc).__name__}: {first_line(exc)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

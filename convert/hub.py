@@ -1,0 +1,179 @@
+"""`from_pretrained` on the original OpenFlamingo hub repos, which hold only `checkpoint.pt`.
+
+`resolve_pretrained_path("openflamingo/OpenFlamingo-3B-vitl-mpt1b")` converts the release once (fetching its
+checkpoint, language model, tokenizer and CLIP tower through the hub cache) into
+
+    $HF_HOME/modeling_flamingo/converted/<org>--<name>--<commit>/
+
+and returns that folder; later calls find it there without converting again (also offline). `$HF_HOME` is read at
+call time (default `~/.cache/huggingface`, or `$XDG_CACHE_HOME/huggingface`); `$MODELING_FLAMINGO_CACHE` replaces the
+whole `.../converted` root. Downloads go to the hub cache (`cache_dir`, else `$HF_HUB_CACHE`, else `$HF_HOME/hub`).
+Repos and folders already in transformers format are returned unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from .converter import ConversionSpec, convert
+from .presets import PRESETS, get_preset
+from .sources import ConversionError, HubOptions, hub_file, looks_like_repo_id
+
+# `from_pretrained` keyword arguments that matter to locating a repo.
+HUB_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "subfolder")
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+_TRUE = ("1", "ON", "YES", "TRUE")
+
+
+def hf_home() -> Path:
+    """`$HF_HOME`, read now (huggingface_hub reads it once, at import)."""
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface"
+    )
+    return Path(os.path.expanduser(os.path.expandvars(home)))
+
+
+def hub_cache_dir(cache_dir: str | os.PathLike | None = None) -> str:
+    """The hub cache folder: `cache_dir`, else `$HF_HUB_CACHE` (or the older `$HUGGINGFACE_HUB_CACHE`), else
+    `$HF_HOME/hub`."""
+    if cache_dir is not None:
+        return os.fspath(cache_dir)
+    env = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    return os.path.expanduser(os.path.expandvars(env)) if env else str(hf_home() / "hub")
+
+
+def converted_cache_root() -> Path:
+    """Where converted releases live: `$MODELING_FLAMINGO_CACHE`, else `$HF_HOME/modeling_flamingo/converted`."""
+    override = os.environ.get("MODELING_FLAMINGO_CACHE")
+    if override:
+        return Path(os.path.expanduser(os.path.expandvars(override)))
+    return hf_home() / "modeling_flamingo" / "converted"
+
+
+def converted_path(repo_id: str, commit: str) -> Path:
+    """The cache folder of one converted release commit."""
+    return converted_cache_root() / f"{repo_id.replace('/', '--')}--{commit}"
+
+
+def offline_mode(local_files_only: bool | None = None) -> bool:
+    """Whether to stay off the network: `local_files_only`, or `$HF_HUB_OFFLINE` / `$TRANSFORMERS_OFFLINE` now or at
+    huggingface_hub's import."""
+    if local_files_only:
+        return True
+    from huggingface_hub import constants
+
+    env = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return env.upper() in _TRUE or bool(constants.HF_HUB_OFFLINE)
+
+
+def _resolve_commit(repo_id: str, revision: str | None, hub: HubOptions) -> str | None:
+    """The commit a revision points to: asked from the hub when online, else read from the cache's refs."""
+    if revision and _COMMIT.match(revision):
+        return revision
+    if not hub.local_files_only:
+        from huggingface_hub import HfApi
+        from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+        try:
+            return HfApi().model_info(repo_id, revision=revision, token=hub.token).sha
+        except (RepositoryNotFoundError, RevisionNotFoundError):
+            return None
+        except Exception:  # no network: fall back to what the cache knows
+            pass
+    ref = Path(hub.cache_dir) / f"models--{repo_id.replace('/', '--')}" / "refs" / (revision or "main")
+    if ref.is_file():
+        return ref.read_text(encoding="utf-8").strip() or None
+    return None
+
+
+def _progress_enabled() -> bool:
+    from huggingface_hub.utils import are_progress_bars_disabled
+
+    return not are_progress_bars_disabled()
+
+
+def resolve_pretrained_path(name_or_path, **hub_kwargs):
+    """A local folder `from_pretrained` can load for `name_or_path`.
+
+    Args:
+        name_or_path: a local path or hub repo id (anything else is returned unchanged).
+        **hub_kwargs: `from_pretrained`'s `cache_dir`, `revision`, `token`, `local_files_only`, `subfolder`
+            (other keys are ignored).
+
+    Returns:
+        `name_or_path` unchanged for local paths and repos in transformers format (they have a config.json); for an
+        original OpenFlamingo release repo (a preset: holds only `checkpoint.pt`), the folder of its conversion,
+        converting it first if this commit was never converted.
+
+    Raises:
+        OSError: an original OpenFlamingo repo this function cannot convert on its own (the LLaMA-based legacy release,
+            or a repo that is not a known release), or a failed conversion.
+    """
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        return name_or_path
+    name = os.fspath(name_or_path)
+    if hub_kwargs.get("subfolder") or os.path.exists(name) or not looks_like_repo_id(name):
+        return name_or_path
+    hub = HubOptions(
+        cache_dir=hub_cache_dir(hub_kwargs.get("cache_dir")),
+        token=hub_kwargs.get("token"),
+        local_files_only=offline_mode(hub_kwargs.get("local_files_only")),
+    )
+    revision = hub_kwargs.get("revision")
+    preset = get_preset(name)
+
+    try:
+        config = hub_file(name, "config.json", revision, hub, missing_ok=True)
+    except ConversionError:
+        config = None
+        if preset is None:
+            return name_or_path  # not reachable / not a repo: let transformers report it
+    if config is not None:
+        return name_or_path  # already in transformers format
+
+    if preset is not None and preset.language_model is None:
+        raise OSError(
+            f"{preset.repo_id} needs the LLaMA-7B weights, which are not on the hub: convert it with "
+            f"`openflamingo-convert --preset {preset.repo_id} --language-model /path/to/llama-7b-hf --output-dir DIR` "
+            "and load DIR."
+        )
+    commit = _resolve_commit(name, revision, hub)
+    if commit is None:
+        if preset is None:
+            return name_or_path
+        raise OSError(
+            f"{name}: cannot find this OpenFlamingo release "
+            + ("in the local hub cache (offline mode)" if hub.local_files_only else "on the hub")
+        )
+    target = converted_path(preset.repo_id if preset else name, commit)
+    if (target / "config.json").is_file():
+        return str(target)
+
+    if preset is None:
+        try:
+            checkpoint = hub_file(name, "checkpoint.pt", commit, hub, missing_ok=True)
+        except ConversionError:
+            checkpoint = None
+        if checkpoint is None:
+            return name_or_path
+        raise OSError(
+            f"{name} holds an original OpenFlamingo checkpoint.pt but is not one of the released models "
+            f"({', '.join(PRESETS)}), so its language model is unknown: convert it with `openflamingo-convert "
+            f"--checkpoint {name} --vision-model openai/clip-vit-large-patch14 --language-model LM "
+            "--cross-attn-every-n-layers N --output-dir DIR` and load DIR."
+        )
+
+    from transformers.utils import logging
+
+    logger = logging.get_logger(__name__)
+    logger.warning(f"Converting {preset.repo_id}@{commit} to transformers format (once) into {target}")
+    spec = ConversionSpec.from_preset(preset.repo_id, checkpoint_revision=commit)
+    try:
+        convert(spec, target, hub=hub, progress=_progress_enabled())
+    except ConversionError as exc:
+        if (target / "config.json").is_file():  # another process finished the same conversion first
+            return str(target)
+        raise OSError(f"converting {preset.repo_id}: {exc}") from exc
+    return str(target)
