@@ -70,7 +70,14 @@ MEDIA_TOKEN = "<image>"
 EOC_TOKEN = "<|endofchunk|>"
 PAD_TOKEN = "<PAD>"
 # Keys of a language model's hub config.json that describe the remote code or the saving run, not the model.
-_DROPPED_LM_CONFIG_KEYS = ("auto_map", "architectures", "_name_or_path", "transformers_version", "torch_dtype", "dtype")
+_DROPPED_LM_CONFIG_KEYS = (
+    "auto_map",
+    "architectures",
+    "_name_or_path",
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+)
 # open_clip's ViTs (every OpenFlamingo release) use heads of 64.
 OPEN_CLIP_HEAD_WIDTH = 64
 
@@ -298,6 +305,19 @@ def _plan(spec: ConversionSpec, hub: HubOptions, log: Callable[[str], None]) -> 
     text_config.vocab_size = vocab_rows
     # Hub configs of MPT disable the cache for training; generation wants it.
     text_config.use_cache = True
+    if model_type == "mosaic_gpt":
+        # MosaicGPT's `no_bias` is not a reliable account of its weights (some copies of its code create every Linear
+        # and LayerNorm with a bias whatever it says): the weight files decide.
+        lm_folder = WeightFolder.find(lm_src.path, "language model file")
+        has_bias = False
+        for file in lm_folder:
+            has_bias = has_bias or any(key.endswith(".bias") for key in file.infos())
+            file.close()
+        if text_config.no_bias == has_bias:
+            log(
+                f"MosaicGPT no_bias={text_config.no_bias} in config.json, but the weights {'have' if has_bias else 'lack'} biases: following the weights"
+            )
+        text_config.no_bias = not has_bias
 
     # 4. Tokenizer with the Flamingo tokens, added as the original factory adds them.
     tokenizer = _load_tokenizer(tok_src.path)
@@ -322,7 +342,9 @@ def _plan(spec: ConversionSpec, hub: HubOptions, log: Callable[[str], None]) -> 
     tied = set(model.all_tied_weights_keys)
     expected = {k: (tuple(t.shape), t.dtype) for k, t in model.state_dict().items() if k not in tied}
     order = {k: i for i, k in enumerate(expected)}
-    lm_ignore = [re.compile(p) for p in (getattr(model.language_model, "_keys_to_ignore_on_load_unexpected", None) or [])]
+    lm_ignore = [
+        re.compile(p) for p in (getattr(model.language_model, "_keys_to_ignore_on_load_unexpected", None) or [])
+    ]
     ignore = [re.compile(p) for p in IGNORED_BUFFER_PATTERNS]
     total_parameters = sum(math.prod(s) for s, _ in expected.values())
     del model
@@ -446,7 +468,9 @@ class _Planner:
         the input embeddings): extra rows get the mean of the pretrained rows, surplus rows are dropped."""
         want = self.expected[ours][0]
         if tuple(shape[1:]) != tuple(want[1:]):
-            raise ConversionError(f"shape mismatch for {key} ({file.path.name}): {list(shape)} vs the model's {list(want)}")
+            raise ConversionError(
+                f"shape mismatch for {key} ({file.path.name}): {list(shape)} vs the model's {list(want)}"
+            )
         stored = shape[0]
         state: dict[str, torch.Tensor] = {}
 
@@ -777,6 +801,8 @@ def _write_metadata(plan: _Plan, spec: ConversionSpec, shards: dict, staging: Pa
         pad_token_id=tokenizer.pad_token_id,
     )
     generation.save_pretrained(staging)
-    processor = FlamingoProcessor(image_processor=FlamingoImageProcessor.from_flamingo_config(config), tokenizer=tokenizer)
+    processor = FlamingoProcessor(
+        image_processor=FlamingoImageProcessor.from_flamingo_config(config), tokenizer=tokenizer
+    )
     processor.save_pretrained(staging)
     (staging / "README.md").write_text(model_card(plan, spec, shards), encoding="utf-8")

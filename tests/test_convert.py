@@ -139,3 +139,16 @@ def test_overwrite(neox_release, tmp_path):
     assert not (out / "old.txt").exists()
     assert (out / "model.safetensors").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging or backup folder left
+
+
+def test_mosaic_gpt_biases_follow_the_weight_files(tmp_path):
+    # The hub config.json of MPT-1B says `no_bias: true`; the weight files decide whether biases exist.
+    release = make_release("mosaic_gpt", tmp_path / "in")
+    config_path = release.language_model / "config.json"
+    lm_config = json.loads(config_path.read_text())
+    lm_config["no_bias"] = True
+    config_path.write_text(json.dumps(lm_config))
+    out = tmp_path / "out"
+    assert main(release.args(out, "--quiet")) == 0
+    assert json.loads((out / "config.json").read_text())["text_config"]["no_bias"] is False
+    compare_with_original(release, out, generate=False)
