@@ -7,4 +7,12 @@ from .hub import converted_cache_root, resolve_pretrained_path
 from .presets import PRESETS, Preset
 from .sources import ConversionError
 
-__all__ = ["PRESETS", "ConversionError", "ConversionSpec", "Preset", "convert", "converted_cache_root", "resolve_pretrained_path"]
+__all__ = [
+    "PRESETS",
+    "ConversionError",
+    "ConversionSpec",
+    "Preset",
+    "convert",
+    "converted_cache_root",
+    "resolve_pretrained_path",
+]

@@ -84,7 +84,9 @@ def _spec(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Conversi
             language_model=args.language_model,
             **common,
         )
-    missing = [f"--{n.replace('_', '-')}" for n in ("checkpoint", "vision_model", "language_model") if not getattr(args, n)]
+    missing = [
+        f"--{n.replace('_', '-')}" for n in ("checkpoint", "vision_model", "language_model") if not getattr(args, n)
+    ]
     if missing:
         parser.error(f"without --preset, {' '.join(missing)} {'is' if len(missing) == 1 else 'are'} required")
     return ConversionSpec(

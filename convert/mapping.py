@@ -45,6 +45,30 @@ def flamingo_key(key: str) -> str | None:
     raise KeyError(key)
 
 
+_FF_NAME = {v: k for k, v in _FF_INDEX.items()}
+_OURS_PERCEIVER_ATTN = re.compile(r"^perceiver\.layers\.(\d+)\.attention\.(.+)$")
+_OURS_PERCEIVER_FF = re.compile(r"^perceiver\.layers\.(\d+)\.feed_forward\.(norm|fc1|fc2)\.(.+)$")
+_OURS_XATTN_FF = re.compile(r"^(.*\.gated_cross_attn_layer)\.ff\.(norm|fc1|fc2)\.(.+)$")
+
+
+def original_key(key: str) -> str:
+    """Inverse of `flamingo_key` for the resampler and language-model names: our name -> the original module's.
+
+    Writes release-layout checkpoints from our modules (the offline demo); vision names are not handled.
+    """
+    if m := _OURS_PERCEIVER_ATTN.match(key):
+        return f"perceiver.layers.{m[1]}.0.{m[2]}"
+    if m := _OURS_PERCEIVER_FF.match(key):
+        return f"perceiver.layers.{m[1]}.1.{_FF_NAME[m[2]]}.{m[3]}"
+    if key.startswith("perceiver."):
+        return key
+    if key.startswith("language_model."):
+        if m := _OURS_XATTN_FF.match(key):
+            key = f"{m[1]}.ff.{_FF_NAME[m[2]]}.{m[3]}"
+        return "lang_encoder." + key[len("language_model.") :]
+    raise KeyError(key)
+
+
 def language_model_key(key: str, decoder_layers_attr_name: str) -> str:
     """Map a parameter name of a plain causal LM (hub weight file) to its place inside our model.
 

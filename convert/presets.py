@@ -37,7 +37,10 @@ PRESETS: dict[str, Preset] = {
     for p in (
         Preset("openflamingo/OpenFlamingo-3B-vitl-mpt1b", "anas-awadalla/mpt-1b-redpajama-200b", None, 1),
         Preset(
-            "openflamingo/OpenFlamingo-3B-vitl-mpt1b-langinstruct", "anas-awadalla/mpt-1b-redpajama-200b-dolly", None, 1
+            "openflamingo/OpenFlamingo-3B-vitl-mpt1b-langinstruct",
+            "anas-awadalla/mpt-1b-redpajama-200b-dolly",
+            None,
+            1,
         ),
         Preset("openflamingo/OpenFlamingo-4B-vitl-rpj3b", "togethercomputer/RedPajama-INCITE-Base-3B-v1", None, 2),
         Preset(

@@ -103,11 +103,15 @@ def _hub_error(repo_id: str, what: str, exc: BaseException) -> ConversionError:
     if isinstance(exc, RevisionNotFoundError):
         return ConversionError(f"revision not found in hub repo {repo_id}: {first_line(exc)}")
     if isinstance(exc, LocalEntryNotFoundError):
-        return ConversionError(f"{what} of {repo_id} is not in the local hub cache and downloads are off (offline mode)")
+        return ConversionError(
+            f"{what} of {repo_id} is not in the local hub cache and downloads are off (offline mode)"
+        )
     return ConversionError(f"could not get {what} of hub repo {repo_id}: {first_line(exc)}")
 
 
-def hub_file(repo_id: str, filename: str, revision: str | None, hub: HubOptions, missing_ok: bool = False) -> Path | None:
+def hub_file(
+    repo_id: str, filename: str, revision: str | None, hub: HubOptions, missing_ok: bool = False
+) -> Path | None:
     """Download (or find in the cache) one file of a hub repo; None if it does not exist and `missing_ok`."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
@@ -201,7 +205,11 @@ def resolve_tokenizer_folder(spec: str, revision: str | None, hub: HubOptions) -
     if path.is_dir():
         return Resolved(spec, path)
     if path.exists() or not looks_like_repo_id(spec):
-        raise _missing_local(spec, "tokenizer") if not path.exists() else ConversionError(f"tokenizer {spec} is not a folder")
+        raise (
+            _missing_local(spec, "tokenizer")
+            if not path.exists()
+            else ConversionError(f"tokenizer {spec} is not a folder")
+        )
     folder = hub_snapshot(spec, revision, hub, TOKENIZER_PATTERNS)
     return Resolved(spec, folder, repo_id=spec, revision=revision, commit=commit_of(folder))
 

@@ -134,7 +134,11 @@ def write_shard(path: Path, tensors: Sequence[PlannedTensor], tracker: SourceTra
     for t in tensors:
         if t.dtype not in _ST_NAMES:
             raise ConversionError(f"cannot store {t.key} with dtype {t.dtype} in safetensors")
-        header[t.key] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        header[t.key] = {
+            "dtype": _ST_NAMES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + t.nbytes],
+        }
         offset += t.nbytes
     header["__metadata__"] = {"format": "pt"}
     encoded = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")

@@ -26,6 +26,7 @@ from transformers import (
     AutoModelForImageTextToText,
     CLIPVisionModel,
     GenerationMixin,
+    PretrainedConfig,
     PreTrainedModel,
 )
 from transformers import initialization as init
@@ -39,6 +40,18 @@ from modeling_flamingo.modeling_mosaic_gpt import MosaicGPTForCausalLM
 
 # Registered where defined, so that a hub folder carrying these files (trust_remote_code) registers them too.
 AutoModelForCausalLM.register(MosaicGPTConfig, MosaicGPTForCausalLM, exist_ok=True)
+
+
+def _language_model_from_config(text_config: PretrainedConfig) -> PreTrainedModel:
+    """A fresh causal LM for `text_config`; MosaicGPT by model type rather than through `AutoModelForCausalLM`.
+
+    The Auto classes map config *classes* to models. A local folder loaded with `trust_remote_code` gets each entry
+    module (configuration, modelling, processing) imported into its own package by transformers 5.23, so the text config
+    may be an instance of another copy of `MosaicGPTConfig` than the one registered beside this class.
+    """
+    if text_config.model_type == MosaicGPTConfig.model_type:
+        return MosaicGPTForCausalLM._from_config(text_config)
+    return AutoModelForCausalLM.from_config(text_config)
 
 
 def _get_attr_path(obj: Any, path: str) -> Any:
@@ -359,6 +372,29 @@ class FlamingoPreTrainedModel(PreTrainedModel):
         pretrained_model_name_or_path = resolve_pretrained_path(pretrained_model_name_or_path, **hub_kwargs)
         return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
+    def save_pretrained(self, save_directory, is_main_process: bool = True, *args, **kwargs) -> None:
+        """`PreTrainedModel.save_pretrained`, writing a folder that also loads without this package.
+
+        `config.json` gets the `auto_map` of `modeling_flamingo.hub_code.CONFIG_AUTO_MAP` (also set on `self.config`,
+        as transformers does for remote-code models) and the folder the package's modules as remote code
+        (`write_remote_code`), so `AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True)` works
+        with transformers alone. Where this package is imported its own classes are used, whatever the folder holds.
+        """
+        from modeling_flamingo.hub_code import CONFIG_AUTO_MAP, write_remote_code
+
+        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **CONFIG_AUTO_MAP}
+        super().save_pretrained(save_directory, is_main_process, *args, **kwargs)
+        if self.should_save_on_this_rank(is_main_process):
+            write_remote_code(save_directory)
+
+    def _upload_modified_files(self, working_dir, *args, **kwargs):
+        # `push_to_hub` and `save_pretrained(push_to_hub=True)` upload from inside transformers' `save_pretrained`,
+        # before the override above runs its last line: add the remote code just before the upload.
+        from modeling_flamingo.hub_code import write_remote_code
+
+        write_remote_code(working_dir)
+        return super()._upload_modified_files(working_dir, *args, **kwargs)
+
 
 class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin):
     """OpenFlamingo: interleaved images and text in, text out."""
@@ -367,7 +403,7 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
         super().__init__(config)
         self.vision_encoder = CLIPVisionModel._from_config(config.vision_config)
         self.perceiver = FlamingoPerceiverResampler(config)
-        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self.language_model = _language_model_from_config(config.text_config)
         dim_visual = config.vision_config.hidden_size
         dim = config.text_config.hidden_size
         layers = _get_attr_path(self.language_model, config.decoder_layers_attr_name)

@@ -349,6 +349,33 @@ class FlamingoProcessor(ProcessorMixin):
         rows, _ = _as_id_rows(generated_outputs)
         return self.batch_decode(rows, skip_special_tokens=skip_special_tokens, prompt_length=prompt_length, **kwargs)
 
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> list[str]:
+        """`ProcessorMixin.save_pretrained`, writing a folder that also loads without this package.
+
+        `processor_config.json` gets `auto_map` entries for `AutoProcessor` and (in its image processor settings)
+        `AutoImageProcessor`, and the folder the package's modules as remote code
+        (`modeling_flamingo.hub_code.write_remote_code`), so `AutoProcessor.from_pretrained(folder,
+        trust_remote_code=True)` works with transformers alone. The tokenizer stays a plain transformers tokenizer.
+        As transformers does for remote-code classes, the entries are also set on `self` and `self.image_processor`
+        (a reloaded image processor keeps its `auto_map`).
+        """
+        from modeling_flamingo.hub_code import IMAGE_PROCESSOR_AUTO_MAP, PROCESSOR_AUTO_MAP, write_remote_code
+
+        self.auto_map = {**(getattr(self, "auto_map", None) or {}), **PROCESSOR_AUTO_MAP}
+        image_processor = self.image_processor
+        image_processor.auto_map = {**(getattr(image_processor, "auto_map", None) or {}), **IMAGE_PROCESSOR_AUTO_MAP}
+        files = super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+        write_remote_code(save_directory)
+        return files
+
+    def _upload_modified_files(self, working_dir: str | os.PathLike, *args, **kwargs):
+        # `push_to_hub` and `save_pretrained(push_to_hub=True)` upload from inside transformers' `save_pretrained`,
+        # before the override above adds the remote code: add it just before the upload.
+        from modeling_flamingo.hub_code import write_remote_code
+
+        write_remote_code(working_dir)
+        return super()._upload_modified_files(working_dir, *args, **kwargs)
+
 
 # Lets `AutoProcessor.from_pretrained(folder)` resolve the saved `processor_class`.
 AutoProcessor.register(FlamingoConfig, FlamingoProcessor, exist_ok=True)

@@ -185,7 +185,10 @@ def save_weights(state: dict[str, torch.Tensor], folder: Path, fmt: str = "safet
         part = {k: state[k] for k in keys[i * size : (i + 1) * size]}
         write(part, name)
         weight_map.update(dict.fromkeys(part, name))
-    index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())}, "weight_map": weight_map}
+    index = {
+        "metadata": {"total_size": sum(v.numel() * v.element_size() for v in state.values())},
+        "weight_map": weight_map,
+    }
     (folder / f"{base}.{ext}.index.json").write_text(json.dumps(index, indent=2))
 
 
@@ -201,8 +204,16 @@ def save_hf_clip(original, folder: Path, fmt: str = "safetensors") -> Path:
     """The original's vision tower inside an HF `CLIPModel` folder (random text tower)."""
     config = CLIPConfig(
         vision_config=tiny_vision_config().to_dict(),
-        text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
-                     "vocab_size": 64, "max_position_embeddings": 16, "bos_token_id": 0, "eos_token_id": 1},
+        text_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "vocab_size": 64,
+            "max_position_embeddings": 16,
+            "bos_token_id": 0,
+            "eos_token_id": 1,
+        },
         projection_dim=32,
     )
     torch.manual_seed(3)
@@ -242,11 +253,16 @@ class Release:
 
     def args(self, output: Path, *extra: str) -> list[str]:
         return [
-            "--checkpoint", str(self.checkpoint),
-            "--vision-model", str(self.vision_model),
-            "--language-model", str(self.language_model),
-            "--cross-attn-every-n-layers", str(self.cross_attn_every_n_layers),
-            "--output-dir", str(output),
+            "--checkpoint",
+            str(self.checkpoint),
+            "--vision-model",
+            str(self.vision_model),
+            "--language-model",
+            str(self.language_model),
+            "--cross-attn-every-n-layers",
+            str(self.cross_attn_every_n_layers),
+            "--output-dir",
+            str(output),
             *extra,
         ]
 
@@ -283,7 +299,9 @@ def make_release(
     if vision == "hf":
         vision_path = save_hf_clip(original, root / "clip")
     else:
-        vision_path = save_open_clip(original, root / "open_clip_vision.pt", with_visual_prefix=vision == "open_clip_visual")
+        vision_path = save_open_clip(
+            original, root / "open_clip_vision.pt", with_visual_prefix=vision == "open_clip_visual"
+        )
     return Release(family, original, tokenizer, root / "checkpoint.pt", lm, vision_path, CROSS_ATTN_EVERY[family])
 
 

@@ -49,7 +49,13 @@ def test_convert_matches_original(family, tmp_path):
     out = tmp_path / "out"
     assert main(release.args(out, "--quiet")) == 0
     names = {p.name for p in out.iterdir()}
-    assert {"README.md", "config.json", "generation_config.json", "model.safetensors", "processor_config.json"} <= names
+    assert {
+        "README.md",
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "processor_config.json",
+    } <= names
     assert "tokenizer_config.json" in names and not [n for n in names if n.endswith((".bin", ".pt"))]
     config = json.loads((out / "config.json").read_text())
     assert config["media_token_id"] == release.tokenizer.encode("<image>")[-1]
@@ -97,7 +103,12 @@ def test_cli_subprocess_is_deterministic(neox_release, tmp_path):
     assert main(neox_release.args(tmp_path / "a", "--quiet", "--max-shard-size", "2MB")) == 0
     env = dict(os.environ, PYTHONHASHSEED="123")
     result = subprocess.run(
-        [sys.executable, "-m", "modeling_flamingo.convert", *neox_release.args(tmp_path / "b", "--max-shard-size", "2MB")],
+        [
+            sys.executable,
+            "-m",
+            "modeling_flamingo.convert",
+            *neox_release.args(tmp_path / "b", "--max-shard-size", "2MB"),
+        ],
         capture_output=True,
         text=True,
         env=env,
