@@ -11,9 +11,10 @@ the same key mapping the converter uses), then each (shots, batch) cell is measu
 are OpenFlamingo-style few-shot captions: `<image>Output: ...<|endofchunk|>` k times, then `<image>Output:`.
 
 - prefill: one forward over the prompt with its images (vision tower, resampler, language model), best of N.
-- decode tokens/s: greedy, 32 new tokens forced (`min_new_tokens`), timed as generate(32) - generate(1).
+- decode tokens/s: greedy, 32 new tokens forced (`min_new_tokens`); the time from the first to the last decoding
+  step (a logits processor records when each step's logits are ready), best of N.
 - peak memory: during generate(32), above what was allocated before it (CUDA allocator peak on GPU; on CPU the
-  process RSS sampled every millisecond).
+  process RSS sampled every millisecond, with glibc told to return freed blocks of 64 KiB or more at once).
 
 It prints a markdown table of ratios (ours / original) and writes it with the machine and versions to
 `benchmarks/RESULTS.md` (or `--out`).
@@ -33,7 +34,7 @@ from pathlib import Path
 
 import psutil
 import torch
-from transformers import CLIPVisionConfig, MptConfig
+from transformers import CLIPVisionConfig, LogitsProcessor, LogitsProcessorList, MptConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -145,40 +146,74 @@ def measure(impl: str, model, tokenizer, shots: int, batch: int, new_tokens: int
         def prefill():
             model(pixels, enc.input_ids, attention_mask=enc.attention_mask, use_cache=True)
 
-        def generate(n):
+        def generate(n, timer):
             return model.generate(
-                pixels, enc.input_ids, attention_mask=enc.attention_mask, max_new_tokens=n, min_new_tokens=n, **common
+                pixels,
+                enc.input_ids,
+                attention_mask=enc.attention_mask,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                logits_processor=LogitsProcessorList([timer] if timer else []),
+                **common,
             )
     else:
 
         def prefill():
             model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, pixel_values=pixels, use_cache=True)
 
-        def generate(n):
+        def generate(n, timer):
             return model.generate(
                 input_ids=enc.input_ids,
                 attention_mask=enc.attention_mask,
                 pixel_values=pixels,
                 max_new_tokens=n,
                 min_new_tokens=n,
+                logits_processor=LogitsProcessorList([timer] if timer else []),
                 **common,
             )
 
     prefill_s = timed(prefill, device, repeats)
-    one = timed(lambda: generate(1), device, repeats)
-    full = timed(lambda: generate(new_tokens), device, repeats)
+    decode_s = float("inf")
+    for _ in range(repeats):
+        timer = StepTimer(device)
+        generate(new_tokens, timer)
+        decode_s = min(decode_s, timer.stamps[-1] - timer.stamps[0])
     with PeakMemory(device) as mem:
-        out = generate(new_tokens)
+        out = generate(new_tokens, None)
     return {
         "prefill_s": prefill_s,
-        "decode_tok_s": batch * (new_tokens - 1) / max(full - one, 1e-9),
+        "decode_tok_s": batch * (new_tokens - 1) / decode_s,
         "peak_mib": mem.bytes / 2**20,
         "tokens": out[:, enc.input_ids.shape[1] :].cpu(),
         "prompt_len": enc.input_ids.shape[1],
     }
 
 
+class StepTimer(LogitsProcessor):
+    """Records when each decoding step's logits are ready: the decode time is the span from the first to the last."""
+
+    def __init__(self, device):
+        self.device = device
+        self.stamps: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.stamps.append(time.perf_counter())
+        return scores
+
+
+def _reexec_with_trimming_malloc() -> None:
+    """On the CPU, peak memory is read from the process RSS. glibc keeps freed blocks for reuse, which hides what a
+    call allocates: restart once with every block of 64 KiB or more mmap-ed and returned to the system when freed."""
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None and sys.platform.startswith("linux"):
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
 def main(argv=None) -> int:
+    if argv is None:
+        _reexec_with_trimming_malloc()
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--size", choices=sorted(SIZES), default="scaled9b")
     p.add_argument("--device", default="cpu")
