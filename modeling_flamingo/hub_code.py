@@ -49,6 +49,7 @@ _PACKAGE_ONLY_DEFS: dict[str, tuple[str, ...]] = {
         "FlamingoPreTrainedModel._upload_modified_files",
     ),
     "modeling_flamingo.processing.processing_flamingo": (
+        "FlamingoProcessor.from_pretrained",
         "FlamingoProcessor.save_pretrained",
         "FlamingoProcessor._upload_modified_files",
     ),

@@ -349,6 +349,17 @@ class FlamingoProcessor(ProcessorMixin):
         rows, _ = _as_id_rows(generated_outputs)
         return self.batch_decode(rows, skip_special_tokens=skip_special_tokens, prompt_length=prompt_length, **kwargs)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """`ProcessorMixin.from_pretrained`, which also accepts the original OpenFlamingo hub repos (e.g.
+        `openflamingo/OpenFlamingo-3B-vitl-mpt1b`): like the model, they are converted once into a local cache folder
+        (`modeling_flamingo.convert.hub`) and loaded from there."""
+        from modeling_flamingo.convert.hub import HUB_KWARGS, resolve_pretrained_path
+
+        hub_kwargs = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
+        pretrained_model_name_or_path = resolve_pretrained_path(pretrained_model_name_or_path, **hub_kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> list[str]:
         """`ProcessorMixin.save_pretrained`, writing a folder that also loads without this package.
 
