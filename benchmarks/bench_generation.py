@@ -135,12 +135,16 @@ def timed(fn, device, repeats: int) -> float:
 
 
 @torch.no_grad()
-def measure(impl: str, model, tokenizer, shots: int, batch: int, new_tokens: int, device, dtype, repeats: int):
+def measure(
+    impl: str, model, tokenizer, shots: int, batch: int, new_tokens: int, device, dtype, repeats: int, cache: str
+):
     text = [prompt(shots)] * batch
     enc = tokenizer(text, return_tensors="pt").to(device)
     gen = torch.Generator().manual_seed(shots * 100 + batch)
     pixels = torch.randn(batch, shots + 1, 1, 3, 224, 224, generator=gen).to(device, dtype)
     common = dict(do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=None)
+    if cache != "dynamic":
+        common["cache_implementation"] = cache
     if impl == "original":
 
         def prefill():
@@ -222,6 +226,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument(
+        "--cache", choices=["dynamic", "static"], default="dynamic", help="language-model cache for both (generate's)"
+    )
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS.md"))
     args = p.parse_args(argv)
 
@@ -238,7 +245,9 @@ def main(argv=None) -> int:
         for batch in args.batch:
             res = {}
             for impl, model in (("original", original), ("ours", ours)):
-                res[impl] = measure(impl, model, tokenizer, shots, batch, args.new_tokens, device, dtype, args.repeats)
+                res[impl] = measure(
+                    impl, model, tokenizer, shots, batch, args.new_tokens, device, dtype, args.repeats, args.cache
+                )
             same = torch.equal(res["original"]["tokens"], res["ours"]["tokens"])
             o, u = res["original"], res["ours"]
             rows.append(
@@ -262,7 +271,7 @@ def main(argv=None) -> int:
         f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
     )
     text = (
-        f"## Generation: `{args.size}` ({args.device}, {args.dtype})\n\n"
+        f"## Generation: `{args.size}` ({args.device}, {args.dtype}, {args.cache} cache)\n\n"
         f"Model: MPT LM {s['lm_width']} wide x {s['lm_layers']} layers, CLIP {s['vision_width']} wide x "
         f"{s['vision_layers']} layers at 224 px (256 tokens), cross-attention every 4 layers, 64 latents, vocabulary "
         f"{VOCAB_9B}; greedy, {args.new_tokens} new tokens; best of {args.repeats}.\n\n"
@@ -274,7 +283,7 @@ def main(argv=None) -> int:
     print("\n" + text)
     out = Path(args.out)
     previous = out.read_text() if out.exists() else ""
-    marker = f"## Generation: `{args.size}` ({args.device}, {args.dtype})"
+    marker = f"## Generation: `{args.size}` ({args.device}, {args.dtype}, {args.cache} cache)"
     kept = [block for block in previous.split("\n## ") if block and not ("## " + block).startswith(marker)]
     kept = [b if b.startswith("#") else "## " + b for b in kept]
     out.write_text("\n".join(kept + [text]) if kept else "# Benchmarks\n\n" + text)

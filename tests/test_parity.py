@@ -67,10 +67,13 @@ def test_logits_match_with_five_dim_pixel_values(pair):
 
 @torch.no_grad()
 @pytest.mark.parametrize("num_beams", [1, 3])
-def test_generation_matches(pair, num_beams):
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_generation_matches(pair, num_beams, cache):
     _, original, ours, tokenizer, batch, pixels = pair
     kwargs = dict(max_new_tokens=8, num_beams=num_beams, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     expected = original.generate(pixels, batch.input_ids, attention_mask=batch.attention_mask, **kwargs)
+    if cache == "static":  # our language model cache may be preallocated: the tokens stay the original's
+        kwargs["cache_implementation"] = "static"
     actual = ours.generate(
         input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=pixels, **kwargs
     )
