@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from modeling_flamingo.processing.processing_flamingo import EOC_TOKEN, MEDIA_TOKEN, add_flamingo_tokens
+
 from .mapping import (
     IGNORED_BUFFER_PATTERNS,
     canonical_original_key,
@@ -66,9 +68,6 @@ from .writer import (
 )
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-MEDIA_TOKEN = "<image>"
-EOC_TOKEN = "<|endofchunk|>"
-PAD_TOKEN = "<PAD>"
 # Keys of a language model's hub config.json that describe the remote code or the saving run, not the model.
 _DROPPED_LM_CONFIG_KEYS = (
     "auto_map",
@@ -656,16 +655,6 @@ def _load_tokenizer(folder: Path):
             with contextlib.suppress(Exception):
                 return LlamaTokenizer.from_pretrained(str(folder))
         raise ConversionError(f"cannot load the tokenizer from {folder}: {first_line(exc)}") from exc
-
-
-def add_flamingo_tokens(tokenizer) -> None:
-    """Add `<|endofchunk|>`, `<image>` and (if missing) `<PAD>` as `open_flamingo.create_model_and_transforms` does,
-    unless the tokenizer already holds them."""
-    added = tokenizer.get_added_vocab()
-    if EOC_TOKEN not in added or MEDIA_TOKEN not in added:
-        tokenizer.add_special_tokens({"additional_special_tokens": [EOC_TOKEN, MEDIA_TOKEN]})
-    if tokenizer.pad_token is None:
-        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
 
 
 def _vision(src: Resolved, hidden_act: str):

@@ -567,7 +567,7 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
                 image_indices = self.image_indices_from_input_ids(input_ids)
                 self._check_image_count(image_indices, image_features, cross_attention_key_values)
 
-        num_blocks = len(self.gated_cross_attn_layers)
+        num_blocks = self.config.num_cross_attn_layers  # derived from the config: no module walk per step
         key_values = (
             list(cross_attention_key_values) if cross_attention_key_values is not None else [None] * num_blocks
         )

@@ -9,6 +9,8 @@ from __future__ import annotations
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
+from modeling_flamingo.processing.processing_flamingo import add_flamingo_tokens  # noqa: F401  (re-exported)
+
 TINY_CORPUS = [
     "An image of two cats sleeping on a couch.",
     "A sink in a small bathroom with a mirror.",
@@ -57,14 +59,6 @@ def make_tiny_tokenizer(vocab_size: int = 320, bos_token: str | None = None) -> 
         unk_token=None,
         clean_up_tokenization_spaces=False,
     )
-
-
-def add_flamingo_tokens(tokenizer: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
-    """Add `<|endofchunk|>`, `<image>` and (if missing) `<PAD>` in the order the original factory does."""
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<|endofchunk|>", "<image>"]})
-    if tokenizer.pad_token is None:
-        tokenizer.add_special_tokens({"pad_token": "<PAD>"})
-    return tokenizer
 
 
 # ---------------------------------------------------------------------------------------------------------------

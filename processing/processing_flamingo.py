@@ -41,6 +41,19 @@ def _as_id_rows(sequences: Any) -> tuple[list[list[int]], bool]:
     return [[int(token) for token in row] for row in sequences], False
 
 
+def add_flamingo_tokens(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Add `<|endofchunk|>`, `<image>` and (if the tokenizer has no pad token) `<PAD>` as
+    `open_flamingo.create_model_and_transforms` does, unless they are already there (a saved processor reloads with
+    them). Returns the tokenizer."""
+    added = tokenizer.get_added_vocab()
+    if EOC_TOKEN not in added or MEDIA_TOKEN not in added:
+        # The original call, verbatim: it also replaces the tokenizer's list of additional special tokens.
+        tokenizer.add_special_tokens({"additional_special_tokens": [EOC_TOKEN, MEDIA_TOKEN]})
+    if tokenizer.pad_token is None:
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    return tokenizer
+
+
 class FlamingoProcessor(ProcessorMixin):
     r"""
     Builds OpenFlamingo inputs: tokenizes interleaved prompts such as
@@ -82,18 +95,8 @@ class FlamingoProcessor(ProcessorMixin):
         if image_processor is None:
             image_processor = FlamingoImageProcessor()
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
-        self._add_flamingo_tokens(self.tokenizer)
+        add_flamingo_tokens(self.tokenizer)
         self.tokenizer.padding_side = "left"
-
-    @staticmethod
-    def _add_flamingo_tokens(tokenizer: PreTrainedTokenizerBase) -> None:
-        """Add the Flamingo tokens as `open_flamingo.create_model_and_transforms` does, unless already there."""
-        added = tokenizer.get_added_vocab()
-        if EOC_TOKEN not in added or MEDIA_TOKEN not in added:
-            # The original call, verbatim: it also replaces the tokenizer's list of additional special tokens.
-            tokenizer.add_special_tokens({"additional_special_tokens": [EOC_TOKEN, MEDIA_TOKEN]})
-        if tokenizer.pad_token is None:
-            tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
 
     @property
     def media_token_id(self) -> int:
