@@ -194,11 +194,15 @@ class FlamingoMaskedCrossAttention(nn.Module):
         q = self.to_q(self.norm(hidden_states)).view(B, T, h, hd).transpose(1, 2)
         has_media = (image_indices > 0).unsqueeze(1).unsqueeze(-1)  # (B, 1, T, 1)
         if T == 1 and self.only_attend_immediate_media:
-            # Decoding: gather the one image this token sees, so the cost does not grow with the image count.
-            img = (image_indices[:, 0] - 1).clamp(min=0)
-            batch = torch.arange(B, device=img.device)
-            k = key[batch, :, img]  # (B, h, n, hd)
-            v = value[batch, :, img]
+            # Decoding: attend to the one image this token sees, so the cost does not grow with the image count.
+            if T_img == 1:
+                # generate() keeps only each sample's current image after the prefill: a view, no gather.
+                k, v = key[:, :, 0], value[:, :, 0]  # (B, h, n, hd)
+            else:
+                img = (image_indices[:, 0] - 1).clamp(min=0)
+                batch = torch.arange(B, device=img.device)
+                k = key[batch, :, img]
+                v = value[batch, :, img]
             out = F.scaled_dot_product_attention(q, k, v)
         else:
             key_image = torch.arange(1, T_img + 1, device=image_indices.device).repeat_interleave(n)  # (T_img * n,)
