@@ -6,8 +6,9 @@ Run from the repository root in the test environment (it needs the original, `op
     .venv-test/bin/python benchmarks/bench_generation.py                      # scaled-down 9B, CPU, fp32
     .venv-test/bin/python benchmarks/bench_generation.py --size 3b --device cuda --dtype bfloat16
 
-Both models are built once in this process from the same random weights (ours receives the original's through
-the same key mapping the converter uses), then each (shots, batch) cell is measured for both, alternating. Prompts
+Both models are built once from the same random weights (ours receives the original's through the same key
+mapping the converter uses), then each (shots, batch) cell is timed for both, alternating. On the CPU, a child process
+builds them again from the same seed to measure peak memory (see below). Prompts
 are OpenFlamingo-style few-shot captions: `<image>Output: ...<|endofchunk|>` k times, then `<image>Output:`.
 
 - prefill: time to the first token's logits in generate (the images through the vision tower and resampler, the
