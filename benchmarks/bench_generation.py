@@ -18,9 +18,9 @@ are OpenFlamingo-style few-shot captions: `<image>Output: ...<|endofchunk|>` k t
 - LM alone: the bare language model (our copy of its weights, cross-attention layers left out) decoding the same
   token ids. Every Flamingo implementation on this language model pays at least its step, so (LM alone / original)
   is the ceiling of the decode speed-up on this machine.
-- blocks: the time a decoding step of ours spends in its gated cross-attention blocks (forward hooks, best of
-  N extra runs). Every implementation runs those layers at every step too, so original / (LM alone + blocks) is a tighter
-  ceiling.
+- blocks: the time a decoding step of ours spends in its gated cross-attention blocks (forward hooks, best of N
+  extra runs). Every implementation runs those layers at every step too, so original / (LM alone + blocks) is a
+  tighter ceiling.
 - peak memory: during generate(32), above what was allocated before it (CUDA allocator peak on GPU; on CPU the
   RSS, sampled every millisecond, of a child process whose glibc returns blocks of 64 KiB or more when freed; the
   timings run with the default allocator, as users do).
@@ -206,8 +206,8 @@ def measure_speed(cell: Cell, models: dict, new_tokens: int, device, repeats: in
 def block_seconds_per_step(cell: Cell, ours, new_tokens: int, device, repeats: int) -> float:
     """Seconds a decoding step of ours spends in its gated cross-attention blocks (layer norms, query and output
     projections, attention to the token's image, feed-forward, gates), timed with forward hooks in `repeats` extra
-    `generate` calls (best of them, like the step times). Every implementation runs these layers at every step, so (original's step) / (LM alone's step + this)
-    is a tighter ceiling than the LM alone's."""
+    `generate` calls (best of them, like the step times). Every implementation runs these layers at every step, so
+    (original's step) / (LM alone's step + this) is a tighter ceiling than the LM alone's."""
     blocks = [m for m in ours.modules() if isinstance(m, FlamingoGatedCrossAttentionBlock)]
     spans: list[float] = []
     start: dict[int, float] = {}
@@ -359,8 +359,8 @@ def main(argv=None) -> int:
         f'"LM alone" is the bare language model (no images, no cross-attention layers) decoding the same token ids '
         f"with the same cache: the ceiling is the decode speed-up an implementation whose image handling cost nothing "
         f'would reach. "Blocks" is the time a decoding step of ours spends in its gated cross-attention blocks '
-        f"(forward hooks, best of as many extra runs), layers every implementation runs at every step: the ceiling with blocks is "
-        f"the original's step / (LM alone's step + blocks). "
+        f"(forward hooks, best of {args.repeats} extra runs), layers every implementation runs at every step: the "
+        f"ceiling with blocks is the original's step / (LM alone's step + blocks). "
         f"Timings use the default allocator; CPU peaks come from a child process whose allocator returns "
         f"freed memory at once.\n\n"
         f"{header}\n" + "\n".join(rows) + "\n"
