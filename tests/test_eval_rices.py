@@ -295,3 +295,13 @@ def test_tie_order_on_many_duplicates_is_the_originals(original_rices_class):
         assert rices.find(queries, k) == expected, k
     top = rices.find(queries, 40)
     assert any(row != sorted(row, reverse=True) for row in top)  # ties are not in index order: the test has teeth
+
+
+def test_encoder_in_bfloat16_returns_float32(models, tmp_path):
+    clip, transform, encoder = models
+    encoder.model.save_pretrained(tmp_path / "clip")
+    half = ours.ClipImageEncoder(str(tmp_path / "clip"), device="cpu", dtype=torch.bfloat16)
+    assert next(half.model.parameters()).dtype == torch.bfloat16
+    got = half(QUERY_IMAGES)
+    assert got.dtype == torch.float32 and got.device.type == "cpu"
+    torch.testing.assert_close(got, _open_clip_embeddings(clip, transform, QUERY_IMAGES), atol=5e-2, rtol=0)
