@@ -152,11 +152,14 @@ class RICES:
     """
 
     def __init__(self, features: torch.Tensor):
-        if not isinstance(features, torch.Tensor) or features.ndim != 2 or not features.is_floating_point():
+        if not isinstance(features, torch.Tensor):
+            raise ValueError(
+                f"RICES features must be a tensor of shape (num_examples, dim), got {type(features).__name__}"
+            )
+        if features.ndim != 2 or not features.is_floating_point():
             raise ValueError(
                 "RICES features must be a floating-point tensor of shape (num_examples, dim), got "
-                + (f"shape {tuple(features.shape)} {features.dtype}" if isinstance(features, torch.Tensor) else "")
-                + ("" if isinstance(features, torch.Tensor) else type(features).__name__)
+                f"shape {tuple(features.shape)} {features.dtype}"
             )
         if features.shape[0] == 0:
             raise ValueError("RICES features are empty: there is no training example to retrieve")
