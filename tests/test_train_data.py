@@ -1,0 +1,360 @@
+"""Training data (modeling_flamingo.training.data): parity with the original's `open_flamingo.train.data`
+pipelines on tiny shards, bad data skipped and counted, errors at start, determinism, and the collator."""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import os
+import random
+import sys
+import tarfile
+from types import SimpleNamespace
+from unittest import mock
+
+import open_clip
+import pytest
+import torch
+from train_data_helpers import (
+    image_bytes,
+    make_laion_shards,
+    make_mmc4_shards,
+    sentence,
+    write_laion_shard,
+)
+
+from modeling_flamingo.processing import FlamingoImageProcessor
+from modeling_flamingo.testing import add_flamingo_tokens, make_tiny_tokenizer
+from modeling_flamingo.training import data as ours
+
+IMAGE_SIZE = 42
+
+
+@pytest.fixture(scope="module")
+def original():
+    """The installed original `open_flamingo.train.data` (it imports its sibling as the top-level `data_utils`)."""
+    sys.modules.setdefault("data_utils", importlib.import_module("open_flamingo.train.data_utils"))
+    return importlib.import_module("open_flamingo.train.data")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    tokenizer = add_flamingo_tokens(make_tiny_tokenizer())
+    # The original reads the ids through the transformers 4 attributes, which transformers 5 tokenizers lack.
+    tokenizer.additional_special_tokens = ["<|endofchunk|>", "<image>"]
+    tokenizer.additional_special_tokens_ids = tokenizer.convert_tokens_to_ids(tokenizer.additional_special_tokens)
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def image_processor():
+    return FlamingoImageProcessor(size=IMAGE_SIZE, crop_size=IMAGE_SIZE)
+
+
+@pytest.fixture(scope="module")
+def open_clip_transform():
+    return open_clip.image_transform(IMAGE_SIZE, is_train=False)
+
+
+def _original_labels(input_ids, tokenizer, interleaved):
+    # Transcription of the label masking in the original's train_utils.train_one_epoch (LAION: the pad and <image>
+    # lines; MMC4: all of it). Its `labels == tokenizer.eos_token` line compares ids with a string: a no-op.
+    media, eoc = tokenizer.convert_tokens_to_ids(["<image>", "<|endofchunk|>"])
+    labels = input_ids.clone()
+    labels[labels == tokenizer.pad_token_id] = -100
+    if interleaved:
+        for i in range(labels.shape[0]):
+            j = 0
+            while j < labels.shape[1] and labels[i][j] != media:
+                labels[i][j] = -100
+                j += 1
+            for e in torch.where(labels[i] == eoc)[0]:
+                k = e + 1
+                while k < labels.shape[1] and labels[i][k] != media:
+                    labels[i][k] = -100
+                    k += 1
+    labels[labels == media] = -100
+    return labels
+
+
+def _run_original(original, kind, args, tokenizer, transform, *, epoch, rank=0, world_size=1, worker=0, drop_rng=None):
+    """The batches one worker of the original pipeline yields in an epoch, its sample shuffle and flips disabled
+    (they are unseeded there), as the original training loop reshapes them."""
+    environment = {"RANK": str(rank), "WORLD_SIZE": str(world_size), "WORKER": str(worker)}
+    environment["NUM_WORKERS"] = str(max(1, args.workers))
+    args.world_size = world_size
+    build = original.get_laion_dataset if kind == "laion" else original.get_mmc4_dataset
+    with (
+        mock.patch.object(original.wds, "shuffle", lambda **kwargs: lambda source: source),
+        mock.patch.object(original.torchvision.transforms, "RandomHorizontalFlip", lambda p: lambda x: x),
+        mock.patch.object(original.wds, "WebLoader", lambda dataset, **kwargs: SimpleNamespace(dataset=dataset)),
+        mock.patch.object(original, "random", drop_rng or random.Random(0)),
+        mock.patch.dict(os.environ, environment),
+    ):
+        info = build(args, image_processor=transform, tokenizer=tokenizer, epoch=epoch)
+        raw = list(info.dataloader.dataset)
+    batches = []
+    for images, text in raw:
+        if kind == "laion":
+            input_ids, attention_mask = text
+            pixel_values = images[:, None, None]
+        else:
+            input_ids = torch.stack([ids for ids, _ in text]).squeeze(1)
+            attention_mask = torch.stack([mask for _, mask in text]).squeeze(1)
+            pixel_values = images[:, :, None]
+        labels = _original_labels(input_ids, tokenizer, interleaved=kind == "mmc4")
+        batches.append((pixel_values, input_ids, attention_mask, labels))
+    return batches, info.dataloader.num_batches
+
+
+def _run_ours(loader, worker=0, num_workers=1):
+    """Our batches of one worker, run in this process as worker `worker` of `num_workers`."""
+    info = SimpleNamespace(id=worker, num_workers=num_workers)
+    with mock.patch.object(ours, "get_worker_info", lambda: info):
+        return list(loader.dataloader.dataset)
+
+
+def _assert_same_batches(actual, expected):
+    assert len(actual) == len(expected) > 0
+    for batch, (pixel_values, input_ids, attention_mask, labels) in zip(actual, expected, strict=True):
+        assert torch.equal(batch["input_ids"], input_ids)
+        assert torch.equal(batch["attention_mask"], attention_mask)
+        assert torch.equal(batch["labels"], labels)
+        assert batch["pixel_values"].dtype == torch.float32
+        torch.testing.assert_close(batch["pixel_values"], pixel_values, atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LAION
+
+
+@pytest.mark.parametrize(("rank", "world_size", "worker", "workers", "epoch"), [(0, 1, 0, 1, 0), (1, 2, 1, 2, 3)])
+def test_laion_batches_match_the_original(
+    tmp_path, original, tokenizer, image_processor, open_clip_transform, rank, world_size, worker, workers, epoch
+):
+    # 8 shards (JPEG and PNG): the seeded shard shuffle and the rank/worker split decide which samples a worker
+    # sees; 9 batches of 3 per worker need more than its 2 shards of 5 samples, so it cycles through them again.
+    pattern = make_laion_shards(tmp_path, num_shards=8, samples_per_shard=5)
+    batch_size, num_samples = 3, 9 * 3 * world_size * workers
+    args = SimpleNamespace(
+        laion_shards=pattern,
+        train_num_samples_laion=num_samples,
+        batch_size_laion=batch_size,
+        seed=7,
+        workers=workers,
+        dataset_resampled=False,
+    )
+    expected, original_num_batches = _run_original(
+        original,
+        "laion",
+        args,
+        tokenizer,
+        open_clip_transform,
+        epoch=epoch,
+        rank=rank,
+        world_size=world_size,
+        worker=worker,
+    )
+    loader = ours.build_laion_loader(
+        pattern,
+        tokenizer=tokenizer,
+        image_processor=image_processor,
+        batch_size=batch_size,
+        num_samples=num_samples,
+        workers=workers,
+        seed=7,
+        epoch=epoch,
+        rank=rank,
+        world_size=world_size,
+        flip=False,
+        shuffle_buffer=1,
+    )
+    assert loader.num_batches == original_num_batches == 9 * workers
+    assert loader.num_samples == num_samples
+    actual = _run_ours(loader, worker, workers)
+    _assert_same_batches(actual, expected)
+    assert all(batch["skipped"] == {} for batch in actual)
+    # Captions longer than 32 tokens are cut, shorter ones padded on the right to the batch's longest.
+    lengths = {batch["input_ids"].shape[1] for batch in actual}
+    assert 32 in lengths and min(lengths) < 32
+    assert any((batch["input_ids"] == tokenizer.pad_token_id).any() for batch in actual)
+
+
+def test_laion_preprocessing_matches_the_original_on_odd_captions(original, tokenizer, image_processor):
+    # The text template and the image path, sample by sample: stray whitespace, an empty caption, a caption with a
+    # newline, one far over 32 tokens. The original receives a decoded list and an open_clip-style callable.
+    images = [ours.decode_rgb_image(image_bytes(seed, fmt=fmt)) for seed, fmt in enumerate(["JPEG", "PNG"] * 2)]
+    captions = ["  spaces around  ", "", "two\nlines", " ".join(sentence(seed, 12) for seed in range(4))]
+    tokens = ours.check_flamingo_tokenizer(tokenizer)
+    batch = ours.preprocess_laion_batch(
+        images, captions, tokenizer=tokenizer, image_processor=image_processor, tokens=tokens
+    )
+    input_ids, attention_mask = original.preprocess_laion_text(captions, tokenizer)
+    assert torch.equal(batch["input_ids"], input_ids)
+    assert torch.equal(batch["attention_mask"], attention_mask)
+    assert batch["input_ids"].shape == (4, 32)
+    with mock.patch.object(original.torchvision.transforms, "RandomHorizontalFlip", lambda p: lambda x: x):
+        pixel_values = original.preprocess_image(
+            images, lambda image: ours.pixel_values_of([image], image_processor)[0]
+        )
+    assert torch.equal(batch["pixel_values"][:, 0, 0], pixel_values)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad data: skipped and counted, never silently
+
+
+def _totals(batches) -> dict[str, int]:
+    totals: dict[str, int] = {}
+    for batch in batches:
+        for reason, count in batch["skipped"].items():
+            totals[reason] = totals.get(reason, 0) + count
+    return totals
+
+
+def test_laion_bad_data_is_skipped_and_counted(tmp_path, tokenizer, image_processor):
+    good = [(image_bytes(seed, width=48, height=40), f"good {seed}") for seed in range(6)]
+    bad = [
+        (b"\xff\xd8\xff\xe0 not really a jpeg", "undecodable"),
+        (None, "no image"),
+        (image_bytes(50, width=48, height=40), None),
+        (image_bytes(51, width=48, height=40), b"\xff\xfe invalid utf-8"),
+    ]
+    write_laion_shard(tmp_path / "bad-0.tar", good[:3] + bad)
+    # A shard cut in the middle of the image of its second sample: the first sample survives, the rest is lost.
+    whole = write_laion_shard(tmp_path / "bad-1.tar", good[3:], first_key=100)
+    with tarfile.open(whole) as archive:
+        second_image = archive.getmembers()[3]
+    assert second_image.name == "00101.jpg"
+    whole.write_bytes(whole.read_bytes()[: second_image.offset_data + second_image.size // 2])
+    # In order (no sample shuffle); 5 batches of 1: the 4 good samples, then the first of the second pass, which
+    # carries the counts of whatever the first pass skipped after its last batch.
+    loader = ours.build_laion_loader(
+        str(tmp_path / "bad-{0..1}.tar"),
+        tokenizer=tokenizer,
+        image_processor=image_processor,
+        batch_size=1,
+        num_samples=5,
+        workers=0,
+        flip=False,
+        shuffle_buffer=1,
+    )
+    batches = list(loader.dataloader)
+    assert len(batches) == loader.num_batches == 5
+    totals = _totals(batches)
+    assert totals["undecodable_image"] == 1
+    assert totals["incomplete_sample"] == 2
+    assert totals["undecodable_text"] == 1
+    assert totals["corrupt_tar"] == 1
+    captions = [tokenizer.decode(batch["input_ids"][0]) for batch in batches]
+    assert sorted(captions[:4]) == [f"<image>good {seed}<|endofchunk|><|endoftext|>" for seed in range(4)]
+    assert captions[4] == captions[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One clear error at start
+
+
+def test_errors_at_start(tmp_path, tokenizer, image_processor):
+    pattern = make_laion_shards(tmp_path / "laion", num_shards=2, samples_per_shard=2)
+    build = dict(tokenizer=tokenizer, image_processor=image_processor, batch_size=2, num_samples=4, workers=0)
+    with pytest.raises(ValueError, match="matches no file"):
+        ours.build_laion_loader(str(tmp_path / "nowhere" / "*.tar"), **build)
+    with pytest.raises(ValueError, match=r"1 of the 3 shards .* do not exist, e\.g\. .*laion-00002\.tar"):
+        ours.build_laion_loader(pattern.replace("00001}", "00002}"), **build)
+    with pytest.raises(ValueError, match="no <image> token"):
+        ours.build_laion_loader(pattern, **{**build, "tokenizer": make_tiny_tokenizer()})
+    with pytest.raises(ValueError, match="2 shards cannot feed 2 workers x 2 processes"):
+        ours.build_laion_loader(pattern, **{**build, "workers": 2}, world_size=2)
+    with pytest.raises(ValueError, match="batch_size and num_samples must be positive"):
+        ours.build_laion_loader(pattern, **{**build, "batch_size": 0})
+    mmc4 = make_mmc4_shards(tmp_path / "mmc4", num_shards=1, documents_per_shard=1)
+    with pytest.raises(ValueError, match="textsim_threshold=30 is outside"):
+        ours.build_mmc4_loader(mmc4, **build, textsim_threshold=30)
+    args = SimpleNamespace(
+        laion_shards=pattern,
+        batch_size_laion=2,
+        train_num_samples_laion=8,
+        mmc4_shards=mmc4,
+        batch_size_mmc4=2,
+        train_num_samples_mmc4=6,
+        workers=0,
+    )
+    with pytest.raises(ValueError, match="LAION gives 4 batches per epoch .* but MMC4 gives 3"):
+        ours.build_train_loaders(args, tokenizer, image_processor, epoch=0, rank=0, world_size=1)
+    with pytest.raises(ValueError, match="No training data"):
+        ours.build_train_loaders(SimpleNamespace(), tokenizer, image_processor, epoch=0, rank=0, world_size=1)
+
+
+def test_a_worker_without_usable_data_raises_instead_of_ending_the_epoch(tmp_path, tokenizer, image_processor):
+    write_laion_shard(tmp_path / "junk-0.tar", [(b"junk", "caption")] * 3)
+    for resampled in (False, True):
+        loader = ours.build_laion_loader(
+            str(tmp_path / "junk-0.tar"),
+            tokenizer=tokenizer,
+            image_processor=image_processor,
+            batch_size=2,
+            num_samples=4,
+            workers=0,
+            resampled=resampled,
+        )
+        with pytest.raises(RuntimeError, match=r"made no batch of 2 samples .*'undecodable_image': \d+"):
+            next(iter(loader.dataloader))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Determinism: a function of (seed, epoch, rank, worker) only
+
+
+def _laion_loader(pattern, tokenizer, image_processor, **kwargs):
+    options = dict(batch_size=2, num_samples=12, workers=2, seed=3, shuffle_buffer=4, shuffle_initial=2)
+    return ours.build_laion_loader(pattern, tokenizer=tokenizer, image_processor=image_processor, **options | kwargs)
+
+
+def test_batches_are_reproducible_and_resumable_with_worker_processes(tmp_path, tokenizer, image_processor):
+    pattern = make_laion_shards(tmp_path, num_shards=4, samples_per_shard=3)
+    loader = _laion_loader(pattern, tokenizer, image_processor)
+    first = list(loader.dataloader)
+    assert len(first) == loader.num_batches == 6
+    again = list(_laion_loader(pattern, tokenizer, image_processor).dataloader)
+    for one, other in zip(first, again, strict=True):
+        assert all(torch.equal(one[key], other[key]) for key in ("pixel_values", "input_ids", "labels"))
+    # Resuming after k batches: a re-created loader, its first k batches skipped, gives the rest.
+    resumed = list(itertools.islice(_laion_loader(pattern, tokenizer, image_processor).dataloader, 4, None))
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(resumed, first[4:], strict=True))
+    # workers=0 runs worker 0 of 1 in this process: the same batches as one worker process.
+    assert [b["input_ids"].tolist() for b in _laion_loader(pattern, tokenizer, image_processor, workers=0)] == [
+        b["input_ids"].tolist() for b in _laion_loader(pattern, tokenizer, image_processor, workers=1)
+    ]
+    # Another epoch (set_epoch or epoch=) or seed gives another order.
+    loader.set_epoch(1)
+    next_epoch = [batch["input_ids"].tolist() for batch in loader]
+    assert next_epoch == [b["input_ids"].tolist() for b in _laion_loader(pattern, tokenizer, image_processor, epoch=1)]
+    assert next_epoch != [batch["input_ids"].tolist() for batch in first]
+
+
+def test_resampled_shards_are_reproducible(tmp_path, tokenizer, image_processor):
+    pattern = make_laion_shards(tmp_path, num_shards=3, samples_per_shard=2)
+    runs = [
+        [
+            batch["input_ids"].tolist()
+            for batch in _laion_loader(pattern, tokenizer, image_processor, resampled=True, seed=s)
+        ]
+        for s in (3, 3, 4)
+    ]
+    assert len(runs[0]) == 6 and runs[0] == runs[1] != runs[2]
+
+
+def test_flips_are_per_batch_and_seeded(tmp_path, tokenizer, image_processor):
+    pattern = make_laion_shards(tmp_path, num_shards=2, samples_per_shard=6)
+    plain = list(_laion_loader(pattern, tokenizer, image_processor, workers=0, num_samples=24, flip=False))
+    flipped = list(_laion_loader(pattern, tokenizer, image_processor, workers=0, num_samples=24))
+    kinds = []
+    for one, other in zip(plain, flipped, strict=True):
+        assert torch.equal(one["input_ids"], other["input_ids"])
+        if torch.equal(one["pixel_values"], other["pixel_values"]):
+            kinds.append("same")
+        else:  # the whole batch flipped at once, as torchvision flips the original's stacked batch
+            assert torch.equal(one["pixel_values"].flip(-1), other["pixel_values"])
+            kinds.append("flipped")
+    assert set(kinds) == {"same", "flipped"}
