@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import itertools
+import json
 import os
 import random
 import sys
@@ -19,8 +20,11 @@ from train_data_helpers import (
     image_bytes,
     make_laion_shards,
     make_mmc4_shards,
+    mmc4_document,
+    random_mmc4_document,
     sentence,
     write_laion_shard,
+    write_mmc4_shard,
 )
 
 from modeling_flamingo.processing import FlamingoImageProcessor
@@ -358,3 +362,266 @@ def test_flips_are_per_batch_and_seeded(tmp_path, tokenizer, image_processor):
             assert torch.equal(one["pixel_values"].flip(-1), other["pixel_values"])
             kinds.append("flipped")
     assert set(kinds) == {"same", "flipped"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MMC4
+
+
+def _mmc4_args(pattern, batch_size, num_samples, workers, seed=7):
+    return SimpleNamespace(
+        mmc4_shards=pattern,
+        train_num_samples_mmc4=num_samples,
+        batch_size_mmc4=batch_size,
+        seed=seed,
+        workers=workers,
+        dataset_resampled=False,
+        mmc4_textsim_threshold=0.24,
+        mmc4_max_num_images=6,
+        mmc4_min_num_images=1,
+    )
+
+
+@pytest.mark.parametrize(
+    ("rank", "world_size", "worker", "workers", "epoch", "batches"), [(0, 1, 0, 1, 0, 6), (1, 2, 1, 2, 2, 3)]
+)
+def test_mmc4_batches_match_the_original(
+    tmp_path,
+    original,
+    tokenizer,
+    image_processor,
+    open_clip_transform,
+    rank,
+    world_size,
+    worker,
+    workers,
+    epoch,
+    batches,
+):
+    # Random documents: images missing, small, below the threshold, more than 6 matched, texts over 256 tokens,
+    # single-image documents (the original's half-time drop draws from `random`, given ours's generator here).
+    pattern = make_mmc4_shards(tmp_path, num_shards=8, documents_per_shard=6, seed=1)
+    batch_size = 2
+    num_samples = batches * batch_size * world_size * workers
+    loader = ours.build_mmc4_loader(
+        pattern,
+        tokenizer=tokenizer,
+        image_processor=image_processor,
+        batch_size=batch_size,
+        num_samples=num_samples,
+        workers=workers,
+        seed=7,
+        epoch=epoch,
+        rank=rank,
+        world_size=world_size,
+        flip=False,
+        shuffle_buffer=1,
+    )
+    expected, original_num_batches = _run_original(
+        original,
+        "mmc4",
+        _mmc4_args(pattern, batch_size, num_samples, workers),
+        tokenizer,
+        open_clip_transform,
+        epoch=epoch,
+        rank=rank,
+        world_size=world_size,
+        worker=worker,
+        drop_rng=loader.dataloader.dataset.drop_rng(worker),
+    )
+    assert loader.num_batches == original_num_batches == batches * workers
+    actual = _run_ours(loader, worker, workers)
+    _assert_same_batches(actual, expected)
+    # What the documents exercised (all of it asserted equal above).
+    pixel_values = torch.cat([batch["pixel_values"] for batch in actual])
+    input_ids = torch.cat([batch["input_ids"] for batch in actual])
+    assert pixel_values.shape[1:] == (6, 1, 3, IMAGE_SIZE, IMAGE_SIZE) and input_ids.shape[1] == 256
+    images_per_document = pixel_values.flatten(2).abs().sum(-1).gt(0).sum(1)
+    media = tokenizer.convert_tokens_to_ids("<image>")
+    assert images_per_document.max() >= 2 and (input_ids == media).sum(1).min() == 1
+    assert (input_ids[:, -1] != tokenizer.pad_token_id).any()  # a text cut at 256 tokens
+    skipped = _totals(actual)
+    assert skipped.get("single_image_dropped", 0) > 0 and skipped.get("too_few_images", 0) > 0
+    if rank == 0:
+        assert skipped.get("no_usable_image", 0) > 0
+
+
+ORIGINAL_MESSAGES = {
+    "no_usable_image": "No images in sample",
+    "too_few_images": "Fewer than 1 images in sample",
+    "single_image_dropped": "Only one image in sample",
+    "image_at_end": "Only one image at the end of sample, so labels will all be -100",
+}
+
+
+def _preprocess_both(original, document, tokenizer, image_processor, transform, reference=None, seed=0):
+    """(ours, the original's) preprocessing of one document: (pixel values, ids, mask), or why it was dropped.
+    `reference` is the document given to the original instead (see the linear-assignment tests)."""
+    try:
+        actual = ours.preprocess_mmc4_document(
+            document,
+            tokenizer=tokenizer,
+            image_processor=image_processor,
+            tokens=ours.check_flamingo_tokenizer(tokenizer),
+            rng=random.Random(seed),
+        )
+    except ours.SkipSample as skip:
+        actual = ORIGINAL_MESSAGES.get(skip.reason, skip.reason)
+    sample = (json.dumps(reference or document).encode(),)
+    with (
+        mock.patch.object(original, "random", random.Random(seed)),
+        mock.patch.object(original.torchvision.transforms, "RandomHorizontalFlip", lambda p: lambda x: x),
+    ):
+        try:
+            images, (input_ids, attention_mask) = original.preprocess_interleaved(
+                sample, tokenizer, transform, 0.24, 1, 6
+            )
+            expected = (images, input_ids[0], attention_mask[0])
+        except ValueError as error:
+            expected = str(error)
+    return actual, expected
+
+
+def _assert_same_document(actual, expected):
+    if isinstance(expected, str):
+        assert actual == expected
+        return
+    assert not isinstance(actual, str), actual
+    torch.testing.assert_close(actual[0], expected[0], atol=1e-5, rtol=0)
+    assert torch.equal(actual[1], expected[1]) and torch.equal(actual[2], expected[2])
+
+
+def _sized_jpeg(seed: int, size: int) -> bytes:
+    """A JPEG of exactly `size` bytes (PIL ignores bytes after the end-of-image marker)."""
+    data = image_bytes(seed, width=96, height=64)
+    assert len(data) < size
+    return data + b"\0" * (size - len(data))
+
+
+def test_mmc4_documents_match_the_original(original, tokenizer, image_processor, open_clip_transform):
+    short = [sentence(index, 4) for index in range(10)]
+    images = [image_bytes(seed) for seed in range(10)]
+    documents = {
+        # 8 images above the threshold, each its own sentence: the first 6 (in image order) are kept.
+        "cap": mmc4_document(short, images[:8], [[0.3 if s == 7 - i else 0.1 for s in range(10)] for i in range(8)]),
+        # 10,999 bytes is dropped by `len // 1000 <= 10`, 11,000 kept.
+        "size": mmc4_document(
+            short[:3],
+            [_sized_jpeg(1, 10_999), _sized_jpeg(2, 11_000), images[3]],
+            [[0.3, 0.1, 0.1], [0.1, 0.3, 0.1], [0.1, 0.1, 0.3]],
+        ),
+        # A similarity equal to the threshold is kept, one just below dropped.
+        "threshold": mmc4_document(short[:3], images[:2], [[0.24, 0.1, 0.1], [0.1, 0.1, 0.2399]]),
+        "no image above the threshold": mmc4_document(short[:2], images[:1], [[0.2, 0.1]]),
+        "only small images": mmc4_document(short[:2], [image_bytes(0, noisy=False)], [[0.3, 0.1]]),
+        "no image downloaded": mmc4_document(short[:2], [None, None], [[0.3, 0.1], [0.1, 0.3]]),
+        # The second image's sentence lies beyond 256 tokens: one image left, then the half-time drop.
+        "truncated": mmc4_document(
+            [short[0], sentence(1, 40) * 4, short[1]], images[:2], [[0.3, 0.1, 0.1], [0.1, 0.1, 0.3]]
+        ),
+        # Every matched sentence lies beyond 256 tokens.
+        "truncated to no image": mmc4_document(
+            [sentence(1, 40) * 4, short[0], short[1]], images[:2], [[0.1, 0.3, 0.1], [0.1, 0.1, 0.3]]
+        ),
+    }
+    exercised = set()
+    for name, document in documents.items():
+        for seed in range(4):  # seeds of the single-image drop
+            actual, expected = _preprocess_both(
+                original, document, tokenizer, image_processor, open_clip_transform, seed=seed
+            )
+            _assert_same_document(actual, expected)
+            exercised.add(expected if isinstance(expected, str) else "kept")
+            if not isinstance(actual, str):
+                assert actual[0].shape == (6, 3, IMAGE_SIZE, IMAGE_SIZE)
+                num_images = int((actual[1] == tokenizer.convert_tokens_to_ids("<image>")).sum())
+                assert num_images == {"cap": 6, "size": 2, "threshold": 1, "truncated": 1}[name], name
+    assert exercised == {"kept", *ORIGINAL_MESSAGES.values()} - {ORIGINAL_MESSAGES["image_at_end"]}
+
+
+def test_mmc4_single_image_at_the_end_is_dropped(original, tokenizer, image_processor, open_clip_transform):
+    # " a" is one token: 255 of them put the only <image> at position 255, the last one kept by truncation.
+    assert len(tokenizer("a" + " a" * 254)["input_ids"]) == 255
+    document = mmc4_document(["a" + " a" * 254, "Two cats."], [image_bytes(0)], [[0.1, 0.3]])
+    outcomes = set()
+    for seed in range(4):
+        actual, expected = _preprocess_both(
+            original, document, tokenizer, image_processor, open_clip_transform, seed=seed
+        )
+        _assert_same_document(actual, expected)
+        outcomes.add(actual)
+    assert outcomes == {ORIGINAL_MESSAGES["image_at_end"], ORIGINAL_MESSAGES["single_image_dropped"]}
+
+
+def test_mmc4_matching_is_a_linear_assignment(original, tokenizer, image_processor, open_clip_transform):
+    # The installed release matches each image to its best sentence; the repository head (and we) solve a one-to-one
+    # assignment. Given a document whose best sentences already are the assignment, the release serves as reference.
+    sentences = [sentence(index, 5) for index in range(3)]
+    a, b, c = image_bytes(11), image_bytes(12), image_bytes(13)
+    # Both images prefer sentence 0; the assignment gives it to B (0.35) and sentence 1 to A (0.28 > 0.24).
+    document = mmc4_document(sentences, [a, b], [[0.30, 0.28, 0.1], [0.35, 0.1, 0.1]])
+    reference = mmc4_document(sentences, [a, b], [[0.0, 0.28, 0.1], [0.35, 0.1, 0.1]])
+    kept = None
+    for seed in range(2):
+        actual, expected = _preprocess_both(
+            original, document, tokenizer, image_processor, open_clip_transform, reference=reference, seed=seed
+        )
+        _assert_same_document(actual, expected)
+        kept = actual
+    text = tokenizer.decode(kept[1], skip_special_tokens=False).replace("<PAD>", "")
+    assert (
+        text == f"<image>{sentences[0]}<|endofchunk|><image>{sentences[1]} {sentences[2]}<|endofchunk|><|endoftext|>"
+    )
+    # As in the original, the images stay in document order (A, B) while the text names B's sentence first.
+    torch.testing.assert_close(kept[0][0], open_clip_transform(ours.decode_rgb_image(a)), atol=1e-5, rtol=0)
+    # Three images for two sentences: C takes sentence 1 (0.5), B sentence 0 (0.35); A is left without a sentence.
+    document = mmc4_document(sentences[:2], [a, b, c], [[0.3, 0.25], [0.35, 0.26], [0.1, 0.5]])
+    reference = mmc4_document(sentences[:2], [None, b, c], [[0.3, 0.25], [0.35, 0.26], [0.1, 0.5]])
+    actual, expected = _preprocess_both(
+        original, document, tokenizer, image_processor, open_clip_transform, reference=reference
+    )
+    _assert_same_document(actual, expected)
+    assert actual[0][2].abs().sum() == 0  # two images, then padding
+
+
+def test_mmc4_bad_images_and_documents_are_skipped_and_counted(tmp_path, tokenizer, image_processor):
+    good = random_mmc4_document(3, num_images=2, num_sentences=3)
+    good["similarity_matrix"] = [[0.3, 0.1, 0.1], [0.1, 0.3, 0.1]]
+    # An image that does not decode is dropped from its document (the original drops the whole document).
+    with_bad_image = mmc4_document(
+        good["text_list"],
+        [b"\xff\xd8" + bytes(range(256)) * 50, image_bytes(5)],
+        [[0.5, 0.1, 0.1], [0.1, 0.3, 0.1]],
+    )
+    documents = [
+        good,
+        with_bad_image,
+        b"{not json",
+        {"text_list": ["x"], "image_info": []},  # no similarity_matrix
+        mmc4_document(["x", "y"], [image_bytes(6)], [[0.3]]),  # matrix of the wrong shape
+        mmc4_document(["x", "y"], [None], [[0.3, 0.1]]),  # no image
+        {**good, "is_gpt": True},
+    ]
+    write_mmc4_shard(tmp_path / "mmc4-0.tar", documents)
+    loader = ours.build_mmc4_loader(
+        str(tmp_path / "mmc4-0.tar"),
+        tokenizer=tokenizer,
+        image_processor=image_processor,
+        batch_size=1,
+        num_samples=3,
+        workers=0,
+        flip=False,
+        shuffle_buffer=1,
+    )
+    batches = list(loader.dataloader)
+    assert len(batches) == 3
+    assert _totals(batches) == {
+        "undecodable_image": 1,
+        "bad_document": 3,
+        "no_usable_image": 1,
+        "unsupported_document": 1,
+    }
+    # The document with the bad image kept its good one, which took sentence 1.
+    media = tokenizer.convert_tokens_to_ids("<image>")
+    assert (batches[1]["input_ids"] == media).sum() == 1
+    assert batches[1]["pixel_values"][0, 1].abs().sum() == 0

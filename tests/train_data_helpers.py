@@ -124,11 +124,16 @@ def write_mmc4_shard(path: str | Path, documents: list[dict | bytes], first_key:
 
 
 def random_mmc4_document(seed: int, num_images: int | None = None, num_sentences: int | None = None) -> dict:
-    """A document of 2 to 12 sentences and 1 to 8 images, some small (dropped by the 10 KB filter), some missing,
-    similarities uniform in [0.1, 0.4] (about half above the 0.24 threshold)."""
+    """A document of 2 to 14 sentences of 3 to 20 words (often over 256 tokens in all) and 1 to 8 images (at most
+    one per sentence), of which ~10% failed to download and ~15% are small (dropped by the 10 KB filter).
+
+    Each image's most similar sentence is its own (a random one, similarity in [0.1, 0.4], about half above the
+    0.24 threshold; the others lower), so matching each image to its best sentence (the pip release 2.0.1 of the
+    original) and the one-to-one linear assignment (its repository head, and this package) agree.
+    """
     rng = random.Random(seed)
-    num_sentences = num_sentences or rng.randint(2, 12)
-    num_images = num_images or rng.randint(1, 8)
+    num_sentences = num_sentences or rng.randint(2, 14)
+    num_images = num_images or rng.randint(1, min(8, num_sentences))
     images = []
     for index in range(num_images):
         draw = rng.random()
@@ -136,8 +141,14 @@ def random_mmc4_document(seed: int, num_images: int | None = None, num_sentences
             images.append(None)
         else:
             images.append(image_bytes(seed * 100 + index, width=120 + index, noisy=draw >= 0.25))
-    sentences = [sentence(seed * 100 + index, num_words=rng.randint(3, 15)) for index in range(num_sentences)]
-    similarity = [[round(rng.uniform(0.1, 0.4), 4) for _ in sentences] for _ in images]
+    sentences = [sentence(seed * 100 + index, num_words=rng.randint(3, 20)) for index in range(num_sentences)]
+    best = rng.sample(range(num_sentences), num_images)
+    similarity = []
+    for image in range(num_images):
+        top = round(rng.uniform(0.1, 0.4), 4)
+        similarity.append(
+            [top if s == best[image] else round(rng.uniform(0.0, top - 0.01), 4) for s in range(num_sentences)]
+        )
     return mmc4_document(sentences, images, similarity)
 
 
