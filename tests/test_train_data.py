@@ -625,3 +625,108 @@ def test_mmc4_bad_images_and_documents_are_skipped_and_counted(tmp_path, tokeniz
     media = tokenizer.convert_tokens_to_ids("<image>")
     assert (batches[1]["input_ids"] == media).sum() == 1
     assert batches[1]["pixel_values"][0, 1].abs().sum() == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FlamingoDataCollator: users' own interleaved data
+
+
+@pytest.fixture(scope="module")
+def processor(image_processor):
+    from modeling_flamingo.processing import FlamingoProcessor
+
+    return FlamingoProcessor(image_processor=image_processor, tokenizer=add_flamingo_tokens(make_tiny_tokenizer()))
+
+
+def _interleaved_dataset():
+    import datasets
+
+    images = [ours.decode_rgb_image(image_bytes(seed, width=40 + 8 * seed)) for seed in range(4)]
+    rows = {
+        "text": [
+            "Intro text <image>An image of two cats.<|endofchunk|> junk <image>A dog runs.<|endofchunk|>",
+            "<image>A sink in a small bathroom.<|endofchunk|>",
+            "Only text, no image.",
+            "<image>A red ball.<|endofchunk|>",
+        ],
+        "images": [images[:2], [images[2]], [], [images[3]]],
+    }
+    features = datasets.Features({"text": datasets.Value("string"), "images": datasets.List(datasets.Image())})
+    return datasets.Dataset.from_dict(rows, features=features), images
+
+
+def test_collator_batches_an_hf_dataset(processor, image_processor):
+    dataset, images = _interleaved_dataset()
+    collator = ours.FlamingoDataCollator(processor)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=3, collate_fn=collator)
+    batch = next(iter(loader))
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "pixel_values"}
+    tokenizer = processor.tokenizer
+    texts = [text + tokenizer.eos_token for text in dataset["text"][:3]]
+    expected = tokenizer(texts, padding="longest", padding_side="right", return_tensors="pt")
+    assert torch.equal(batch["input_ids"], expected["input_ids"])
+    assert torch.equal(batch["attention_mask"], expected["attention_mask"])
+    assert batch["attention_mask"][2, -1] == 0  # right padding
+    assert torch.equal(batch["labels"], _original_labels(batch["input_ids"], tokenizer, interleaved=True))
+    # (B, T_img, 1, 3, H, W): the images of each sample in order, zeros after them.
+    assert batch["pixel_values"].shape == (3, 2, 1, 3, IMAGE_SIZE, IMAGE_SIZE)
+    reference = ours.pixel_values_of(images[:3], image_processor)
+    torch.testing.assert_close(batch["pixel_values"][0, :, 0], reference[:2], atol=0, rtol=0)
+    torch.testing.assert_close(batch["pixel_values"][1, 0, 0], reference[2], atol=0, rtol=0)
+    assert batch["pixel_values"][1, 1].abs().sum() == 0 and batch["pixel_values"][2].abs().sum() == 0
+    # The LAION branch's masking: only pad and <image>.
+    plain = ours.FlamingoDataCollator(processor, interleaved=False)([dataset[1], dataset[3]])
+    assert torch.equal(plain["labels"], _original_labels(plain["input_ids"], tokenizer, interleaved=False))
+    assert (plain["labels"][:, 1:] != -100).any()
+
+
+def test_collator_errors(processor):
+    dataset, _ = _interleaved_dataset()
+    collator = ours.FlamingoDataCollator(processor)
+    with pytest.raises(ValueError, match=r"Sample 0 has no 'text' string .*remove_unused_columns=False"):
+        collator([{"input_ids": [1, 2]}])
+    with pytest.raises(ValueError, match=r"Sample 0: the text has 2 `<image>` tokens but 1 images were given"):
+        collator([{"text": dataset[0]["text"], "images": dataset[0]["images"][:1]}])
+    with pytest.raises(ValueError, match="truncation must not cut an image token"):
+        ours.FlamingoDataCollator(processor, max_length=6)([dataset[0]])
+    with pytest.raises(ValueError, match="no <image> token"):
+        ours.FlamingoDataCollator(SimpleNamespace(tokenizer=make_tiny_tokenizer()))
+    # max_length padding and truncation of plain text are fine.
+    batch = ours.FlamingoDataCollator(processor, max_length=40, padding="max_length")([dataset[1], dataset[2]])
+    assert batch["input_ids"].shape == (2, 40)
+
+
+def test_collator_trains_a_model_with_the_trainer(tmp_path, processor):
+    from transformers import Trainer, TrainingArguments
+
+    from modeling_flamingo import FlamingoForConditionalGeneration
+    from modeling_flamingo.testing import tiny_flamingo_config
+    from modeling_flamingo.training import freeze_for_flamingo_training
+
+    dataset, _ = _interleaved_dataset()
+    torch.manual_seed(0)
+    model = FlamingoForConditionalGeneration(tiny_flamingo_config("gpt_neox", tokenizer=processor.tokenizer))
+    freeze_for_flamingo_training(model)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    arguments = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_steps=1,
+        learning_rate=1e-2,
+        remove_unused_columns=False,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        logging_steps=1,
+    )
+    trainer = Trainer(
+        model=model, args=arguments, train_dataset=dataset, data_collator=ours.FlamingoDataCollator(processor)
+    )
+    result = trainer.train()
+    assert torch.isfinite(torch.tensor(result.training_loss))
+    changed = {name for name, p in model.named_parameters() if not torch.equal(p.detach(), before[name])}
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert changed and changed <= trainable
+    # The gates start closed, so only they (and the embeddings) get a gradient at the first step; theirs comes
+    # through the images the collator placed at the `<image>` tokens.
+    assert any(name.endswith("gated_cross_attn_layer.attn_gate") for name in changed)
