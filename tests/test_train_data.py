@@ -574,6 +574,17 @@ def test_mmc4_matching_is_a_linear_assignment(original, tokenizer, image_process
     )
     # As in the original, the images stay in document order (A, B) while the text names B's sentence first.
     torch.testing.assert_close(kept[0][0], open_clip_transform(ours.decode_rgb_image(a)), atol=1e-5, rtol=0)
+    # image_order="text" gives each <image> its own image: B then A, with the same text.
+    aligned = ours.preprocess_mmc4_document(
+        document,
+        tokenizer=tokenizer,
+        image_processor=image_processor,
+        tokens=ours.check_flamingo_tokenizer(tokenizer),
+        image_order="text",
+        rng=random.Random(0),
+    )
+    assert torch.equal(aligned[1], kept[1])
+    assert torch.equal(aligned[0][:2], kept[0][[1, 0]]) and aligned[0][2:].abs().sum() == 0
     # Three images for two sentences: C takes sentence 1 (0.5), B sentence 0 (0.35); A is left without a sentence.
     document = mmc4_document(sentences[:2], [a, b, c], [[0.3, 0.25], [0.35, 0.26], [0.1, 0.5]])
     reference = mmc4_document(sentences[:2], [None, b, c], [[0.3, 0.25], [0.35, 0.26], [0.1, 0.5]])
@@ -730,3 +741,31 @@ def test_collator_trains_a_model_with_the_trainer(tmp_path, processor):
     # The gates start closed, so only they (and the embeddings) get a gradient at the first step; theirs comes
     # through the images the collator placed at the `<image>` tokens.
     assert any(name.endswith("gated_cross_attn_layer.attn_gate") for name in changed)
+
+
+def test_build_train_loaders_from_the_original_options(tmp_path, tokenizer, image_processor):
+    args = SimpleNamespace(
+        laion_shards=make_laion_shards(tmp_path / "laion", num_shards=2, samples_per_shard=4),
+        batch_size_laion=4,
+        train_num_samples_laion=8,
+        mmc4_shards=[make_mmc4_shards(tmp_path / "mmc4", num_shards=2, documents_per_shard=8)],
+        batch_size_mmc4=2,
+        train_num_samples_mmc4=4,
+        workers=0,
+        seed=1,
+        dataset_resampled=True,
+        mmc4_textsim_threshold=0.2,
+        mmc4_max_num_images=3,
+    )
+    loaders = ours.build_train_loaders(args, tokenizer, image_processor, epoch=0, rank=0, world_size=1)
+    assert set(loaders) == {"laion", "mmc4"}
+    assert loaders["laion"].num_batches == loaders["mmc4"].num_batches == len(loaders["mmc4"]) == 2
+    steps = list(zip(loaders["laion"], loaders["mmc4"], strict=True))
+    assert len(steps) == 2
+    laion, mmc4 = steps[0]
+    assert laion["pixel_values"].shape == (4, 1, 1, 3, IMAGE_SIZE, IMAGE_SIZE) and laion["input_ids"].shape[0] == 4
+    assert mmc4["pixel_values"].shape == (2, 3, 1, 3, IMAGE_SIZE, IMAGE_SIZE) and mmc4["input_ids"].shape == (2, 256)
+    only_laion = SimpleNamespace(**{k: v for k, v in vars(args).items() if not k.startswith("mmc4")})
+    assert set(ours.build_train_loaders(only_laion, tokenizer, image_processor, epoch=0, rank=0, world_size=1)) == {
+        "laion"
+    }

@@ -10,7 +10,8 @@ What is reproduced exactly (see `tests/test_train_data.py`, parity with the inst
     - MMC4 (one `KEY.json` per document: `text_list`, `image_info[].image_base64`, `similarity_matrix`): images of
       `len(bytes) // 1000 <= 10` dropped, images and sentences matched one to one by linear assignment on the
       similarity matrix, pairs below `textsim_threshold` dropped, the first `max_num_images` kept (in image order)
-      and zero-padded to `max_num_images`, `<|endofchunk|><image>` before each matched sentence (the first
+      and zero-padded to `max_num_images` (in image order even where the text names them in another order: the
+      original's misalignment, kept by default, see `image_order`), `<|endofchunk|><image>` before each matched sentence (the first
       `<|endofchunk|>` removed), `<|endofchunk|>{eos}` appended, 256 tokens padded to length; documents with fewer
       than `min_num_images` `<image>` tokens left dropped, single-image documents dropped half the time, a single
       `<image>` in the last position dropped.
@@ -403,6 +404,7 @@ def preprocess_mmc4_document(
     min_num_images: int = 1,
     max_num_images: int = 6,
     max_tokens: int = MMC4_MAX_TOKENS,
+    image_order: str = "document",
     rng: random.Random,
     flip_generator: torch.Generator | None = None,
     skipped: Counter | None = None,
@@ -411,6 +413,11 @@ def preprocess_mmc4_document(
 
     Args:
         document: the parsed JSON (`text_list`, `image_info`, `similarity_matrix` of shape (images, sentences)).
+        image_order: `"document"` (the original): the matched images are kept and stacked in the document's order,
+            while their `<image>` tokens follow their sentences' order, so where the assignment crosses (image 1
+            matched to a later sentence than image 2) the k-th `<image>` attends to another image than its own.
+            `"text"`: the images in the order of their sentences (the first `max_num_images` of the text kept), so
+            every `<image>` gets its matched image.
         rng: draws the single-image drop (one `rng.random()` per document with exactly one `<image>` left).
         flip_generator: draws the flip of the document's images (one draw per document); `None` never flips.
         skipped: counts images that do not decode (`undecodable_image`); the document goes on without them.
@@ -458,7 +465,12 @@ def preprocess_mmc4_document(
     if not np.isfinite(similarity[rows]).all():
         raise SkipSample("bad_document", "similarity_matrix has non-finite values")
 
-    pairs = _match_images_to_sentences(similarity[rows], textsim_threshold)[:max_num_images]
+    pairs = _match_images_to_sentences(similarity[rows], textsim_threshold)
+    if image_order == "text":
+        pairs.sort(key=lambda pair: pair[1])
+    elif image_order != "document":
+        raise ValueError(f"image_order must be 'document' or 'text', got {image_order!r}.")
+    pairs = pairs[:max_num_images]
     if not pairs:
         raise SkipSample("no_usable_image", f"no image-sentence similarity reaches {textsim_threshold}")
 
@@ -661,9 +673,11 @@ class Mmc4Pipeline(_ShardPipeline):
         textsim_threshold: float,
         max_num_images: int,
         min_num_images: int,
+        image_order: str,
         **kwargs,
     ):
         super().__init__(urls, **kwargs)
+        self.image_order = image_order
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.tokens = tokens
@@ -698,6 +712,7 @@ class Mmc4Pipeline(_ShardPipeline):
                         textsim_threshold=self.textsim_threshold,
                         min_num_images=self.min_num_images,
                         max_num_images=self.max_num_images,
+                        image_order=self.image_order,
                         rng=rng,
                         flip_generator=flips,
                         skipped=skipped,
@@ -900,6 +915,7 @@ def build_mmc4_loader(
     textsim_threshold: float = 0.24,
     max_num_images: int = 6,
     min_num_images: int = 1,
+    image_order: str = "document",
     shuffle_buffer: int = SAMPLE_SHUFFLE_BUFFER,
     shuffle_initial: int = SAMPLE_SHUFFLE_INITIAL,
 ) -> TrainLoader:
@@ -911,6 +927,8 @@ def build_mmc4_loader(
             0.24 as in the original's README and scripts; its code default of 30 would drop every image).
         max_num_images: images kept per document (the rest dropped), and T_img of `pixel_values`.
         min_num_images: documents with fewer `<image>` tokens after truncation to 256 tokens are dropped.
+        image_order: `"document"` (the original, default) or `"text"`, which gives every `<image>` its own matched
+            image where the original's order misaligns them (see `preprocess_mmc4_document`).
 
     Each batch: `pixel_values` (B, max_num_images, 1, 3, H, W) (zeros after a document's images), `input_ids` /
     `attention_mask` / `labels` (B, 256), `skipped`.
@@ -923,6 +941,8 @@ def build_mmc4_loader(
     _check_ints(max_num_images=max_num_images, min_num_images=min_num_images)
     if max_num_images < 1 or not 0 <= min_num_images <= max_num_images:
         raise ValueError(f"Need 0 <= min_num_images <= max_num_images >= 1, got {min_num_images}, {max_num_images}.")
+    if image_order not in ("document", "text"):
+        raise ValueError(f"image_order must be 'document' (the original) or 'text', got {image_order!r}.")
     return _build_loader(
         Mmc4Pipeline,
         shards,
@@ -942,6 +962,7 @@ def build_mmc4_loader(
         textsim_threshold=textsim_threshold,
         max_num_images=max_num_images,
         min_num_images=min_num_images,
+        image_order=image_order,
     )
 
 
@@ -959,7 +980,7 @@ def build_train_loaders(
     Read from `args`: `laion_shards`, `batch_size_laion`, `train_num_samples_laion` (when `laion_shards` is set),
     `mmc4_shards`, `batch_size_mmc4`, `train_num_samples_mmc4` (when `mmc4_shards` is set), and optionally
     `dataset_resampled` (False), `workers` (1), `seed` (42), `mmc4_textsim_threshold` (0.24),
-    `mmc4_max_num_images` (6), `mmc4_min_num_images` (1), `no_flip` (False).
+    `mmc4_max_num_images` (6), `mmc4_min_num_images` (1), `mmc4_image_order` ("document"), `no_flip` (False).
 
     Raises:
         ValueError: no dataset given, or the two datasets give different numbers of batches per epoch (the original
@@ -992,6 +1013,7 @@ def build_train_loaders(
             textsim_threshold=getattr(args, "mmc4_textsim_threshold", 0.24),
             max_num_images=getattr(args, "mmc4_max_num_images", 6),
             min_num_images=getattr(args, "mmc4_min_num_images", 1),
+            image_order=getattr(args, "mmc4_image_order", "document"),
             **common,
         )
     if not loaders:
