@@ -769,3 +769,24 @@ def test_build_train_loaders_from_the_original_options(tmp_path, tokenizer, imag
     assert set(ours.build_train_loaders(only_laion, tokenizer, image_processor, epoch=0, rank=0, world_size=1)) == {
         "laion"
     }
+
+
+def test_shards_at_fsspec_urls(tmp_path, tokenizer, image_processor):
+    import fsspec
+
+    pattern = make_laion_shards(tmp_path, num_shards=2, samples_per_shard=3)
+    memory = fsspec.filesystem("memory")
+    for shard in sorted(tmp_path.glob("*.tar")):
+        memory.pipe(f"/flamingo-test/{shard.name}", shard.read_bytes())
+    try:
+        found = ours.expand_shards("memory://flamingo-test/*.tar")
+        assert [url.rsplit("/", 1)[1] for url in found] == ["laion-00000.tar", "laion-00001.tar"]
+        assert all(url.startswith("memory://") for url in found)
+        options = dict(tokenizer=tokenizer, image_processor=image_processor, batch_size=2, num_samples=4, workers=0)
+        remote = ours.build_laion_loader("memory://flamingo-test/laion-{00000..00001}.tar", flip=False, **options)
+        local = ours.build_laion_loader(pattern, flip=False, **options)
+        assert [b["input_ids"].tolist() for b in remote] == [b["input_ids"].tolist() for b in local]
+        with pytest.raises(ValueError, match="does not exist"):
+            ours.build_laion_loader("memory://flamingo-test/laion-{00005..00006}.tar", **options)
+    finally:
+        memory.rm("/flamingo-test", recursive=True)

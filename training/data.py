@@ -141,8 +141,7 @@ def expand_shards(shards: str | Sequence[str]) -> list[str]:
                 continue
             if "://" in path:
                 fs, _ = _filesystem(path)
-                protocol = path.split("://", 1)[0]
-                urls.extend(sorted(f"{protocol}://{match}" for match in fs.glob(path)))
+                urls.extend(sorted(fs.unstrip_protocol(match) for match in fs.glob(path)))
             else:
                 urls.extend(sorted(glob.glob(path)))
     if not urls:
