@@ -184,9 +184,11 @@ def test_laion_batches_match_the_original(
     assert any((batch["input_ids"] == tokenizer.pad_token_id).any() for batch in actual)
 
 
-def test_laion_preprocessing_matches_the_original_on_odd_captions(original, tokenizer, image_processor):
+def test_laion_preprocessing_matches_the_original_on_odd_captions(
+    original, tokenizer, image_processor, open_clip_transform
+):
     # The text template and the image path, sample by sample: stray whitespace, an empty caption, a caption with a
-    # newline, one far over 32 tokens. The original receives a decoded list and an open_clip-style callable.
+    # newline, one far over 32 tokens; JPEG and PNG images through open_clip's transform.
     images = [ours.decode_rgb_image(image_bytes(seed, fmt=fmt)) for seed, fmt in enumerate(["JPEG", "PNG"] * 2)]
     captions = ["  spaces around  ", "", "two\nlines", " ".join(sentence(seed, 12) for seed in range(4))]
     tokens = ours.check_flamingo_tokenizer(tokenizer)
@@ -198,10 +200,10 @@ def test_laion_preprocessing_matches_the_original_on_odd_captions(original, toke
     assert torch.equal(batch["attention_mask"], attention_mask)
     assert batch["input_ids"].shape == (4, 32)
     with mock.patch.object(original.torchvision.transforms, "RandomHorizontalFlip", lambda p: lambda x: x):
-        pixel_values = original.preprocess_image(
-            images, lambda image: ours.pixel_values_of([image], image_processor)[0]
-        )
-    assert torch.equal(batch["pixel_values"][:, 0, 0], pixel_values)
+        pixel_values = original.preprocess_image(images, open_clip_transform)
+    torch.testing.assert_close(batch["pixel_values"][:, 0, 0], pixel_values, atol=1e-5, rtol=0)
+    # Any callable mapping a PIL image to a (3, H, W) tensor serves as image processor too.
+    torch.testing.assert_close(ours.pixel_values_of(images, open_clip_transform), pixel_values, atol=0, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
