@@ -259,6 +259,44 @@ def test_laion_bad_data_is_skipped_and_counted(tmp_path, tokenizer, image_proces
     assert captions[4] == captions[0]
 
 
+@pytest.mark.parametrize(
+    ("damage", "survivors", "reason"),
+    [
+        ("none", 4, None),
+        ("truncated inside a member", 3, "corrupt_tar"),
+        ("garbled header", 1, "corrupt_tar"),
+        ("no end-of-archive marker", 2, "corrupt_tar"),
+        ("not a tar", 0, "corrupt_tar"),
+        ("missing", 0, "unreadable_shard"),
+    ],
+)
+def test_broken_shards_keep_what_they_can_and_count(tmp_path, damage, survivors, reason):
+    from collections import Counter
+
+    path = write_laion_shard(tmp_path / "shard.tar", [(image_bytes(seed, width=32), f"c{seed}") for seed in range(4)])
+    data = path.read_bytes()
+    with tarfile.open(path) as archive:
+        members = archive.getmembers()  # 3 per sample: jpg, txt, json
+    if damage == "truncated inside a member":  # the third sample's caption: the sample comes with its image only
+        data = data[: members[7].offset_data + 1]
+    elif damage == "garbled header":  # the second sample's image header
+        data = data[: members[3].offset] + bytes(range(256)) * 2 + data[members[3].offset + 512 :]
+    elif damage == "no end-of-archive marker":
+        data = data[: members[6].offset]
+    elif damage == "not a tar":
+        data = b"<html>404</html>" * 64
+    if damage == "missing":
+        path.unlink()
+    else:
+        path.write_bytes(data)
+    skipped = Counter()
+    samples = list(ours.iter_tar_samples(str(path), skipped))
+    assert [sample["__key__"] for sample in samples] == [f"{key:05d}" for key in range(survivors)]
+    assert skipped == (Counter({reason: 1}) if reason else Counter())
+    if damage == "truncated inside a member":
+        assert "txt" not in samples[-1]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # One clear error at start
 
