@@ -9,12 +9,13 @@ What is reproduced exactly (see `tests/test_train_data.py`, parity with the inst
       tokenized per batch, right padding to the longest sample, at most 32 tokens; images decoded to RGB.
     - MMC4 (one `KEY.json` per document: `text_list`, `image_info[].image_base64`, `similarity_matrix`): images of
       `len(bytes) // 1000 <= 10` dropped, images and sentences matched one to one by linear assignment on the
-      similarity matrix, pairs below `textsim_threshold` dropped, the first `max_num_images` kept (in image order)
-      and zero-padded to `max_num_images` (in image order even where the text names them in another order: the
-      original's misalignment, kept by default, see `image_order`), `<|endofchunk|><image>` before each matched sentence (the first
-      `<|endofchunk|>` removed), `<|endofchunk|>{eos}` appended, 256 tokens padded to length; documents with fewer
-      than `min_num_images` `<image>` tokens left dropped, single-image documents dropped half the time, a single
-      `<image>` in the last position dropped.
+      similarity matrix (the repository head; the pip release 2.0.1 takes each image's best sentence instead),
+      pairs below `textsim_threshold` dropped, the first `max_num_images` kept and zero-padded to `max_num_images`,
+      in image order even where the text names them in another order (the original's misalignment, kept by
+      default, see `image_order`), `<|endofchunk|><image>` before each matched sentence (the first `<|endofchunk|>`
+      removed), `<|endofchunk|>{eos}` appended, 256 tokens padded to length; documents with fewer than
+      `min_num_images` `<image>` tokens left dropped, single-image documents dropped half the time, a single
+      `<image>` in the last position dropped. ChatGPT-generated documents (`is_gpt`) are not supported (skipped).
     - Labels: `mask_flamingo_labels` (LAION plain, MMC4 `interleaved=True`), the original training loop's masking.
     - Random horizontal flip with probability 0.5 of the whole image tensor the original flips at once: a whole
       LAION batch, all the images of an MMC4 document.
@@ -22,7 +23,9 @@ What is reproduced exactly (see `tests/test_train_data.py`, parity with the inst
       every `world_size`-th shard from `rank`, every `workers`-th of those from the worker's index; each worker
       cycles through its shards until it has produced its `num_batches / workers` batches.
 
-Deliberate differences, all about randomness and bad data:
+Deliberate differences:
+    - `textsim_threshold` defaults to 0.24, the value of the original's README and scripts (its code default of 30
+      drops every image); values outside [0, 1] are refused.
     - Every random choice (shard resampling, the sample shuffle buffer, flips, the single-image drop) comes from
       generators seeded by (seed, epoch, rank, worker, pass over the shards), so a re-created loader yields the same
       batches in the same order; the original seeds some of them from the clock or from torch's worker seed.
