@@ -301,6 +301,30 @@ def test_broken_shards_keep_what_they_can_and_count(tmp_path, damage, survivors,
 # One clear error at start
 
 
+def test_epoch_size_is_rounded_up_as_the_original_does_and_said(
+    tmp_path, original, tokenizer, image_processor, caplog
+):
+    pattern = make_laion_shards(tmp_path, num_shards=4, samples_per_shard=2)
+    options = dict(tokenizer=tokenizer, image_processor=image_processor, batch_size=3, world_size=2, workers=2)
+    with caplog.at_level("WARNING", logger=ours.__name__):
+        loader = ours.build_laion_loader(pattern, num_samples=13, **options)
+    # ceil(13 / (3 x 2)) = 3 batches, rounded up to 4 for 2 workers: 24 samples per epoch.
+    assert (loader.num_batches, loader.num_samples, len(loader)) == (4, 24, 4)
+    args = SimpleNamespace(
+        laion_shards=pattern, train_num_samples_laion=13, batch_size_laion=3, workers=2, world_size=2, seed=0
+    )
+    with mock.patch.object(original.wds, "WebLoader", lambda dataset, **kwargs: SimpleNamespace(dataset=dataset)):
+        info = original.get_laion_dataset(args, image_processor=None, tokenizer=tokenizer)
+    assert (info.dataloader.num_batches, info.dataloader.num_samples) == (4, 24)
+    assert (
+        "num_samples=13 is not a multiple of batch_size 3 x 2 processes x 2 workers: an epoch takes 24" in caplog.text
+    )
+    caplog.clear()
+    with caplog.at_level("WARNING", logger=ours.__name__):
+        assert ours.build_laion_loader(pattern, num_samples=24, **options).num_samples == 24
+    assert caplog.text == ""
+
+
 def test_errors_at_start(tmp_path, tokenizer, image_processor):
     pattern = make_laion_shards(tmp_path / "laion", num_shards=2, samples_per_shard=2)
     build = dict(tokenizer=tokenizer, image_processor=image_processor, batch_size=2, num_samples=4, workers=0)

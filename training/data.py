@@ -833,6 +833,17 @@ def _build_loader(
             "every worker needs a shard of its own. Use fewer workers or resampled=True (--dataset_resampled)."
         )
     num_worker_batches, num_batches, total_samples = _epoch_size(num_samples, batch_size, world_size, workers)
+    if total_samples != num_samples:
+        logger.warning(
+            "num_samples=%d is not a multiple of batch_size %d x %d processes x %d workers: an epoch takes %d samples "
+            "(%d batches per process), rounded up as the original does.",
+            num_samples,
+            batch_size,
+            world_size,
+            max(1, workers),
+            total_samples,
+            num_batches,
+        )
     dataset = pipeline_class(
         urls,
         tokenizer=tokenizer,
