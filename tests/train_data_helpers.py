@@ -2,16 +2,16 @@
 
 Everything is written with PIL and `tarfile`, deterministically from seeds:
 
-    image = image_bytes(seed=3, noisy=True)                  # ~20 KB JPEG; noisy=False gives ~1 KB
+    image = image_bytes(seed=3, noisy=True)                  # ~15 KB JPEG; noisy=False gives ~2 KB
     write_laion_shard(path, [(image, "a caption"), ...])     # 00000.jpg, 00000.txt, 00000.json, 00001.jpg, ...
     pattern = make_laion_shards(tmp_path, num_shards=4, samples_per_shard=6)   # ".../laion-{00000..00003}.tar"
 
     document = mmc4_document(["first sentence.", "second."], [image, None], [[0.3, 0.1], [0.2, 0.25]])
-    write_mmc4_shard(path, [document, ...])                  # <uuid-like key>.json per document
+    write_mmc4_shard(path, [document, ...])                  # <32 hex digits>.json per document
     pattern = make_mmc4_shards(tmp_path, num_shards=2, documents_per_shard=5)
 
-MMC4's size filter keeps images of at least 11,000 bytes (`len // 1000 > 10`): `image_bytes(noisy=True)` (default size) is well
-above it, `image_bytes(noisy=False)` well below (check with `len()` when it matters).
+MMC4's size filter keeps images of at least 11,000 bytes (`len // 1000 > 10`): `image_bytes(noisy=True)` at the
+default 128x96 is above it, `image_bytes(noisy=False)` and small noisy ones below (check `len()` when it matters).
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ WORDS = "a cat dog sits on the red blue couch near small park ball with two peop
 
 
 def image_bytes(seed: int = 0, width: int = 128, height: int = 96, noisy: bool = True, fmt: str = "JPEG") -> bytes:
-    """An encoded image. `noisy=True`: uniform noise (incompressible, ~17 KB as a 128x96 quality-95 JPEG);
-    `noisy=False`: a smooth gradient (~1 KB). `fmt`: any PIL format ("JPEG", "PNG")."""
+    """An encoded image. `noisy=True`: uniform noise (incompressible, ~15 KB as a 128x96 quality-95 JPEG);
+    `noisy=False`: a smooth gradient (~2 KB). `fmt`: any PIL format ("JPEG", "PNG")."""
     rng = np.random.default_rng(seed)
     if noisy:
         pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
