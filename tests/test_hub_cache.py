@@ -14,7 +14,7 @@ import pytest
 from convert_helpers import compare_with_original, make_release
 
 from modeling_flamingo import FlamingoForConditionalGeneration, FlamingoProcessor
-from modeling_flamingo.convert.hub import resolve_pretrained_path
+from modeling_flamingo.convert.hub import converted_path, resolve_pretrained_path
 
 REPO = "openflamingo/OpenFlamingo-3B-vitl-mpt1b"
 LM_REPO = "anas-awadalla/mpt-1b-redpajama-200b"
@@ -50,7 +50,9 @@ def fake_hub(tmp_path, monkeypatch):
 
 def test_from_pretrained_converts_once_then_loads_the_cache(fake_hub):
     release, home, cache = fake_hub
-    target = home / "modeling_flamingo" / "converted" / f"openflamingo--OpenFlamingo-3B-vitl-mpt1b--{COMMITS[REPO]}"
+    target = converted_path(REPO, COMMITS[REPO], {LM_REPO: COMMITS[LM_REPO], CLIP_REPO: COMMITS[CLIP_REPO]})
+    assert target.parent == home / "modeling_flamingo" / "converted"
+    assert target.name.startswith(f"openflamingo--OpenFlamingo-3B-vitl-mpt1b--{COMMITS[REPO]}--")
 
     model = FlamingoForConditionalGeneration.from_pretrained(REPO)
     assert (target / "config.json").is_file()
