@@ -85,15 +85,18 @@ def check_hub_reachable(hub: HubOptions) -> None:
         return
     endpoint = hub_endpoint()
     if endpoint not in _PROBED:
-        import httpx
         from huggingface_hub import constants
         from huggingface_hub.utils import get_session
 
         try:
             get_session().head(endpoint, timeout=constants.HF_HUB_ETAG_TIMEOUT)
             _PROBED[endpoint] = None
-        except (httpx.TransportError, OSError) as exc:
-            _PROBED[endpoint] = first_line(exc)
+        except Exception as exc:
+            # Transport failures (refused, DNS, timeout, proxy) mean unreachable; the session's HTTP library
+            # (httpx, or the copy huggingface_hub ships) is matched by its exception names, not imported.
+            names = {cls.__name__ for cls in type(exc).__mro__}
+            transport = isinstance(exc, OSError) or bool(names & {"TransportError", "ConnectionError", "Timeout"})
+            _PROBED[endpoint] = first_line(exc) if transport else None
     if _PROBED[endpoint] is not None:
         hub.local_files_only = True
         hub.unreachable = _PROBED[endpoint]
