@@ -113,11 +113,35 @@ def _spec(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Conversi
     )
 
 
+def _attach_dash_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """`--flag -VALUE` -> `--flag=-VALUE` for flags taking one value, so that a value starting with a dash
+    (`--max-shard-size -5GB`) reaches its own check instead of argparse's "expected one argument"."""
+    takes_value = {
+        option
+        for action in parser._actions
+        if action.nargs is None and action.option_strings
+        for option in action.option_strings
+    }
+    known = {option for action in parser._actions for option in action.option_strings}
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in takes_value and i + 1 < len(argv) and argv[i + 1].startswith("-") and argv[i + 1] not in known:
+            out.append(f"{arg}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(arg)
+        i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the converter; returns the exit status (0 on success, 1 on a conversion error)."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(_attach_dash_values(parser, argv))
         # The environment is read now, not when huggingface_hub was imported.
         hub = HubOptions(cache_dir=hub_cache_dir(args.cache_dir), local_files_only=args.offline or offline_mode())
         log = (lambda message: None) if args.quiet else (lambda message: print(message, flush=True))

@@ -292,9 +292,11 @@ def test_bad_command_lines_give_one_error_line(argv, expected, capsys, tmp_path,
     assert "usage:" not in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("joined", [True, False], ids=["--max-shard-size=X", "--max-shard-size X"])
 @pytest.mark.parametrize("size", ["-1", "-5GB", "0", "0GB", "five", "", "5XB"])
-def test_every_invalid_shard_size_gets_the_same_message(release, tmp_path, capsys, size):
-    message = one_error(release.args(tmp_path / "out", "--quiet", f"--max-shard-size={size}"), capsys)
+def test_every_invalid_shard_size_gets_the_same_message(release, tmp_path, capsys, size, joined):
+    flag = [f"--max-shard-size={size}"] if joined else ["--max-shard-size", size]
+    message = one_error(release.args(tmp_path / "out", "--quiet", *flag), capsys)
     assert message == (
         f"error: invalid --max-shard-size {size!r}: use a positive size such as 5GB, 500MB or a number of bytes"
     )
