@@ -240,6 +240,7 @@ def previous_conversion_problem(folder: Path) -> str | None:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return f"no conversion by this converter (it holds {_listing(folder, entries)})"
+
     from modeling_flamingo.configuration.configuration_flamingo import FlamingoConfig
 
     if not (

@@ -211,10 +211,10 @@ def resolve_pretrained_path(name_or_path, **hub_kwargs):
         if _is_complete(target):
             return str(target)
         if target.exists() and (not target.is_dir() or any(target.iterdir())):
-            problem = previous_conversion_problem(target) if target.is_dir() else "a file"
+            problem = previous_conversion_problem(target) if target.is_dir() else "a file, not a folder"
             raise OSError(
-                f"the conversion cache folder {target} for {preset.repo_id} exists but is not a complete conversion "
-                f"(it holds {problem}): delete that folder and call from_pretrained again to convert anew"
+                f"the conversion cache folder {target} for {preset.repo_id} exists but is not a complete conversion: "
+                f"{problem}; delete that folder and call from_pretrained again to convert anew"
             )
         logger = logging.get_logger(__name__)
         logger.warning(f"Converting {preset.repo_id}@{commit} to transformers format (once) into {target}")
