@@ -230,28 +230,31 @@ def _listing(folder: Path, names: list[str]) -> str:
     return shown + (f" and {len(names) - 4} more" if len(names) > 4 else "")
 
 
+def conversion_files(folder: Path) -> list[str] | None:
+    """The files a conversion by this converter wrote into `folder` (from its marker, whose config.json must be of
+    our model type), or None when `folder` holds no such conversion."""
+    from modeling_flamingo.configuration.configuration_flamingo import FlamingoConfig
+
+    try:
+        data = json.loads((folder / MARKER_NAME).read_text(encoding="utf-8"))
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not (isinstance(data, dict) and data.get("converter") == CONVERTER_ID and isinstance(data.get("files"), list)):
+        return None
+    if not (isinstance(config, dict) and config.get("model_type") == FlamingoConfig.model_type):
+        return None
+    return [str(name) for name in data["files"]]
+
+
 def previous_conversion_problem(folder: Path) -> str | None:
     """None when `folder` holds a conversion written by this converter and nothing else (what `overwrite` may
     replace), else what is there instead, in a few words."""
     entries = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
-    marker = folder / MARKER_NAME
-    try:
-        data = json.loads(marker.read_text(encoding="utf-8"))
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    files = conversion_files(folder)
+    if files is None:
         return f"no conversion by this converter (it holds {_listing(folder, entries)})"
-
-    from modeling_flamingo.configuration.configuration_flamingo import FlamingoConfig
-
-    if not (
-        isinstance(data, dict)
-        and data.get("converter") == CONVERTER_ID
-        and isinstance(data.get("files"), list)
-        and isinstance(config, dict)
-        and config.get("model_type") == FlamingoConfig.model_type
-    ):
-        return f"no conversion by this converter (it holds {_listing(folder, entries)})"
-    others = [name for name in entries if name not in set(data["files"])]
+    others = [name for name in entries if name not in set(files)]
     if others:
         return f"a previous conversion plus files it did not write: {_listing(folder, others)}"
     return None
@@ -747,8 +750,8 @@ def _checkpoint_keys(checkpoint: WeightFile, layers_attr: str) -> dict[str, str]
 
 def _same_tensor(file: WeightFile, a: str, b: str) -> bool:
     """Whether two tensors of one file (pickle or safetensors) have the same shape and values."""
-    infos = file.infos()
-    return infos[a].shape == infos[b].shape and torch.equal(file.read(a), file.read(b))
+    first, second = file.read(a), file.read(b)
+    return first.shape == second.shape and torch.equal(first, second)
 
 
 def _check_same(checkpoint: WeightFile, a: str, b: str) -> None:

@@ -21,7 +21,7 @@ import os
 import re
 from pathlib import Path
 
-from .converter import ConversionSpec, convert, previous_conversion_problem
+from .converter import ConversionSpec, conversion_files, convert, previous_conversion_problem
 from .presets import PRESETS, Preset, get_preset
 from .sources import (
     ConversionError,
@@ -232,5 +232,6 @@ def resolve_pretrained_path(name_or_path, **hub_kwargs):
 
 
 def _is_complete(target: Path) -> bool:
-    """A finished conversion (the marker is written last; the folder appears only by rename once complete)."""
-    return target.is_dir() and (target / "config.json").is_file() and previous_conversion_problem(target) is None
+    """A finished conversion: its marker is written last, and the folder appears only by rename once complete (files
+    added to it later do not matter here)."""
+    return target.is_dir() and conversion_files(target) is not None
