@@ -4,7 +4,8 @@
     python -m modeling_flamingo.convert --checkpoint CKPT --vision-model VIS --language-model LM \\
         --tokenizer TOK --cross-attn-every-n-layers N --output-dir DIR
 
-Any failure prints one line, `error: ...`, on stderr and exits with status 1, leaving no output folder behind.
+Any failure (bad flags included) prints one line, `error: ...`, on stderr and exits with status 1, leaving no output
+folder behind; SIGTERM removes the partial output and exits with status 143.
 """
 
 from __future__ import annotations
@@ -12,14 +13,22 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .converter import DTYPES, ConversionSpec, convert
+from .converter import DTYPES, ConversionSpec, ConversionTerminated, convert
 from .hub import hub_cache_dir, offline_mode
 from .presets import PRESETS
 from .sources import ConversionError, HubOptions, first_line
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse reporting a bad command line as a ConversionError (one `error:` line, status 1, like every other
+    failure) instead of printing the usage and exiting with status 2."""
+
+    def error(self, message: str):
+        raise ConversionError(f"{message} (see --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="openflamingo-convert",
         description="Convert an original OpenFlamingo checkpoint.pt (plus its vision tower, language model and "
         "tokenizer) into a folder that FlamingoForConditionalGeneration.from_pretrained and "
@@ -59,7 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--cache-dir", help="hub cache folder (default: HF_HUB_CACHE)")
     parser.add_argument("--offline", action="store_true", help="use the hub cache only (also set by HF_HUB_OFFLINE=1)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace a previous conversion (a folder this converter wrote)"
+    )
+    parser.add_argument(
+        "--allow-non-finite",
+        action="store_true",
+        help="write NaN/inf values found in the weights instead of refusing them",
+    )
     parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
     return parser
 
@@ -97,16 +113,50 @@ def _spec(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Conversi
     )
 
 
+def _attach_dash_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """`--flag -VALUE` -> `--flag=-VALUE` for flags taking one value, so that a value starting with a dash
+    (`--max-shard-size -5GB`) reaches its own check instead of argparse's "expected one argument"."""
+    takes_value = {
+        option
+        for action in parser._actions
+        if action.nargs is None and action.option_strings
+        for option in action.option_strings
+    }
+    known = {option for action in parser._actions for option in action.option_strings}
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in takes_value and i + 1 < len(argv) and argv[i + 1].startswith("-") and argv[i + 1] not in known:
+            out.append(f"{arg}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(arg)
+        i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the converter; returns the exit status (0 on success, 1 on a conversion error)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
-    # The environment is read now, not when huggingface_hub was imported.
-    hub = HubOptions(cache_dir=hub_cache_dir(args.cache_dir), local_files_only=args.offline or offline_mode())
-    log = (lambda message: None) if args.quiet else (lambda message: print(message, flush=True))
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        args = parser.parse_args(_attach_dash_values(parser, argv))
+        # The environment is read now, not when huggingface_hub was imported.
+        hub = HubOptions(cache_dir=hub_cache_dir(args.cache_dir), local_files_only=args.offline or offline_mode())
+        log = (lambda message: None) if args.quiet else (lambda message: print(message, flush=True))
         spec = _spec(args, parser)
-        convert(spec, args.output_dir, overwrite=args.overwrite, hub=hub, log=log)
+        convert(
+            spec,
+            args.output_dir,
+            overwrite=args.overwrite,
+            hub=hub,
+            log=log,
+            allow_non_finite=args.allow_non_finite,
+        )
+    except ConversionTerminated as exc:
+        print("error: terminated (SIGTERM); the partial output was removed", file=sys.stderr)
+        return exc.code
     except ConversionError as exc:
         print("error: " + " ".join(str(exc).split()), file=sys.stderr)
         return 1

@@ -19,11 +19,15 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import math
 import os
 import re
 import shutil
+import signal
+import socket
 import tempfile
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -151,6 +155,8 @@ class _Plan:
     checkpoint_sha256: str
     vision_kind: str
     notes: list[str] = field(default_factory=list)
+    # For local inputs (no hub revision to name): role -> [(file name, sha256)] of its weight (or tokenizer) files.
+    local_files: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -164,23 +170,30 @@ def convert(
     hub: HubOptions | None = None,
     progress: bool | None = None,
     log: Callable[[str], None] | None = None,
+    allow_non_finite: bool = False,
 ) -> Path:
     """Convert `spec` into a transformers model folder at `output_dir` and return its path.
 
     Args:
         spec: the inputs (see `ConversionSpec`).
-        output_dir: the folder to create. An existing non-empty folder is refused unless `overwrite`.
-        overwrite: replace an existing folder (only once the new one is complete).
+        output_dir: the folder to create. It may not be, hold or lie inside any local input. An existing non-empty
+            folder is refused unless `overwrite` and it holds a previous conversion (see `is_previous_conversion`).
+        overwrite: replace a previous conversion at `output_dir` (only once the new one is complete).
         hub: hub access options (cache folder, token, offline).
         progress: show tqdm progress bars; None shows them when stderr is a terminal.
         log: receives one line per step (nothing when None).
+        allow_non_finite: write NaN and inf values instead of refusing them.
 
     Raises:
         ConversionError: any problem with the inputs or the output folder, with a one-line message.
     """
     hub = hub or HubOptions()
     log = log or (lambda message: None)
+    if not os.fspath(output_dir).strip():
+        raise ConversionError("empty output folder path: name the folder to create (--output-dir)")
     output = Path(output_dir).expanduser().absolute()
+    local = [spec.checkpoint, spec.vision_model, spec.language_model, spec.tokenizer]
+    _check_apart_from_inputs(output, [Path(p).expanduser() for p in local if p and os.path.exists(p)])
     _check_output(output, overwrite)
     if spec.dtype not in DTYPES:
         raise ConversionError(f"unsupported dtype {spec.dtype!r}; choose from {', '.join(DTYPES)}")
@@ -188,9 +201,10 @@ def convert(
 
     with _quiet_transformers():
         plan = _plan(spec, hub, log)
+        _check_apart_from_inputs(output, [src.path for src in plan.sources.values()])
         shards = plan_shards(plan.tensors, max_shard_size)
         with _staging_folder(output, overwrite) as staging:
-            _write(plan, shards, staging, progress, log)
+            _write(plan, shards, staging, progress, log, allow_non_finite)
             _write_metadata(plan, spec, shards, staging)
     log(f"wrote {output}")
     return output
@@ -199,43 +213,190 @@ def convert(
 # ---------------------------------------------------------------------------------------------------------------
 # output folder handling
 
+# Written last into every conversion; `--overwrite` replaces only a folder holding it (and nothing it does not list).
+MARKER_NAME = "conversion.json"
+CONVERTER_ID = "modeling_flamingo.convert"
+# Temporary folders beside an output: `.NAME.partial-PID@HOST-XXXX` (being written), `.NAME.old-PID@HOST-XXXX` (the
+# previous folder during the final renames). The owner's pid and host let a later run remove those of a dead owner.
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|old)-(?P<pid>\d+)@(?P<host>[A-Za-z0-9._-]+)-[a-z0-9_]+$")
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "localhost"
+
+
+def _listing(folder: Path, names: list[str]) -> str:
+    shown = ", ".join(names[:4])
+    return shown + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+
+
+def conversion_files(folder: Path) -> list[str] | None:
+    """The files a conversion by this converter wrote into `folder` (from its marker, whose config.json must be of
+    our model type), or None when `folder` holds no such conversion."""
+    from modeling_flamingo.configuration.configuration_flamingo import FlamingoConfig
+
+    try:
+        data = json.loads((folder / MARKER_NAME).read_text(encoding="utf-8"))
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not (isinstance(data, dict) and data.get("converter") == CONVERTER_ID and isinstance(data.get("files"), list)):
+        return None
+    if not (isinstance(config, dict) and config.get("model_type") == FlamingoConfig.model_type):
+        return None
+    return [str(name) for name in data["files"]]
+
+
+def previous_conversion_problem(folder: Path) -> str | None:
+    """None when `folder` holds a conversion written by this converter and nothing else (what `overwrite` may
+    replace), else what is there instead, in a few words."""
+    entries = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
+    files = conversion_files(folder)
+    if files is None:
+        return f"no conversion by this converter (it holds {_listing(folder, entries)})"
+    others = [name for name in entries if name not in set(files)]
+    if others:
+        return f"a previous conversion plus files it did not write: {_listing(folder, others)}"
+    return None
+
 
 def _check_output(output: Path, overwrite: bool) -> None:
     if output.exists() and not output.is_dir():
         raise ConversionError(f"output {output} exists and is not a folder")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise ConversionError(f"output folder {output} exists and is not empty (pass --overwrite to replace it)")
+    parent = output.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise ConversionError(f"cannot create output folder {output}: {parent} is a file, not a folder")
+    if output.is_dir() and any(output.iterdir()):
+        if not overwrite:
+            raise ConversionError(f"output folder {output} exists and is not empty (pass --overwrite to replace it)")
+        problem = previous_conversion_problem(output)
+        if problem is not None:
+            raise ConversionError(
+                f"output folder {output} holds {problem}; --overwrite only replaces a folder this converter wrote: "
+                "choose another output folder"
+            )
+
+
+def _check_apart_from_inputs(output: Path, inputs: list[Path]) -> None:
+    """Refuse an output that is, holds or lies inside an input (symlinks resolved): replacing it would delete it."""
+    target = Path(os.path.realpath(output))
+    for path in inputs:
+        for candidate in {Path(os.path.abspath(path)), Path(os.path.realpath(path))}:
+            if candidate == target or target in candidate.parents or candidate in target.parents:
+                relation = "is" if candidate == target else "holds" if target in candidate.parents else "lies inside"
+                raise ConversionError(
+                    f"output folder {output} {relation} the input {path}: choose an output folder apart from the inputs"
+                )
+
+
+def _owner_alive(pid: int, host: str) -> bool:
+    """Whether the process that made a leftover may still run (another host's processes cannot be checked)."""
+    if host != _host():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def remove_stale_leftovers(folder: Path) -> list[Path]:
+    """Remove the temporary folders of conversions into `folder` whose process is gone (killed, crashed).
+
+    An `.old-` folder whose output no longer exists (the owner died between the two final renames) is moved back
+    to its output instead of being deleted. Returns the paths handled."""
+    handled: list[Path] = []
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return handled
+    for path in entries:
+        m = _LEFTOVER.match(path.name)
+        if m is None or not path.is_dir() or path.is_symlink() or _owner_alive(int(m["pid"]), m["host"]):
+            continue
+        content, target = path / "content", folder / m["name"]
+        if m["kind"] == "old" and content.is_dir() and not os.path.lexists(target):
+            with contextlib.suppress(OSError):
+                os.replace(content, target)
+        shutil.rmtree(path, ignore_errors=True)
+        handled.append(path)
+    return handled
+
+
+class ConversionTerminated(SystemExit):
+    """Raised by the SIGTERM handler installed while a conversion writes: unwinds (removing the partial output)
+    and ends the process with status 143 (128 + SIGTERM), as the default handler would."""
+
+    def __init__(self) -> None:
+        super().__init__(128 + signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def _removed_on_sigterm() -> Iterator[None]:
+    """Turn SIGTERM into `ConversionTerminated` while the body runs (main thread only; an ignored SIGTERM stays
+    ignored), restoring the previous handler afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is signal.SIG_IGN:
+        yield
+        return
+
+    def handler(signum, frame):
+        raise ConversionTerminated()
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 @contextlib.contextmanager
 def _staging_folder(output: Path, overwrite: bool) -> Iterator[Path]:
-    """A temporary folder next to `output`, renamed to it on success and removed on failure."""
+    """A temporary folder next to `output`, renamed to it on success and removed on failure or SIGTERM."""
     created: list[Path] = []
     parent = output.parent
     while not parent.exists():
         created.append(parent)
         parent = parent.parent
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like any other folder
     try:
-        yield staging
-        _check_output(output, overwrite)  # it may have appeared meanwhile
-        if output.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
-            os.replace(output, old / "content")
-            os.replace(staging, output)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        for folder in created:  # parents made for the output, innermost first
-            with contextlib.suppress(OSError):
-                folder.rmdir()
-        raise
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConversionError(f"cannot create output folder {output}: {first_line(exc)}") from exc
+    remove_stale_leftovers(output.parent)
+    owner = f"{os.getpid()}@{_host()}"
+    with _removed_on_sigterm():
+        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-{owner}-", dir=output.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like any other folder
+        try:
+            yield staging
+            _check_output(output, overwrite)  # it may have appeared meanwhile
+            if output.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-{owner}-", dir=output.parent))
+                os.replace(output, old / "content")
+                try:
+                    os.replace(staging, output)
+                except BaseException:
+                    os.replace(old / "content", output)  # put the previous conversion back
+                    shutil.rmtree(old, ignore_errors=True)
+                    raise
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(staging, output)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            for folder in created:  # parents made for the output, innermost first
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+            raise
 
 
 @contextlib.contextmanager
@@ -289,7 +450,8 @@ def _plan(spec: ConversionSpec, hub: HubOptions, log: Callable[[str], None]) -> 
     log(f"checkpoint: {ckpt_src.describe()}")
     checkpoint = WeightFile(ckpt_src.path, "checkpoint", nested=True)
     ckpt_keys = _checkpoint_keys(checkpoint, layers_attr)  # canonical original key -> stored key
-    ckpt_shapes = {k: tuple(checkpoint.raw()[stored].shape) for k, stored in ckpt_keys.items()}
+    ckpt_infos = checkpoint.infos()
+    ckpt_shapes = {k: tuple(ckpt_infos[stored].shape) for k, stored in ckpt_keys.items()}
     checkpoint_sha256 = _sha256(ckpt_src.path)
 
     every_n = _cross_attn_interval(ckpt_shapes, layers_attr, num_layers, spec.cross_attn_every_n_layers)
@@ -409,7 +571,35 @@ def _plan(spec: ConversionSpec, hub: HubOptions, log: Callable[[str], None]) -> 
     for f in lm_files:
         groups.setdefault(id(f), len(groups))
     tensors = sorted(planner.provided.values(), key=lambda t: (groups[id(t.source)], order[t.key]))
-    return _Plan(config, tokenizer, tensors, total_parameters, sources, checkpoint_sha256, vision_kind, notes)
+    local_files = _local_file_hashes(sources, checkpoint_sha256)
+    return _Plan(
+        config, tokenizer, tensors, total_parameters, sources, checkpoint_sha256, vision_kind, notes, local_files
+    )
+
+
+# Tokenizer files recorded (with their sha256) for a local tokenizer folder.
+_TOKENIZER_FILE = re.compile(
+    r"^(tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\..*|merges\.txt|.*\.model|.*\.tiktoken)$"
+)
+
+
+def _local_file_hashes(sources: dict[str, Resolved], checkpoint_sha256: str) -> dict[str, list[tuple[str, str]]]:
+    """File names and sha256 of the local inputs' weight files (tokenizer files for a tokenizer), for the model card:
+    a local path means nothing elsewhere, the hashes identify the files."""
+    out: dict[str, list[tuple[str, str]]] = {}
+    for role, src in sources.items():
+        if src.repo_id is not None:
+            continue
+        if role == "checkpoint":
+            out[role] = [(src.path.name, checkpoint_sha256)]
+        elif src.path.is_file():
+            out[role] = [(src.path.name, _sha256(src.path))]
+        elif role == "tokenizer":
+            files = sorted(p for p in src.path.iterdir() if p.is_file() and _TOKENIZER_FILE.match(p.name))
+            out[role] = [(p.name, _sha256(p)) for p in files]
+        else:
+            out[role] = [(f.path.name, _sha256(f.path)) for f in WeightFolder.find(src.path, "weight file")]
+    return out
 
 
 # Which input should hold a tensor, for "missing key" messages.
@@ -460,7 +650,7 @@ class _Planner:
         else:
             offset = chunk * want[0]
             read = _reader(file, key, offset)
-        self.provided[ours] = PlannedTensor(ours, want, self._out_dtype(ours), read, file)
+        self.provided[ours] = PlannedTensor(ours, want, self._out_dtype(ours), read, file, origin=what)
 
     def add_resized_head(self, ours: str, file: WeightFile, key: str, shape: tuple[int, ...], rows: int) -> str:
         """An output embedding with a different row count than the vocabulary (the v1 LLaMA checkpoint keeps only
@@ -491,7 +681,8 @@ class _Planner:
                 parts.append(mean_row().unsqueeze(0).expand(extra, *shape[1:]))
             return torch.cat(parts) if len(parts) > 1 else parts[0]
 
-        self.provided[ours] = PlannedTensor(ours, want, self._out_dtype(ours), read, file)
+        origin = f"{key} ({file.label} {file.path.name})"
+        self.provided[ours] = PlannedTensor(ours, want, self._out_dtype(ours), read, file, origin=origin)
         if stored < rows:
             return (
                 f"`{ours}`: the checkpoint does not hold the output embedding; it comes from the language model, "
@@ -531,8 +722,7 @@ def _add_open_clip(planner: _Planner, file: WeightFile, rest: str, stored: str, 
 
 def _check_tied_copy(checkpoint: WeightFile, stored: str, emb_stored: str | None, ours: str) -> None:
     """A tied head saved next to the embeddings (transformers' MPT keeps both names) must equal them."""
-    tensors = checkpoint.raw()
-    if emb_stored is None or not torch.equal(tensors[stored], tensors[emb_stored]):
+    if emb_stored is None or not _same_tensor(checkpoint, stored, emb_stored):
         raise ConversionError(
             f"the checkpoint's {stored} differs from its input embeddings, but this language model ties them ({ours})"
         )
@@ -540,27 +730,32 @@ def _check_tied_copy(checkpoint: WeightFile, stored: str, emb_stored: str | None
 
 def _checkpoint_keys(checkpoint: WeightFile, layers_attr: str) -> dict[str, str]:
     """Canonical original key -> the key stored in the checkpoint (wrappers stripped, aliases checked equal)."""
-    tensors = checkpoint.raw()
     canonical: dict[str, str] = {}
     aliases: list[tuple[str, str]] = []
-    for stored in tensors:
+    for stored in checkpoint.keys():
         name, is_alias = canonical_original_key(strip_wrapper_prefixes(stored), layers_attr)
         if is_alias:
             aliases.append((name, stored))
         elif name in canonical:
-            _check_same(tensors, canonical[name], stored)
+            _check_same(checkpoint, canonical[name], stored)
         else:
             canonical[name] = stored
     for name, stored in aliases:
         if name in canonical:
-            _check_same(tensors, canonical[name], stored)
+            _check_same(checkpoint, canonical[name], stored)
         else:
             canonical[name] = stored
     return canonical
 
 
-def _check_same(tensors: dict[str, torch.Tensor], a: str, b: str) -> None:
-    if tensors[a].shape != tensors[b].shape or not torch.equal(tensors[a], tensors[b]):
+def _same_tensor(file: WeightFile, a: str, b: str) -> bool:
+    """Whether two tensors of one file (pickle or safetensors) have the same shape and values."""
+    first, second = file.read(a), file.read(b)
+    return first.shape == second.shape and torch.equal(first, second)
+
+
+def _check_same(checkpoint: WeightFile, a: str, b: str) -> None:
+    if not _same_tensor(checkpoint, a, b):
         raise ConversionError(f"the checkpoint holds two different values for one weight: {b} differs from {a}")
 
 
@@ -757,7 +952,7 @@ def _sha256(path: Path) -> str:
 # writing
 
 
-def _write(plan: _Plan, shards: dict, staging: Path, progress: bool | None, log) -> None:
+def _write(plan: _Plan, shards: dict, staging: Path, progress: bool | None, log, allow_non_finite: bool) -> None:
     from tqdm.auto import tqdm
 
     total = sum(t.nbytes for t in plan.tensors)
@@ -767,7 +962,7 @@ def _write(plan: _Plan, shards: dict, staging: Path, progress: bool | None, log)
     try:
         with tqdm(total=total, unit="B", unit_scale=True, desc="Converting", disable=disable) as bar:
             for name, tensors in shards.items():
-                write_shard(staging / name, tensors, tracker, bar)
+                write_shard(staging / name, tensors, tracker, bar, allow_non_finite)
     finally:
         tracker.close()
     if len(shards) > 1:
@@ -779,7 +974,7 @@ def _write_metadata(plan: _Plan, spec: ConversionSpec, shards: dict, staging: Pa
 
     from modeling_flamingo.processing import FlamingoImageProcessor, FlamingoProcessor
 
-    from .model_card import model_card
+    from .model_card import input_record, model_card
 
     config = plan.config
     config.save_pretrained(staging)
@@ -795,3 +990,7 @@ def _write_metadata(plan: _Plan, spec: ConversionSpec, shards: dict, staging: Pa
     )
     processor.save_pretrained(staging)
     (staging / "README.md").write_text(model_card(plan, spec, shards), encoding="utf-8")
+    # Last: the marker that makes the folder a conversion `--overwrite` may replace, with what it holds.
+    files = sorted([p.name + ("/" if p.is_dir() else "") for p in staging.iterdir()] + [MARKER_NAME])
+    marker = {"converter": CONVERTER_ID, "files": files, "inputs": input_record(plan)}
+    (staging / MARKER_NAME).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n", encoding="utf-8")

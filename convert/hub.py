@@ -3,9 +3,12 @@
 `resolve_pretrained_path("openflamingo/OpenFlamingo-3B-vitl-mpt1b")` converts the release once (fetching its
 checkpoint, language model, tokenizer and CLIP tower through the hub cache) into
 
-    $HF_HOME/modeling_flamingo/converted/<org>--<name>--<commit>/
+    $HF_HOME/modeling_flamingo/converted/<org>--<name>--<release commit>--<inputs digest>/
 
-and returns that folder; later calls find it there without converting again (also offline). `$HF_HOME` is read at
+and returns that folder; later calls find it there without converting again (also offline). The digest covers the
+resolved commit of every other input (language model and its tokenizer, vision tower), so a language model repo that
+moves to new weights gets a new conversion instead of the stale one. A file lock (`.<folder>.lock` beside it) makes
+concurrent processes convert once: the others wait and load the result. `$HF_HOME` is read at
 call time (default `~/.cache/huggingface`, or `$XDG_CACHE_HOME/huggingface`); `$MODELING_FLAMINGO_CACHE` replaces the
 whole `.../converted` root. Downloads go to the hub cache (`cache_dir`, else `$HF_HUB_CACHE`, else `$HF_HOME/hub`).
 Repos and folders already in transformers format are returned unchanged.
@@ -13,13 +16,21 @@ Repos and folders already in transformers format are returned unchanged.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from pathlib import Path
 
-from .converter import ConversionSpec, convert
-from .presets import PRESETS, get_preset
-from .sources import ConversionError, HubOptions, hub_file, looks_like_repo_id
+from .converter import ConversionSpec, conversion_files, convert, previous_conversion_problem
+from .presets import PRESETS, Preset, get_preset
+from .sources import (
+    ConversionError,
+    HubOptions,
+    check_hub_reachable,
+    hub_file,
+    looks_like_repo_id,
+    unreachable_advice,
+)
 
 # `from_pretrained` keyword arguments that matter to locating a repo.
 HUB_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "subfolder")
@@ -52,9 +63,14 @@ def converted_cache_root() -> Path:
     return hf_home() / "modeling_flamingo" / "converted"
 
 
-def converted_path(repo_id: str, commit: str) -> Path:
-    """The cache folder of one converted release commit."""
-    return converted_cache_root() / f"{repo_id.replace('/', '--')}--{commit}"
+def converted_path(repo_id: str, commit: str, other_inputs: dict[str, str] | None = None) -> Path:
+    """The cache folder of one conversion: the release repo at `commit`, with `other_inputs` ({repo id: commit} of
+    the language model, tokenizer and vision repos) summed up in a digest."""
+    name = f"{repo_id.replace('/', '--')}--{commit}"
+    if other_inputs:
+        text = "\n".join(f"{repo}@{sha}" for repo, sha in sorted(other_inputs.items()))
+        name += "--" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+    return converted_cache_root() / name
 
 
 def offline_mode(local_files_only: bool | None = None) -> bool:
@@ -72,6 +88,7 @@ def _resolve_commit(repo_id: str, revision: str | None, hub: HubOptions) -> str 
     """The commit a revision points to: asked from the hub when online, else read from the cache's refs."""
     if revision and _COMMIT.match(revision):
         return revision
+    check_hub_reachable(hub)
     if not hub.local_files_only:
         from huggingface_hub import HfApi
         from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
@@ -86,6 +103,27 @@ def _resolve_commit(repo_id: str, revision: str | None, hub: HubOptions) -> str 
     if ref.is_file():
         return ref.read_text(encoding="utf-8").strip() or None
     return None
+
+
+def _input_commits(preset: Preset, commit: str, hub: HubOptions) -> dict[str, str]:
+    """{repo id: commit} of the inputs besides the release repo: language model (whose tokenizer the preset uses, at
+    the same revision) and vision tower."""
+    wanted = {preset.language_model: preset.language_model_revision, preset.vision_model: None}
+    commits = {}
+    for repo, revision in wanted.items():
+        sha = _resolve_commit(repo, revision, hub)
+        if sha is None:
+            raise OSError(f"{preset.repo_id}: {_not_found(repo, hub)}")
+        commits[repo] = sha
+    return commits
+
+
+def _not_found(repo: str, hub: HubOptions) -> str:
+    if hub.unreachable:
+        return f"cannot resolve {repo} from the local hub cache, and {unreachable_advice(hub)}"
+    if hub.local_files_only:
+        return f"cannot find {repo} in the local hub cache (offline mode)"
+    return f"cannot find {repo} on the hub"
 
 
 def _progress_enabled() -> bool:
@@ -143,13 +181,7 @@ def resolve_pretrained_path(name_or_path, **hub_kwargs):
     if commit is None:
         if preset is None:
             return name_or_path
-        raise OSError(
-            f"{name}: cannot find this OpenFlamingo release "
-            + ("in the local hub cache (offline mode)" if hub.local_files_only else "on the hub")
-        )
-    target = converted_path(preset.repo_id if preset else name, commit)
-    if (target / "config.json").is_file():
-        return str(target)
+        raise OSError(f"{name}: cannot find this OpenFlamingo release: {_not_found(name, hub)}")
 
     if preset is None:
         try:
@@ -165,15 +197,41 @@ def resolve_pretrained_path(name_or_path, **hub_kwargs):
             "--cross-attn-every-n-layers N --output-dir DIR` and load DIR."
         )
 
+    inputs = _input_commits(preset, commit, hub)
+    target = converted_path(preset.repo_id, commit, inputs)
+    if _is_complete(target):
+        return str(target)
+
+    from filelock import FileLock
     from transformers.utils import logging
 
-    logger = logging.get_logger(__name__)
-    logger.warning(f"Converting {preset.repo_id}@{commit} to transformers format (once) into {target}")
-    spec = ConversionSpec.from_preset(preset.repo_id, checkpoint_revision=commit)
-    try:
-        convert(spec, target, hub=hub, progress=_progress_enabled())
-    except ConversionError as exc:
-        if (target / "config.json").is_file():  # another process finished the same conversion first
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # One conversion per target at a time: a second process waits here, then finds the first one's result.
+    with FileLock(str(target.parent / f".{target.name}.lock")):
+        if _is_complete(target):
             return str(target)
-        raise OSError(f"converting {preset.repo_id}: {exc}") from exc
+        if target.exists() and (not target.is_dir() or any(target.iterdir())):
+            problem = previous_conversion_problem(target) if target.is_dir() else "a file, not a folder"
+            raise OSError(
+                f"the conversion cache folder {target} for {preset.repo_id} exists but is not a complete conversion: "
+                f"{problem}; delete that folder and call from_pretrained again to convert anew"
+            )
+        logger = logging.get_logger(__name__)
+        logger.warning(f"Converting {preset.repo_id}@{commit} to transformers format (once) into {target}")
+        spec = ConversionSpec.from_preset(
+            preset.repo_id,
+            checkpoint_revision=commit,
+            language_model_revision=inputs[preset.language_model],
+            vision_model_revision=inputs[preset.vision_model],
+        )
+        try:
+            convert(spec, target, hub=hub, progress=_progress_enabled())
+        except ConversionError as exc:
+            raise OSError(f"converting {preset.repo_id}: {exc}") from exc
     return str(target)
+
+
+def _is_complete(target: Path) -> bool:
+    """A finished conversion: its marker is written last, and the folder appears only by rename once complete (files
+    added to it later do not matter here)."""
+    return target.is_dir() and conversion_files(target) is not None

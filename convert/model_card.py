@@ -9,9 +9,37 @@ if TYPE_CHECKING:
     from .sources import Resolved
 
 
+from pathlib import Path
+
+ROLES = {
+    "checkpoint": "checkpoint.pt",
+    "language_model": "language model",
+    "tokenizer": "tokenizer",
+    "vision_model": "vision tower",
+}
+
+
+def _local_name(src: Resolved) -> str:
+    """The input's own name, never its location (`Path.name` of the absolute path, so `.` gives the folder's name)."""
+    return Path(src.path).absolute().name
+
+
+def input_record(plan: _Plan) -> dict:
+    """Where every input came from, without local paths: hub id and revision, or local name and file hashes."""
+    record = {}
+    for role, src in plan.sources.items():
+        if src.repo_id is not None:
+            record[role] = {"repo_id": src.repo_id, "revision": src.commit or src.revision or "main"}
+        else:
+            files = dict(plan.local_files.get(role, []))
+            record[role] = {"local": _local_name(src), "sha256": files}
+    return record
+
+
 def _source_row(part: str, src: Resolved) -> str:
     if src.repo_id is None:
-        return f"| {part} | `{src.spec}` (local) | - |"
+        kind = "file" if src.path.is_file() else "folder"
+        return f"| {part} | local {kind} `{_local_name(src)}` (sha256 below) | - |"
     return f"| {part} | [{src.repo_id}](https://huggingface.co/{src.repo_id}) | `{src.commit or src.revision or 'main'}` |"
 
 
@@ -45,6 +73,12 @@ def model_card(plan: _Plan, spec: ConversionSpec, shards: dict) -> str:
         _source_row("vision tower", src["vision_model"]),
         "",
         f"- sha256 of the checkpoint file: `{plan.checkpoint_sha256}`",
+        *[
+            f"- sha256 of the local {ROLES[role]}'s `{name}`: `{digest}`"
+            for role, files in plan.local_files.items()
+            if role != "checkpoint"
+            for name, digest in files
+        ],
         f"- vision tower read from {'an open_clip state dict' if plan.vision_kind == 'open_clip' else 'an HF CLIP model'}"
         " (only the vision tower is kept).",
         "",

@@ -6,12 +6,15 @@ refuses anything but tensors and plain containers, and configs are read as JSON.
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import pickletools
 import re
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import torch
 
@@ -57,6 +60,54 @@ class HubOptions:
     cache_dir: str | None = None
     token: str | bool | None = None
     local_files_only: bool = False
+    # Set (with `local_files_only`) once the hub was found unreachable: why, for the messages.
+    unreachable: str | None = None
+
+
+# endpoint -> None (reachable) or why not; one probe per endpoint and process.
+_PROBED: dict[str, str | None] = {}
+
+
+def hub_endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+def check_hub_reachable(hub: HubOptions) -> None:
+    """Probe the hub once (one request, no retries) before the first download; when it cannot be reached, switch
+    `hub` to the local cache (`local_files_only`), remembering why for the error messages.
+
+    huggingface_hub retries a refused connection five times with back-off (about 30 s) before it looks in the cache;
+    the probe makes an unreachable hub cost one failed connection instead.
+    """
+    if hub.local_files_only:
+        return
+    endpoint = hub_endpoint()
+    if endpoint not in _PROBED:
+        from huggingface_hub import constants
+        from huggingface_hub.utils import get_session
+
+        try:
+            get_session().head(endpoint, timeout=constants.HF_HUB_ETAG_TIMEOUT)
+            _PROBED[endpoint] = None
+        except Exception as exc:
+            # Transport failures (refused, DNS, timeout, proxy) mean unreachable; the session's HTTP library
+            # (httpx, or the copy huggingface_hub ships) is matched by its exception names, not imported.
+            names = {cls.__name__ for cls in type(exc).__mro__}
+            transport = isinstance(exc, OSError) or bool(names & {"TransportError", "ConnectionError", "Timeout"})
+            _PROBED[endpoint] = first_line(exc) if transport else None
+    if _PROBED[endpoint] is not None:
+        hub.local_files_only = True
+        hub.unreachable = _PROBED[endpoint]
+
+
+def unreachable_advice(hub: HubOptions) -> str:
+    """What to tell the user when the hub could not be reached."""
+    return (
+        f"the hub ({hub_endpoint()}) could not be reached ({hub.unreachable}); to work offline set HF_HUB_OFFLINE=1 "
+        "with the files already in the hub cache, or convert from local files"
+    )
 
 
 @dataclass
@@ -95,13 +146,15 @@ def commit_of(path: str | os.PathLike) -> str | None:
     return m[1] if m else None
 
 
-def _hub_error(repo_id: str, what: str, exc: BaseException) -> ConversionError:
+def _hub_error(repo_id: str, what: str, exc: BaseException, hub: HubOptions | None = None) -> ConversionError:
     from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
     if isinstance(exc, RepositoryNotFoundError):
         return ConversionError(f"hub repo {repo_id} not found (or not accessible with your token)")
     if isinstance(exc, RevisionNotFoundError):
         return ConversionError(f"revision not found in hub repo {repo_id}: {first_line(exc)}")
+    if isinstance(exc, LocalEntryNotFoundError) and hub is not None and hub.unreachable:
+        return ConversionError(f"{what} of {repo_id} is not in the local hub cache, and {unreachable_advice(hub)}")
     if isinstance(exc, LocalEntryNotFoundError):
         return ConversionError(
             f"{what} of {repo_id} is not in the local hub cache and downloads are off (offline mode)"
@@ -116,6 +169,7 @@ def hub_file(
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
+    check_hub_reachable(hub)
     try:
         return Path(
             hf_hub_download(
@@ -131,15 +185,16 @@ def hub_file(
         # Offline, a file missing from the cache is indistinguishable from one missing from the repo.
         if missing_ok and (hub.local_files_only or not isinstance(exc, LocalEntryNotFoundError)):
             return None
-        raise _hub_error(repo_id, filename, exc) from exc
+        raise _hub_error(repo_id, filename, exc, hub) from exc
     except Exception as exc:
-        raise _hub_error(repo_id, filename, exc) from exc
+        raise _hub_error(repo_id, filename, exc, hub) from exc
 
 
 def hub_snapshot(repo_id: str, revision: str | None, hub: HubOptions, allow_patterns: list[str]) -> Path:
     """The small files of a hub repo (tokenizer files, configs) in one local snapshot folder."""
     from huggingface_hub import snapshot_download
 
+    check_hub_reachable(hub)
     try:
         return Path(
             snapshot_download(
@@ -152,7 +207,7 @@ def hub_snapshot(repo_id: str, revision: str | None, hub: HubOptions, allow_patt
             )
         )
     except Exception as exc:
-        raise _hub_error(repo_id, "the files", exc) from exc
+        raise _hub_error(repo_id, "the files", exc, hub) from exc
 
 
 def _missing_local(spec: str, what: str) -> ConversionError:
@@ -226,7 +281,19 @@ def resolve_vision(spec: str, revision: str | None, hub: HubOptions) -> Resolved
 # weight files
 
 
+def _is_inside_name(name: object) -> bool:
+    """A relative path that stays inside its folder: no absolute path, drive, `..`, or empty part."""
+    if not isinstance(name, str) or not name or "\\" in name or "\0" in name:
+        return False
+    posix = PurePosixPath(name)
+    if posix.is_absolute() or PureWindowsPath(name).drive:
+        return False
+    return all(part not in ("", ".", "..") for part in name.split("/"))
+
+
 def _read_index(path: Path) -> dict[str, str]:
+    """The weight map of an index json; every shard name is checked to stay inside the folder before anything
+    (a file, a download) is opened with it."""
     try:
         with open(path, encoding="utf-8") as f:
             weight_map = json.load(f)["weight_map"]
@@ -234,6 +301,11 @@ def _read_index(path: Path) -> dict[str, str]:
         raise ConversionError(f"cannot read the weight index {path}: {first_line(exc)}") from exc
     if not isinstance(weight_map, dict):
         raise ConversionError(f"the weight index {path} has no weight_map")
+    for key, name in weight_map.items():
+        if not _is_inside_name(name):
+            raise ConversionError(
+                f"the weight index {path} lists {name!r} for {key}: shard names must be files inside the model folder"
+            )
     return weight_map
 
 
@@ -254,6 +326,77 @@ class TensorInfo:
     """Shape of one stored tensor (its data stays on disk)."""
 
     shape: tuple[int, ...]
+
+
+_STRING_OPS = {
+    "STRING",
+    "BINSTRING",
+    "SHORT_BINSTRING",
+    "UNICODE",
+    "BINUNICODE",
+    "SHORT_BINUNICODE",
+    "BINUNICODE8",
+}
+_NON_PUSHING_OPS = {"PROTO", "FRAME", "MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT", "STOP", "POP", "POP_MARK", "MARK"}
+
+
+def _pickle_streams(path: Path) -> list[bytes]:
+    """The pickle(s) of a torch file, without unpickling: `data.pkl` of a zip file, else the whole legacy file."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            names = [n for n in archive.namelist() if n == "data.pkl" or n.endswith("/data.pkl")]
+            return [archive.read(names[0])] if names else []
+    with open(path, "rb") as f:
+        return [f.read()]
+
+
+def pickle_globals(path: Path) -> list[str]:
+    """Every global (`module.name`) a torch pickle file imports, read from its opcodes (nothing is executed).
+
+    A legacy (pre-zip) file is several pickles in a row; the scan goes on until one fails to parse (the raw tensor
+    data that follows them)."""
+    found: list[str] = []
+    for data in _pickle_streams(path):
+        stream = io.BytesIO(data)
+        while stream.tell() < len(data):
+            pushed: list[object] = []  # what each op pushed (strings, else None): STACK_GLOBAL takes the last two
+            memo: dict[int, object] = {}
+            try:
+                for op, arg, _ in pickletools.genops(stream):
+                    name = op.name
+                    if name in ("GLOBAL", "INST"):
+                        found.append(".".join(str(arg).split(" ", 1)))
+                        pushed.append(None)
+                    elif name == "STACK_GLOBAL":
+                        module, attr = (pushed[-2:] + [None, None])[:2] if len(pushed) >= 2 else (None, None)
+                        found.append(f"{module}.{attr}" if isinstance(module, str) and isinstance(attr, str) else "?")
+                        pushed.append(None)
+                    elif name == "MEMOIZE":
+                        memo[len(memo)] = pushed[-1] if pushed else None
+                    elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                        memo[int(arg)] = pushed[-1] if pushed else None
+                    elif name in ("GET", "BINGET", "LONG_BINGET"):
+                        pushed.append(memo.get(int(arg)))
+                    elif name in _STRING_OPS:
+                        pushed.append(arg if isinstance(arg, str) else None)
+                    elif name not in _NON_PUSHING_OPS:
+                        pushed.append(None)
+            except Exception:
+                break
+    # Protocol 2 pickles spell builtins `__builtin__` (pickle maps it back on load).
+    return list(dict.fromkeys(re.sub(r"^__builtin__\.", "builtins.", name) for name in found))
+
+
+def disallowed_globals(path: Path) -> list[str]:
+    """The globals of a torch pickle file that `torch.load(weights_only=True)` refuses (empty if unknown)."""
+    try:
+        from torch import _weights_only_unpickler as wou
+
+        allowed = set(wou._get_allowed_globals()) | set(wou._get_user_allowed_globals())
+        names = pickle_globals(path)
+    except Exception:
+        return []
+    return [n for n in names if n not in allowed]
 
 
 class WeightFile:
@@ -313,11 +456,9 @@ class WeightFile:
         except Exception as exc:
             message = str(exc)
             if "Weights only load failed" in message or "WeightsUnpickler" in message:
-                detail = next((ln.strip() for ln in message.splitlines() if "WeightsUnpickler error" in ln), "")
-                detail = first_sentence(detail.replace("WeightsUnpickler error: ", "")) if detail else ""
                 raise ConversionError(
                     f"{self.label} {self.path} holds Python objects other than tensors; refusing to unpickle them "
-                    f"(weights_only=True){': ' + detail if detail else ''}"
+                    f"(weights_only=True): {self._refusal_detail(message)}"
                 ) from exc
             raise ConversionError(
                 f"cannot read {self.label} {self.path}: truncated or not a PyTorch weight file "
@@ -336,6 +477,26 @@ class WeightFile:
                     f"{self.label} {self.path} is not a state dict: entry {key!r} holds a {type(value).__name__}"
                 )
         return obj
+
+    def _refusal_detail(self, message: str) -> str:
+        """What weights_only refused, in a few words: the globals the pickle imports that it does not allow (read
+        from the pickle's opcodes, so also when torch's message stops at an unsupported opcode), else torch's
+        reason."""
+        refused = disallowed_globals(self.path)
+        named = re.search(r"Unsupported global: GLOBAL (\S+)", message)
+        if named:
+            name = named[1] if "." in named[1] else f"builtins.{named[1]}"
+            refused = [name] + [n for n in refused if n != name]
+        if refused:
+            more = f" (and {len(refused) - 3} more)" if len(refused) > 3 else ""
+            return f"unsupported global{'s' if len(refused) > 1 else ''} {', '.join(refused[:3])}{more}"
+        lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+        for i, line in enumerate(lines):
+            if "WeightsUnpickler error" in line:
+                rest = line.split("WeightsUnpickler error:", 1)[1].strip()
+                detail = rest or (lines[i + 1] if i + 1 < len(lines) else "")
+                return first_sentence(detail) or "unsupported content"
+        return "unsupported content"
 
     def close(self) -> None:
         # Dropping the last references unmaps the file.

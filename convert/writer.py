@@ -50,6 +50,7 @@ class PlannedTensor:
             is called with `(None, None)`.
         source: what the tensor is read from (a `WeightFile`, or None for computed tensors); the writer opens
             each source once and closes it when moving to the next, so tensors must be grouped by source.
+        origin: where the tensor comes from, for messages (e.g. "perceiver.latents (checkpoint)"); default `key`.
     """
 
     key: str
@@ -57,6 +58,7 @@ class PlannedTensor:
     dtype: torch.dtype
     read: Callable[[int | None, int | None], torch.Tensor]
     source: object | None = None
+    origin: str | None = None
 
     @property
     def nbytes(self) -> int:
@@ -64,15 +66,23 @@ class PlannedTensor:
 
 
 def parse_shard_size(size: str | int) -> int:
-    """`"5GB"` -> 5_000_000_000 (decimal units, as transformers and huggingface_hub count)."""
-    if isinstance(size, int):
-        return size
+    """`"5GB"` -> 5_000_000_000 (decimal units, as transformers and huggingface_hub count).
+
+    Every invalid size (negative, zero, malformed) gets the same message."""
     try:
-        value = int(size) if size.strip().isdigit() else parse_size_to_int(size)
-    except (ValueError, AttributeError) as exc:
-        raise ConversionError(f"invalid --max-shard-size {size!r}: use e.g. 5GB, 500MB or a number of bytes") from exc
+        if isinstance(size, bool):
+            raise TypeError(size)
+        if isinstance(size, int):
+            value = size
+        else:
+            text = size.strip()
+            value = int(text) if text.isdigit() else parse_size_to_int(text)
+    except (ValueError, TypeError, AttributeError):
+        value = 0
     if value <= 0:
-        raise ConversionError(f"invalid --max-shard-size {size!r}: must be positive")
+        raise ConversionError(
+            f"invalid --max-shard-size {size!r}: use a positive size such as 5GB, 500MB or a number of bytes"
+        )
     return value
 
 
@@ -123,11 +133,58 @@ class SourceTracker:
         self.current = None
 
 
-def write_shard(path: Path, tensors: Sequence[PlannedTensor], tracker: SourceTracker, progress=None) -> None:
+def check_values(t: PlannedTensor, part: torch.Tensor, allow_non_finite: bool = False) -> torch.Tensor:
+    """`part` (rows of `t` as stored) cast to `t.dtype`, or a ConversionError naming the tensor when the cast would
+    change what it holds: a stored dtype that does not fit (integer, bool or complex values for a floating weight,
+    anything but the same or a wider integer type for an integer buffer), NaN or inf values (unless
+    `allow_non_finite`), or finite values beyond the range of the output dtype (they would become inf)."""
+    what = t.origin or t.key
+    stored = part.dtype
+    if t.dtype.is_floating_point:
+        if not stored.is_floating_point:
+            raise ConversionError(
+                f"{what} is stored as {stored} but {t.key} is a floating-point weight: refusing to cast it"
+            )
+    elif stored != t.dtype and (
+        stored.is_floating_point or stored.is_complex or torch.promote_types(stored, t.dtype) != t.dtype
+    ):
+        raise ConversionError(f"{what} is stored as {stored} but {t.key} is {t.dtype}: refusing to cast it")
+    if not t.dtype.is_floating_point:
+        return part.to(t.dtype)
+    finite = torch.isfinite(part)
+    if not allow_non_finite and not bool(finite.all()):
+        nan = int(torch.isnan(part).sum())
+        inf = int((~finite).sum()) - nan
+        found = " and ".join(f"{n} {kind}" for n, kind in ((nan, "NaN"), (inf, "inf")) if n)
+        raise ConversionError(
+            f"{what} holds non-finite values ({found}): corrupt or diverged weights? (pass --allow-non-finite, or "
+            "allow_non_finite=True, to write them anyway)"
+        )
+    out = part.to(t.dtype)
+    if stored != t.dtype:
+        overflow = finite & ~torch.isfinite(out)
+        if bool(overflow.any()):
+            largest = part[overflow].abs().max().item()
+            raise ConversionError(
+                f"{what} holds values beyond the range of {t.dtype} (|x| up to {largest:.4g}), which would become "
+                "inf: convert with a wider --dtype (bfloat16 or float32)"
+            )
+    return out
+
+
+def write_shard(
+    path: Path,
+    tensors: Sequence[PlannedTensor],
+    tracker: SourceTracker,
+    progress=None,
+    allow_non_finite: bool = False,
+) -> None:
     """Write one safetensors file: header from the planned shapes, then the data tensor by tensor, slice by slice.
 
     The header lists tensors in name order (JSON keys sorted, no spaces) with `{"format": "pt"}` metadata; data
-    follows the order of `tensors`. The same plan always gives the same bytes.
+    follows the order of `tensors`. The same plan always gives the same bytes. Every slice goes through
+    `check_values` on its way (no NaN/inf unless `allow_non_finite`, no lossy cast), so a bad tensor stops the write
+    with an error naming it.
     """
     header: dict[str, dict] = {}
     offset = 0
@@ -162,7 +219,7 @@ def write_shard(path: Path, tensors: Sequence[PlannedTensor], tracker: SourceTra
                     raise ConversionError(
                         f"{t.key}: read shape {tuple(part.shape)}, expected {tuple(expected)} (file changed on disk?)"
                     )
-                part = part.to(t.dtype)
+                part = check_values(t, part, allow_non_finite)
                 f.write(_as_bytes(part))
                 written += part.numel() * t.dtype.itemsize
                 if progress is not None:

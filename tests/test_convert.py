@@ -143,11 +143,12 @@ def test_sharded_bfloat16_output(neox_release, tmp_path):
 
 
 def test_overwrite(neox_release, tmp_path):
+    """`--overwrite` replaces a previous conversion (other folders: tests/test_convert_safety.py)."""
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("previous content")
+    assert main(neox_release.args(out, "--quiet", "--max-shard-size", "2MB")) == 0
+    assert (out / "model.safetensors.index.json").is_file()
     assert main(neox_release.args(out, "--quiet", "--overwrite")) == 0
-    assert not (out / "old.txt").exists()
+    assert not (out / "model.safetensors.index.json").exists()
     assert (out / "model.safetensors").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging or backup folder left
 
