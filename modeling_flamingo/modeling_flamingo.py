@@ -553,11 +553,12 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
         r"""
         Args:
             input_ids: (B, T) token ids; `<image>` marks where each image goes.
-            pixel_values: (B, T_img, F, C, H, W) or (B, T_img, C, H, W); samples with fewer images are padded
-                (padding images are never attended).
+            pixel_values: (B, T_img, F, C, H, W) or (B, T_img, C, H, W); samples with fewer images are padded.
+                Padding slots (after a sample's last `<image>`) are never read, whatever they hold; NaN or infinite
+                values in an image an `<image>` token refers to raise a ValueError (as in `image_features`).
             attention_mask: (B, T) or the language model's own mask format; 0 marks (left) padding.
             image_features: (B, T_img, n, d_visual) precomputed `get_image_features(pixel_values)` (e.g. few-shot
-                demonstrations encoded once); exclusive with `pixel_values`.
+                demonstrations encoded once), cast to the model's dtype; exclusive with `pixel_values`.
             image_indices: (B, T) the 1-based image each token attends (0: none). Computed from `input_ids` when not
                 given; required when continuing from a non-empty `past_key_values` with images (pass the last column
                 of the previous output's `image_indices`, incremented at new `<image>` tokens). `generate` does this.
