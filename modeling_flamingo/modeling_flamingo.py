@@ -213,7 +213,8 @@ class FlamingoMaskedCrossAttention(nn.Module):
             out = F.scaled_dot_product_attention(
                 q, key.reshape(B, h, T_img * n, hd), value.reshape(B, h, T_img * n, hd), attn_mask=allowed[:, None]
             )
-        out = out * has_media
+        # Select, don't multiply: a row without an image may have attended to anything (0 * NaN would be NaN).
+        out = torch.where(has_media, out, 0.0)
         return self.to_out(out.transpose(1, 2).reshape(B, T, h * hd))
 
 
@@ -454,14 +455,8 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
     # ----------------------------------------------------------------------------------------------------------
     # images
 
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Encode images with the vision tower and the resampler.
-
-        Args:
-            pixel_values: (B, T_img, F, C, H, W), or (B, T_img, C, H, W) for single-frame images.
-        Returns:
-            (B, T_img, n, d_visual) resampler latents.
-        """
+    def _pixel_values_6d(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Check the shape of `pixel_values` against the vision tower; (B, T_img, C, H, W) gets a frame axis."""
         if pixel_values.ndim == 5:
             pixel_values = pixel_values.unsqueeze(2)
         if pixel_values.ndim != 6:
@@ -488,6 +483,30 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
             raise ValueError(
                 f"pixel_values has {T} images per sample but this model accepts at most {self.config.max_num_media}."
             )
+        return pixel_values
+
+    def _checked_image_features(self, image_features: torch.Tensor) -> torch.Tensor:
+        """Check the shape of precomputed `image_features` and cast them to the resampler's dtype."""
+        expected = (self.config.perceiver_num_latents, self.config.vision_config.hidden_size)
+        if image_features.ndim != 4 or tuple(image_features.shape[2:]) != expected:
+            raise ValueError(
+                "image_features must be resampler latents of shape (batch, images, "
+                f"{expected[0]}, {expected[1]}) as returned by get_image_features; got {tuple(image_features.shape)}."
+            )
+        if not image_features.is_floating_point():
+            raise ValueError(f"image_features must be a floating-point tensor; got {image_features.dtype}.")
+        return image_features.to(self.perceiver.latents.dtype)
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Encode images with the vision tower and the resampler.
+
+        Args:
+            pixel_values: (B, T_img, F, C, H, W), or (B, T_img, C, H, W) for single-frame images.
+        Returns:
+            (B, T_img, n, d_visual) resampler latents.
+        """
+        pixel_values = self._pixel_values_6d(pixel_values)
+        B, T, Fr, C, H, W = pixel_values.shape
         pixel_values = pixel_values.reshape(B * T * Fr, C, H, W).to(self.vision_encoder.dtype)
         # The vision tower is frozen in every release: skip its autograd graph unless someone unfroze it.
         track = torch.is_grad_enabled() and any(p.requires_grad for p in self.vision_encoder.parameters())
@@ -534,11 +553,12 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
         r"""
         Args:
             input_ids: (B, T) token ids; `<image>` marks where each image goes.
-            pixel_values: (B, T_img, F, C, H, W) or (B, T_img, C, H, W); samples with fewer images are padded
-                (padding images are never attended).
+            pixel_values: (B, T_img, F, C, H, W) or (B, T_img, C, H, W); samples with fewer images are padded.
+                Padding slots (after a sample's last `<image>`) are never read, whatever they hold; NaN or infinite
+                values in an image an `<image>` token refers to raise a ValueError (as in `image_features`).
             attention_mask: (B, T) or the language model's own mask format; 0 marks (left) padding.
             image_features: (B, T_img, n, d_visual) precomputed `get_image_features(pixel_values)` (e.g. few-shot
-                demonstrations encoded once); exclusive with `pixel_values`.
+                demonstrations encoded once), cast to the model's dtype; exclusive with `pixel_values`.
             image_indices: (B, T) the 1-based image each token attends (0: none). Computed from `input_ids` when not
                 given; required when continuing from a non-empty `past_key_values` with images (pass the last column
                 of the previous output's `image_indices`, incremented at new `<image>` tokens). `generate` does this.
@@ -549,14 +569,11 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
             raise ValueError("Pass either pixel_values or image_features, not both.")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
-        batch, seq = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        batch, seq = self._check_text(input_ids if input_ids is not None else inputs_embeds)
         if labels is not None and labels.shape != (batch, seq):
             raise ValueError(f"labels must have shape {(batch, seq)} like the input ids; got {tuple(labels.shape)}.")
-        if pixel_values is not None:
-            image_features = self.get_image_features(pixel_values)
-        has_images = image_features is not None or cross_attention_key_values is not None
-        if image_features is not None and image_features.shape[0] != batch:
-            raise ValueError(f"Got images for {image_features.shape[0]} samples but {batch} input sequences.")
+        pixel_values, image_features = self._checked_images(batch, pixel_values, image_features)
+        has_images = pixel_values is not None or image_features is not None or cross_attention_key_values is not None
 
         if image_indices is None:
             past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
@@ -568,15 +585,33 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
                     )
                 image_indices = torch.zeros(batch, seq, dtype=torch.long, device=inputs_embeds.device)
             else:
+                # A call without image_indices is a prompt (or a text-only step): check the values of the inputs.
+                # generate() checks them once and passes image_indices, so its decoding steps skip this.
                 image_indices = self.image_indices_from_input_ids(input_ids)
-                self._check_image_count(image_indices, image_features, cross_attention_key_values)
+                self._check_input_values(
+                    input_ids,
+                    attention_mask,
+                    image_indices,
+                    pixel_values=pixel_values,
+                    image_features=image_features if cross_attention_key_values is None else None,
+                    num_images=cross_attention_key_values[0][0].shape[2] if cross_attention_key_values else 0,
+                )
+        if pixel_values is not None:
+            image_features = self.get_image_features(pixel_values)
+        # Image slots that no token of a sample refers to (the padding of samples with fewer images) are replaced by
+        # zeros before their keys and values are computed, so not even NaN in them can reach an output.
+        used_features = (
+            _zero_unreferenced_images(image_features, image_indices)
+            if image_features is not None and cross_attention_key_values is None
+            else image_features
+        )
 
         num_blocks = self.config.num_cross_attn_layers  # derived from the config: no module walk per step
         key_values = (
             list(cross_attention_key_values) if cross_attention_key_values is not None else [None] * num_blocks
         )
         conditioning = FlamingoMediaConditioning(
-            image_features=image_features, image_indices=image_indices, key_values=key_values
+            image_features=used_features, image_indices=image_indices, key_values=key_values
         )
         if position_ids is not None:
             kwargs["position_ids"] = position_ids
@@ -604,26 +639,89 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
             image_indices=image_indices,
         )
 
-    def _check_image_count(
-        self,
-        image_indices: torch.LongTensor,
-        image_features: torch.Tensor | None,
-        cross_attention_key_values: tuple | None,
-    ) -> None:
-        counts = image_indices[:, -1]
-        if image_features is not None:
-            available = image_features.shape[1]
-        elif cross_attention_key_values is not None:
-            available = cross_attention_key_values[0][0].shape[2]
-        else:
-            available = 0
-        too_many = (counts > available).nonzero()
-        if too_many.numel():
-            b = int(too_many[0, 0])
+    @staticmethod
+    def _check_text(text: torch.Tensor) -> tuple[int, int]:
+        """(batch, length) of `input_ids` or `inputs_embeds`, refusing an empty text."""
+        if text.ndim < 2 or text.shape[0] == 0 or text.shape[1] == 0:
             raise ValueError(
-                f"Sample {b} has {int(counts[b])} <image> tokens but only {available} images were given"
-                + (" (no pixel_values or image_features)." if available == 0 else ".")
+                f"The text input is empty (shape {tuple(text.shape)}): give at least one sample of at least one token "
+                "as a (batch, length) tensor."
             )
+        return text.shape[0], text.shape[1]
+
+    def _checked_images(
+        self, batch: int, pixel_values: torch.Tensor | None, image_features: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Shape (and dtype) checks of the images, which need no look at their values."""
+        if pixel_values is not None:
+            pixel_values = self._pixel_values_6d(pixel_values)
+        if image_features is not None:
+            image_features = self._checked_image_features(image_features)
+        images = pixel_values if pixel_values is not None else image_features
+        if images is not None and images.shape[0] != batch:
+            raise ValueError(f"Got images for {images.shape[0]} samples but {batch} input sequences.")
+        return pixel_values, image_features
+
+    def _check_input_values(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None,
+        image_indices: torch.LongTensor,
+        pixel_values: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+        num_images: int = 0,
+    ) -> None:
+        """Checks that read the values of the inputs: token ids in the vocabulary, no all-zero attention mask row,
+        an image for every `<image>` token, and finite values in every image a token refers to.
+
+        Everything is reduced on the inputs' device and read back in one transfer (one synchronisation), and only
+        on a prompt: `forward` without `image_indices`, and `generate` once before its first step.
+
+        Args:
+            input_ids: (B, T).
+            attention_mask: (B, T + past) or None; other mask formats are not checked.
+            image_indices: (B, T) from `image_indices_from_input_ids`.
+            pixel_values: (B, T_img, F, C, H, W) or image_features: (B, T_img, n, d), the images of the call; or
+            num_images: the number of images already projected (cached cross-attention keys and values).
+        """
+        images = pixel_values if pixel_values is not None else image_features
+        num_images = images.shape[1] if images is not None else num_images
+        device = input_ids.device
+        vocab = self.get_input_embeddings().weight.shape[0]
+        columns = [image_indices[:, -1], input_ids.min(dim=1).values, input_ids.max(dim=1).values]
+        if attention_mask is not None and attention_mask.ndim == 2:
+            columns.append((attention_mask == 0).all(dim=1).long())
+        else:
+            columns.append(torch.zeros_like(columns[0]))
+        if images is not None:
+            # Non-finite values are an error where a token refers to the image, and ignored in padding slots.
+            referenced = _referenced_images(image_indices, num_images).to(device)
+            nonfinite = ~torch.isfinite(images).flatten(2).all(dim=-1).to(device)
+            columns += list((nonfinite & referenced).long().unbind(dim=1))
+        rows = torch.stack(columns, dim=1).tolist()  # the one synchronisation
+
+        for b, (count, lowest, highest, empty_mask, *bad_images) in enumerate(rows):
+            if lowest < 0 or highest >= vocab:
+                raise ValueError(
+                    f"Sample {b} has token id {lowest if lowest < 0 else highest}, outside the vocabulary of "
+                    f"{vocab} tokens (ids 0 to {vocab - 1})."
+                )
+            if empty_mask:
+                raise ValueError(
+                    f"The attention_mask of sample {b} is all zeros: every sample needs at least one token to attend "
+                    "to (1 for real tokens, 0 for padding)."
+                )
+            if count > num_images:
+                raise ValueError(
+                    f"Sample {b} has {count} <image> tokens but only {num_images} images were given"
+                    + (" (no pixel_values or image_features)." if num_images == 0 else ".")
+                )
+            if any(bad_images):
+                name = "pixel_values" if pixel_values is not None else "image_features"
+                raise ValueError(
+                    f"{name} of sample {b}, image {bad_images.index(1)} (0-based) contain NaN or infinite values; "
+                    "an image that an <image> token refers to must be finite (padding slots are never read)."
+                )
 
     # ----------------------------------------------------------------------------------------------------------
     # generation
@@ -641,12 +739,21 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
 
         Returns prompt + new tokens, stopping at `<|endofchunk|>` unless `eos_token_id` says otherwise.
         """
-        if pixel_values is not None:
-            if image_features is not None:
-                raise ValueError("Pass either pixel_values or image_features, not both.")
-            image_features = self.get_image_features(pixel_values)
+        if pixel_values is not None and image_features is not None:
+            raise ValueError("Pass either pixel_values or image_features, not both.")
         if input_ids is not None:
-            self._check_image_count(self.image_indices_from_input_ids(input_ids), image_features, None)
+            batch, _ = self._check_text(input_ids)
+            pixel_values, image_features = self._checked_images(batch, pixel_values, image_features)
+            # The prompt's values are checked here, once: the forward calls of the steps get `image_indices`.
+            self._check_input_values(
+                input_ids,
+                attention_mask,
+                self.image_indices_from_input_ids(input_ids),
+                pixel_values=pixel_values,
+                image_features=image_features,
+            )
+        if pixel_values is not None:
+            image_features = self.get_image_features(pixel_values)
         return super().generate(
             input_ids=input_ids, attention_mask=attention_mask, image_features=image_features, **kwargs
         )
@@ -700,6 +807,23 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
         return model_kwargs
 
 
+def _referenced_images(image_indices: torch.LongTensor, num_images: int) -> torch.BoolTensor:
+    """(B, T) image indices -> (B, T_img) whether any token of the sample refers to each image slot.
+
+    Tokens refer to images 1..k in order (k the largest index), so the slots after k are padding.
+    """
+    slots = torch.arange(1, num_images + 1, device=image_indices.device)
+    return slots <= image_indices.max(dim=1, keepdim=True).values
+
+
+def _zero_unreferenced_images(image_features: torch.Tensor, image_indices: torch.LongTensor) -> torch.Tensor:
+    """(B, T_img, n, d) latents with the slots no token refers to replaced by zeros (selected, not multiplied:
+    0 * NaN is NaN). Tokens without an image attend to every slot before their output is discarded, so the padding
+    must hold finite values for that output to be finite."""
+    referenced = _referenced_images(image_indices, image_features.shape[1]).to(image_features.device)
+    return torch.where(referenced[:, :, None, None], image_features, 0.0)
+
+
 def _select_current_image(
     key_values: tuple[tuple[torch.Tensor, torch.Tensor], ...], last: torch.LongTensor
 ) -> tuple[tuple[tuple[torch.Tensor, torch.Tensor], ...], torch.LongTensor]:
@@ -719,7 +843,10 @@ def _select_current_image(
     return tuple(selected), (last > 0).long()
 
 
+# Both Auto classes a saved folder's `auto_map` names (see `hub_code.CONFIG_AUTO_MAP`): registered here, they resolve to
+# this class without remote code. AutoModel stays unmapped: there is no head-less base model (see docs/hub.md).
 AutoModelForImageTextToText.register(FlamingoConfig, FlamingoForConditionalGeneration, exist_ok=True)
+AutoModelForCausalLM.register(FlamingoConfig, FlamingoForConditionalGeneration, exist_ok=True)
 
 __all__ = [
     "FlamingoCausalLMOutputWithPast",

@@ -20,13 +20,23 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
+from transformers.modeling_utils import PreTrainedModel
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple, logging
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from modeling_flamingo.configuration.configuration_mosaic_gpt import MosaicGPTConfig
+
+try:  # transformers >= 5.21
+    from transformers.modeling_utils import slice_logits_to_keep
+except ImportError:  # transformers 5.20: what its causal LMs do inline
+
+    def slice_logits_to_keep(hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+        """(B, T, d) -> the positions `logits_to_keep` names: the last n for an int (0: all), else these indices."""
+        positions = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        return hidden_states[:, positions, :]
+
 
 logger = logging.get_logger(__name__)
 

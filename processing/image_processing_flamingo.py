@@ -25,6 +25,30 @@ from transformers.utils import TensorType
 from modeling_flamingo.configuration.configuration_flamingo import FlamingoConfig
 
 
+def image_problem(image: ImageInput | None) -> str | None:
+    """Why `image` cannot be preprocessed, as the end of a sentence naming it, or None when it can be.
+
+    Catches `None`, images without pixels (a 0x0 PIL image, an array with a zero-length axis) and floating-point
+    arrays or tensors holding NaN or infinite values (they would become arbitrary bytes when converted to 8 bits).
+    """
+    if image is None:
+        return "is None"
+    if isinstance(image, PIL.Image.Image):
+        width, height = image.size
+        return f"has no pixels (size {width}x{height})" if width == 0 or height == 0 else None
+    if hasattr(image, "is_floating_point"):  # torch.Tensor, without importing torch
+        if image.numel() == 0:
+            return f"has no pixels (shape {tuple(image.shape)})"
+        if image.is_floating_point() and not bool(image.isfinite().all()):
+            return "contains NaN or infinite values"
+    elif isinstance(image, np.ndarray):
+        if image.size == 0:
+            return f"has no pixels (shape {tuple(image.shape)})"
+        if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
+            return "contains NaN or infinite values"
+    return None
+
+
 def _to_pil(image: ImageInput, input_data_format: str | ChannelDimension | None = None) -> PIL.Image.Image:
     """Convert a numpy array or torch tensor to a PIL image; PIL images are returned unchanged (same object).
 
@@ -56,6 +80,8 @@ def _to_pil(image: ImageInput, input_data_format: str | ChannelDimension | None 
             raise ValueError("Integer image arrays must hold values in [0, 255]; convert them to a PIL image first.")
         image = image.astype(np.uint8)
     elif np.issubdtype(image.dtype, np.floating):
+        if not np.isfinite(image).all():
+            raise ValueError("A floating-point image array contains NaN or infinite values.")
         if image.size and (image.min() < 0.0 or image.max() > 1.0):
             raise ValueError(
                 "Floating-point image arrays must hold values in [0, 1]; convert them to a PIL image first."
@@ -130,6 +156,8 @@ class FlamingoImageProcessor(CLIPImageProcessorPil):
         """Open local image files as they are (no EXIF transpose, no RGB conversion), keeping any list nesting."""
         if isinstance(image_url_or_urls, (list, tuple)):
             return [self.fetch_images(x) for x in image_url_or_urls]
+        if image_url_or_urls is None:
+            return None  # left for the caller to name (which sample, which image)
         if isinstance(image_url_or_urls, (str, os.PathLike)) and os.path.isfile(image_url_or_urls):
             image = PIL.Image.open(image_url_or_urls)
             image.load()
@@ -145,6 +173,8 @@ class FlamingoImageProcessor(CLIPImageProcessorPil):
             if isinstance(item, (list, tuple)):
                 for sub in item:
                     _collect(sub)
+            elif item is None:
+                flat.append(item)  # refused below, with its position
             elif is_valid_image(item):
                 if not isinstance(item, PIL.Image.Image) and item.ndim == 4:
                     flat.extend(list(item))  # a stacked batch of images
@@ -154,6 +184,10 @@ class FlamingoImageProcessor(CLIPImageProcessorPil):
                 raise TypeError(f"Unsupported image type {type(item).__name__}.")
 
         _collect(images)
+        for index, image in enumerate(flat):
+            problem = image_problem(image)
+            if problem:
+                raise ValueError(f"Image {index} (0-based) {problem}.")
         return flat
 
     def process_image(
@@ -169,6 +203,8 @@ class FlamingoImageProcessor(CLIPImageProcessorPil):
     @staticmethod
     def _resize_pil(image: PIL.Image.Image, size: SizeDict, resample: PILImageResampling | int) -> PIL.Image.Image:
         width, height = image.size
+        if width == 0 or height == 0:
+            raise ValueError(f"An image has no pixels (size {width}x{height}).")
         if size.shortest_edge is not None and size.longest_edge is None:
             # torchvision `Resize(int)`: the long side is truncated, not rounded.
             short, long = (width, height) if width <= height else (height, width)
@@ -257,4 +293,4 @@ AutoImageProcessor.register(
     exist_ok=True,
 )
 
-__all__ = ["FlamingoImageProcessor"]
+__all__ = ["FlamingoImageProcessor", "image_problem"]

@@ -15,7 +15,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from transformers.utils import TensorType
 
 from modeling_flamingo.configuration.configuration_flamingo import FlamingoConfig
-from modeling_flamingo.processing.image_processing_flamingo import FlamingoImageProcessor
+from modeling_flamingo.processing.image_processing_flamingo import FlamingoImageProcessor, image_problem
 
 MEDIA_TOKEN = "<image>"
 EOC_TOKEN = "<|endofchunk|>"
@@ -166,7 +166,10 @@ class FlamingoProcessor(ProcessorMixin):
             raise ValueError("`images` mixes lists and single images: pass one list of images per text.")
 
         for index, sample in enumerate(per_sample):
-            for image in sample:
+            for image_index, image in enumerate(sample):
+                problem = image_problem(image) if image is None or _is_single_image(image) else None
+                if problem:
+                    raise ValueError(f"Sample {index}, image {image_index} (0-based) {problem}.")
                 if not _is_single_image(image):
                     raise TypeError(
                         f"Sample {index}: expected PIL images, 2-D/3-D arrays or tensors, or paths, got "

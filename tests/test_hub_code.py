@@ -21,10 +21,24 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, pipeline
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    PreTrainedModel,
+    pipeline,
+)
 from transformers.dynamic_module_utils import get_imports, get_relative_imports
 
-from modeling_flamingo import FlamingoForConditionalGeneration, FlamingoImageProcessor, FlamingoProcessor
+from modeling_flamingo import (
+    FlamingoConfig,
+    FlamingoForConditionalGeneration,
+    FlamingoImageProcessor,
+    FlamingoProcessor,
+)
 from modeling_flamingo.hub_code import (
     CONFIG_AUTO_MAP,
     IMAGE_PROCESSOR_AUTO_MAP,
@@ -303,12 +317,43 @@ def test_saving_keeps_the_transformers_config_and_is_idempotent(tmp_path):
     assert missing_remote_code(folder) == []
 
 
-def test_package_classes_win_where_the_package_is_imported(saved):
-    folder = saved.folders["gpt_neox"]
-    for trust in (None, True):
-        model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=trust)
-        assert type(model) is FlamingoForConditionalGeneration
-        assert type(AutoProcessor.from_pretrained(folder, trust_remote_code=trust)) is FlamingoProcessor
+@pytest.fixture(scope="module")
+def hub_folder(tmp_path_factory) -> Path:
+    """A saved gpt_neox model and processor (with their remote code), for loading in this process."""
+    folder = tmp_path_factory.mktemp("hub_folder")
+    model, processor = tiny_model_and_processor("gpt_neox")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("trust", [None, False, True])
+def test_package_classes_win_where_the_package_is_imported(hub_folder, trust):
+    # What docs/hub.md promises: once the package is imported, every Auto class it registers resolves to the package's
+    # class, whatever trust_remote_code says: transformers prefers a registered class from outside its own package
+    # to a folder's code. (AutoModelForCausalLM used to ask for remote code, and with trust_remote_code=True loaded
+    # the folder's copy.)
+    expected = {
+        AutoConfig: FlamingoConfig,
+        AutoModelForImageTextToText: FlamingoForConditionalGeneration,
+        AutoModelForCausalLM: FlamingoForConditionalGeneration,
+        AutoProcessor: FlamingoProcessor,
+        AutoImageProcessor: FlamingoImageProcessor,
+    }
+    for auto_class, package_class in expected.items():
+        loaded = auto_class.from_pretrained(hub_folder, trust_remote_code=trust)
+        assert type(loaded) is package_class, (auto_class.__name__, type(loaded).__module__)
+
+
+def test_auto_model_is_not_mapped_and_says_so(hub_folder):
+    # No head-less base model (docs/hub.md says why): AutoModel refuses the config instead of returning logits where
+    # hidden states are expected, and the hidden states come from the model with output_hidden_states=True.
+    with pytest.raises(ValueError, match="Unrecognized configuration class .*FlamingoConfig.* AutoModel"):
+        AutoModel.from_pretrained(hub_folder)
+    model = AutoModelForCausalLM.from_pretrained(hub_folder)
+    ids = torch.tensor([[5, 6, 7]])
+    hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+    assert hidden.shape == (1, 3, model.config.text_config.hidden_size)
 
 
 # --- (b) the export refuses what a hub folder could not import -------------------------------------------------------

@@ -305,3 +305,190 @@ def test_gradient_checkpointing_gives_the_same_gradients(setup):
     assert any(n.startswith("perceiver.") for n in plain)
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+# --- numerical isolation: what is never attended cannot leak, even as NaN -------------------------------------------
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("padding", [float("nan"), float("inf"), 1e30])
+def test_padding_image_slots_are_never_read(setup, padding):
+    _, model, _, batch, pixels = setup  # sample 1 has one image: its second slot is padding
+    zero = pixels.clone()
+    zero[1, 1] = 0
+    garbage = pixels.clone()
+    garbage[1, 1] = padding
+    kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    expected = model(**kwargs, pixel_values=zero)
+    assert torch.isfinite(expected.logits).all()
+    assert torch.equal(model(**kwargs, pixel_values=garbage).logits, expected.logits)
+
+    features = expected.image_features.clone()
+    features[1, 1] = padding
+    assert torch.equal(model(**kwargs, image_features=features).logits, expected.logits)
+    # The decoding path (cached keys and values, one image kept per sample) too.
+    generated = model.generate(**kwargs, pixel_values=garbage, max_new_tokens=4, do_sample=False)
+    assert torch.equal(generated, model.generate(**kwargs, pixel_values=zero, max_new_tokens=4, do_sample=False))
+    generated = model.generate(**kwargs, image_features=features, max_new_tokens=4, do_sample=False)
+    assert torch.equal(generated, model.generate(**kwargs, pixel_values=zero, max_new_tokens=4, do_sample=False))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("immediate", [True, False])
+def test_a_sample_without_images_ignores_the_batch_padding_slot(setup, tokenizer_prompts, immediate):
+    original, model, tokenizer, _, _ = setup
+    if not immediate:
+        model = ours_from_original(original, tokenizer, "llama", only_attend_immediate_media=False)
+    batch = tokenizer_prompts(["<image>A dog runs after", "Two people playing tennis"])
+    pixels = random_pixels(2, 1)
+    pixels[1] = float("nan")  # sample 1 has no <image>: its only slot is padding
+    kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    logits = model(**kwargs, pixel_values=pixels).logits
+    alone = model(input_ids=batch.input_ids[1:], attention_mask=batch.attention_mask[1:]).logits
+    assert torch.isfinite(logits).all()
+    torch.testing.assert_close(logits[1:], alone, atol=1e-5, rtol=0)  # a batch of one is computed differently
+    generated = model.generate(**kwargs, pixel_values=pixels, max_new_tokens=4, do_sample=False)
+    pixels[1] = 0
+    assert torch.equal(generated, model.generate(**kwargs, pixel_values=pixels, max_new_tokens=4, do_sample=False))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("scale", [1.0, 1e3])
+def test_tokens_before_the_first_image_do_not_depend_on_any_image(setup, tokenizer_prompts, scale):
+    # (Values so large that the tokens after the image overflow are out of reach: the language model's own
+    # self-attention then spreads their NaN to every position, masked or not.)
+    _, model, _, _, _ = setup
+    batch = tokenizer_prompts(["A dog runs <image>after a red ball", "Two <image>people playing"])
+    first = int((batch.input_ids[0] == model.config.media_token_id).nonzero()[0])
+    kwargs = dict(input_ids=batch.input_ids[:1], attention_mask=batch.attention_mask[:1])
+    features = model(**kwargs, pixel_values=random_pixels(1, 1)).image_features
+    base = model(**kwargs, image_features=features).logits
+    other = model(**kwargs, image_features=torch.randn_like(features) * scale).logits
+    assert torch.isfinite(other).all()
+    assert torch.equal(other[:, :first], base[:, :first])
+    assert not torch.equal(other[0, first:], base[0, first:])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("immediate", [True, False])
+def test_cross_attention_output_is_exactly_zero_for_tokens_without_an_image(setup, bad, immediate):
+    # At the block level, whatever the image keys and values hold, a token with no image gets exactly zero: in the
+    # prompt path (all images, masked) and in the decoding path (one token, the image gathered).
+    _, model, _, _, _ = setup
+    attn = model.gated_cross_attn_layers[0].attn
+    attn.only_attend_immediate_media = immediate
+    try:
+        hidden = torch.randn(2, 5, model.config.text_config.hidden_size)
+        key, value = attn.project_media(torch.randn(2, 3, 4, model.config.vision_config.hidden_size))
+        key[1], value[1] = bad, bad  # sample 1 has no image: any values may sit in its slots
+        indices = torch.tensor([[0, 0, 1, 1, 1], [0, 0, 0, 0, 0]])
+        out = attn(hidden, key, value, indices)
+        assert torch.equal(out[0, :2], torch.zeros_like(out[0, :2])) and torch.equal(out[1], torch.zeros_like(out[1]))
+        step = attn(hidden[:, -1:], key, value, indices[:, -1:])
+        assert torch.equal(step[1], torch.zeros_like(step[1]))
+    finally:
+        attn.only_attend_immediate_media = model.config.only_attend_immediate_media
+
+
+@pytest.fixture(scope="module")
+def tokenizer_prompts(setup):
+    _, _, tokenizer, _, _ = setup
+
+    def encode(prompts: list[str]):
+        return tokenizer(prompts, return_tensors="pt", padding=True)
+
+    return encode
+
+
+# --- bad values: one ValueError naming the problem -----------------------------------------------------------------
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_values_in_an_attended_image_are_refused(setup, bad):
+    _, model, _, batch, pixels = setup
+    kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    broken = pixels.clone()
+    broken[0, 1, 0, 2, 5, 7] = bad
+    message = r"pixel_values of sample 0, image 1 \(0-based\) contain NaN or infinite values"
+    with pytest.raises(ValueError, match=message):
+        model(**kwargs, pixel_values=broken)
+    with pytest.raises(ValueError, match=message):
+        model.generate(**kwargs, pixel_values=broken, max_new_tokens=2)
+    features = model(**kwargs, pixel_values=pixels).image_features.clone()
+    features[1, 0, 3, 1] = bad
+    message = r"image_features of sample 1, image 0 \(0-based\) contain NaN or infinite values"
+    with pytest.raises(ValueError, match=message):
+        model(**kwargs, image_features=features)
+    with pytest.raises(ValueError, match=message):
+        model.generate(**kwargs, image_features=features, max_new_tokens=2)
+
+
+def test_empty_text_is_refused(setup):
+    _, model, _, batch, pixels = setup
+    empty = batch.input_ids[:, :0]
+    for call in (model, model.generate):
+        with pytest.raises(ValueError, match=r"The text input is empty \(shape \(2, 0\)\)"):
+            call(input_ids=empty, pixel_values=pixels)
+        with pytest.raises(ValueError, match=r"The text input is empty"):
+            call(input_ids=empty, attention_mask=batch.attention_mask[:, :0])
+
+
+@pytest.mark.parametrize(
+    "shape, message",
+    [
+        (
+            (2, 64, 64),
+            r"image_features must be resampler latents of shape \(batch, images, 64, 64\) .*got \(2, 64, 64\)",
+        ),
+        ((2, 2, 64, 32), r"got \(2, 2, 64, 32\)"),
+        ((2, 2, 9, 64), r"got \(2, 2, 9, 64\)"),  # vision tokens instead of resampler latents
+        ((2, 2, 1, 64, 64), r"got \(2, 2, 1, 64, 64\)"),
+    ],
+)
+def test_image_features_of_the_wrong_shape_are_refused(setup, shape, message):
+    _, model, _, batch, _ = setup
+    for call in (model, model.generate):
+        with pytest.raises(ValueError, match=message):
+            call(input_ids=batch.input_ids, attention_mask=batch.attention_mask, image_features=torch.zeros(shape))
+
+
+@torch.no_grad()
+def test_image_features_are_cast_to_the_model_dtype(setup):
+    _, model, _, batch, pixels = setup
+    kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    expected = model(**kwargs, pixel_values=pixels)
+    out = model(**kwargs, image_features=expected.image_features.double())
+    torch.testing.assert_close(out.logits, expected.logits, atol=0, rtol=0)
+    half = expected.image_features.half()
+    assert torch.equal(
+        model(**kwargs, image_features=half).logits, model(**kwargs, image_features=half.float()).logits
+    )
+    generated = model.generate(**kwargs, image_features=expected.image_features.double(), max_new_tokens=3)
+    assert torch.equal(generated, model.generate(**kwargs, pixel_values=pixels, max_new_tokens=3))
+    with pytest.raises(ValueError, match="image_features must be a floating-point tensor; got torch.int64"):
+        model(**kwargs, image_features=expected.image_features.long())
+
+
+@pytest.mark.parametrize("token", [-1, 10_000])
+def test_token_ids_outside_the_vocabulary_are_refused(setup, token):
+    _, model, _, batch, pixels = setup
+    ids = batch.input_ids.clone()
+    ids[1, -2] = token
+    vocab = model.get_input_embeddings().weight.shape[0]
+    message = rf"Sample 1 has token id {token}, outside the vocabulary of {vocab} tokens \(ids 0 to {vocab - 1}\)"
+    for call in (model, model.generate):
+        with pytest.raises(ValueError, match=message):
+            call(input_ids=ids, attention_mask=batch.attention_mask, pixel_values=pixels)
+    with pytest.raises(ValueError, match=message):  # text only
+        model(input_ids=ids[:, -3:])
+
+
+def test_an_all_zero_attention_mask_row_is_refused(setup):
+    _, model, _, batch, pixels = setup
+    mask = batch.attention_mask.clone()
+    mask[1] = 0
+    for call in (model, model.generate):
+        with pytest.raises(ValueError, match=r"The attention_mask of sample 1 is all zeros"):
+            call(input_ids=batch.input_ids, attention_mask=mask, pixel_values=pixels)

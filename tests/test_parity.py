@@ -132,6 +132,21 @@ def test_each_token_sees_its_own_image_only(pair):
 
 
 @torch.no_grad()
+def test_padding_slots_are_never_read_bit_for_bit(pair):
+    # Whatever sample 1's padding slots hold (NaN here), its logits and tokens are those of zero padding, exactly:
+    # the slots are replaced by zeros before any attention reads them, in every language model family.
+    _, _, ours, tokenizer, batch, pixels = pair
+    kwargs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    nan = pixels.clone()
+    nan[1, 1:] = float("nan")
+    assert torch.equal(ours(**kwargs, pixel_values=nan).logits, ours(**kwargs, pixel_values=pixels).logits)
+    generate = dict(max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert torch.equal(
+        ours.generate(**kwargs, pixel_values=nan, **generate), ours.generate(**kwargs, pixel_values=pixels, **generate)
+    )
+
+
+@torch.no_grad()
 def test_attending_to_all_previous_images_would_be_caught(pair):
     family, original, _, tokenizer, batch, pixels = pair
     wrong = ours_from_original(original, tokenizer, family, only_attend_immediate_media=False)

@@ -524,3 +524,33 @@ def test_existing_flamingo_tokens_are_left_alone():
     assert "<extra>" in processor.tokenizer.extra_special_tokens
     assert processor.tokenizer.pad_token == PAD
     assert processor.media_token_id == ids[MEDIA] and processor.eoc_token_id == ids[EOC]
+
+
+@pytest.mark.parametrize(
+    "make_bad, problem",
+    [
+        (lambda: None, r"is None"),
+        (lambda: Image.new("RGB", (0, 0)), r"has no pixels \(size 0x0\)"),
+        (lambda: Image.new("RGB", (0, 7)), r"has no pixels \(size 0x7\)"),
+        (lambda: np.zeros((0, 5, 3), dtype=np.uint8), r"has no pixels \(shape \(0, 5, 3\)\)"),
+        (lambda: np.full((8, 8, 3), np.nan, dtype=np.float32), r"contains NaN or infinite values"),
+        (lambda: torch.full((3, 8, 8), float("inf")), r"contains NaN or infinite values"),
+    ],
+)
+def test_unusable_images_are_named(processor, images, make_bad, problem):
+    good = images[0]
+    with pytest.raises(ValueError, match=rf"^Sample 1, image 1 \(0-based\) {problem}\.$"):
+        processor(images=[[good], [good, make_bad()]], text=[f"{MEDIA}A", f"{MEDIA}B{MEDIA}C"])
+    with pytest.raises(ValueError, match=rf"^Sample 0, image 0 \(0-based\) {problem}\.$"):
+        processor(images=[make_bad()], text=f"{MEDIA}A")
+    with pytest.raises(ValueError, match=rf"^Image 2 \(0-based\) {problem}\.$"):
+        processor.image_processor([good, good, make_bad()])
+
+
+def test_a_float_image_with_nan_is_refused_even_alone(image_processor):
+    image = np.full((8, 8, 3), 0.5, dtype=np.float32)
+    image[3, 4, 1] = np.nan
+    with pytest.raises(ValueError, match=r"^Image 0 \(0-based\) contains NaN or infinite values\.$"):
+        image_processor(image)
+    with pytest.raises(ValueError, match="contains NaN or infinite values"):
+        image_processor.process_image(image)
