@@ -6,6 +6,18 @@ cd "$(dirname "$0")/.."
 VENV="${VENV:-.venv-test}"
 PYTHON="${PYTHON:-python3}"
 
+# Evaluation metrics: CIDEr's PTB tokenizer runs on Java; OK-VQA stemming reads WordNet 3.0 from Debian's packages
+# (NLTK's punkt_tab/tagger data cannot be installed from a package registry: see evaluation/metrics.py).
+if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    missing=()
+    command -v java >/dev/null || missing+=(default-jre-headless)
+    [ -f /usr/share/wordnet/data.noun ] || missing+=(wordnet-base)
+    [ -f /usr/share/wordnet/index.sense ] || missing+=(wordnet-sense-index)
+    if [ ${#missing[@]} -gt 0 ]; then
+        apt-get update -q && apt-get install -y -q --no-install-recommends "${missing[@]}"
+    fi
+fi
+
 "$PYTHON" -m venv --clear "$VENV"
 pip() { "$VENV/bin/python" -m pip "$@"; }
 pip install -q --upgrade pip
