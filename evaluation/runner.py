@@ -34,7 +34,8 @@ def _distributed_state():
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from accelerate import PartialState
 
-        return PartialState()
+        # Without CUDA, `cpu=True` is what makes accelerate start a gloo process group instead of one process.
+        return PartialState(cpu=not torch.cuda.is_available())
     return _SingleProcess()
 
 

@@ -85,7 +85,7 @@ class TaskSpec:
         from modeling_flamingo.evaluation import metrics
 
         if self.kind == "captioning":
-            return metrics.cider(predictions, references), metrics.cider_per_item(predictions, references)
+            return metrics.cider_scores(predictions, references)  # one tokenizer run for both
         if self.kind == "vqa":
             per_item = {k: 100.0 * metrics.vqa_item_accuracy(predictions[k], references[k]) for k in predictions}
             return metrics.vqa_accuracy(predictions, references), per_item
