@@ -63,8 +63,7 @@ class TaskSpec:
         demo_join: appended after every demonstration.
         max_new_tokens: generation length (generation tasks).
         postprocess: generated text -> prediction.
-        class_names: classification label set.
-        top_k: the original's top-k for classification (1 for Hateful Memes, 5 for ImageNet; top-1 is scored).
+        class_names: classification label set (every name is scored for every item).
     """
 
     name: str
