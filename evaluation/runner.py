@@ -323,6 +323,9 @@ def rices_retriever(
 def run_evaluation(args: argparse.Namespace, eval_model: FlamingoEvalModel | None = None) -> dict[str, list[dict]]:
     """Run every selected task, shot count and trial; write the results file (main process) and return the results
     (`{task: [{shots, trials, mean, stddev}]}`, empty on the other processes)."""
+    from modeling_flamingo.evaluation.data_dir import apply_data_dir
+
+    apply_data_dir(args)
     tasks = selected_tasks(args)
     if not tasks:
         raise EvalInputError(
@@ -350,6 +353,7 @@ def run_evaluation(args: argparse.Namespace, eval_model: FlamingoEvalModel | Non
             args.device_map,
             device=device,
             latents_cache_bytes=int(args.latents_cache_mb) << 20,
+            class_batch_size=getattr(args, "class_batch_size", 64),
         )
 
     results: dict[str, list[dict]] = {}
