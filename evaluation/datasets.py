@@ -1,0 +1,268 @@
+"""The file layouts of the eight benchmarks, read into lists of `EvalItem` in the original harness's order.
+
+Every reader keeps the item order of the original's `eval_datasets.py` (which the seeded draws index into), loads
+images lazily and turns any bad input into one `EvalInputError` that names the file and the item.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+
+# torchvision's ImageFolder extensions (the original reads ImageNet with ImageFolder).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+class EvalInputError(ValueError):
+    """A missing or malformed dataset file, or an unreadable image; the message names the file and the item."""
+
+
+@dataclass
+class EvalItem:
+    """One example of a split.
+
+    `id` is what predictions and metrics are keyed by (COCO `cocoid`, Flickr file stem, VQA `question_id`, Hateful
+    Memes `id`, ImageNet index in the folder listing). `answers` holds the reference captions or VQA answers;
+    `caption`/`answers[0]`/`class_name` fill a demonstration's answer slot.
+    """
+
+    id: Any
+    image_path: str
+    caption: str | None = None
+    question: str | None = None
+    answers: list[str] = field(default_factory=list)
+    class_name: str | None = None
+    ocr: str | None = None
+    convert_rgb: bool = False  # ImageFolder's loader converts to RGB; the other original datasets do not
+
+    def load_image(self, context: str = "") -> Image.Image:
+        """Open and decode the image (raises `EvalInputError` naming the file and the item)."""
+        where = f"{context}item {self.id!r}"
+        if not os.path.isfile(self.image_path):
+            raise EvalInputError(f"{where}: image file {self.image_path} does not exist.")
+        try:
+            image = Image.open(self.image_path)
+            image.load()
+        except Exception as err:  # PIL raises several unrelated types for undecodable files
+            raise EvalInputError(f"{where}: cannot decode image {self.image_path}: {err}") from err
+        return image.convert("RGB") if self.convert_rgb else image
+
+
+def _require(path: str | None, flag: str) -> str:
+    if not path:
+        raise EvalInputError(f"--{flag} is required for this task.")
+    return path
+
+
+def _read_json(path: str, flag: str) -> Any:
+    path = _require(path, flag)
+    if not os.path.isfile(path):
+        raise EvalInputError(f"--{flag}: file {path} does not exist.")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise EvalInputError(f"--{flag}: {path} is not valid JSON: {err}") from err
+
+
+def _field(record: Any, key: str, path: str, what: str) -> Any:
+    if not isinstance(record, dict) or key not in record:
+        raise EvalInputError(f"{path}: {what} has no {key!r} field.")
+    return record[key]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Captioning: Karpathy split files (`dataset_coco.json`, `dataset_flickr30k.json`).
+
+
+def read_karpathy_captions(
+    karpathy_json: str,
+    split: str,
+    dataset: str,
+    train_image_dir: str | None,
+    val_image_dir: str | None = None,
+    flag: str = "coco_karpathy_json_path",
+) -> list[EvalItem]:
+    """Items of `split` ("train" or "test"), in file order.
+
+    COCO images live in `train_image_dir` when their `filepath` is `train2014`, else in `val_image_dir`; Flickr30K
+    has a single image folder. Ids: COCO `cocoid`, Flickr the file name without extension.
+    """
+    data = _read_json(karpathy_json, flag)
+    images = data.get("images") if isinstance(data, dict) else None
+    if not isinstance(images, list):
+        raise EvalInputError(f"{karpathy_json}: expected a Karpathy split file with an 'images' list.")
+    items = []
+    for position, record in enumerate(images):
+        what = f"image entry {position}"
+        if _field(record, "split", karpathy_json, what) != split:
+            continue
+        filename = _field(record, "filename", karpathy_json, what)
+        sentences = _field(record, "sentences", karpathy_json, what)
+        if not sentences or not all(isinstance(s, dict) and "raw" in s for s in sentences):
+            raise EvalInputError(f"{karpathy_json}: {what} ({filename}) has no sentences with a 'raw' caption.")
+        if dataset == "coco":
+            in_train = _field(record, "filepath", karpathy_json, what) == "train2014"
+            folder = train_image_dir if in_train else val_image_dir
+            item_id = _field(record, "cocoid", karpathy_json, what)
+        else:
+            folder = train_image_dir
+            item_id = filename.split(".")[0]
+        if folder is None:
+            raise EvalInputError(f"{karpathy_json}: {what} ({filename}) needs an image folder that was not given.")
+        items.append(
+            EvalItem(
+                id=item_id,
+                image_path=os.path.join(folder, filename),
+                caption=sentences[0]["raw"],
+                answers=[s["raw"] for s in sentences],
+            )
+        )
+    return items
+
+
+def read_coco_style_references(annotations_json: str, flag: str) -> dict[Any, list[str]]:
+    """`{image_id: [captions]}` from a COCO-style captions file (`captions_val2014.json`), the metric's ground
+    truth in the original (it scores against this file, not the Karpathy sentences)."""
+    data = _read_json(annotations_json, flag)
+    annotations = data.get("annotations") if isinstance(data, dict) else None
+    if not isinstance(annotations, list):
+        raise EvalInputError(f"{annotations_json}: expected a COCO-style file with an 'annotations' list.")
+    references: dict[Any, list[str]] = {}
+    for position, record in enumerate(annotations):
+        image_id = _field(record, "image_id", annotations_json, f"annotation {position}")
+        references.setdefault(image_id, []).append(
+            _field(record, "caption", annotations_json, f"annotation {position}")
+        )
+    return references
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# VQA: questions + annotations JSON pairs (official VQAv2/OK-VQA files, the `*_vqa_format.json` of TextVQA/VizWiz).
+
+
+def vqa_image_path(dataset: str, image_dir: str, image_id: Any) -> str:
+    if dataset in ("vqav2", "ok_vqa"):
+        # COCO file names carry the split folder's name: COCO_val2014_000000000042.jpg
+        split = image_dir.strip("/").split("/")[-1]
+        if split not in ("train2014", "val2014", "test2015"):
+            raise EvalInputError(
+                f"{dataset}: the image folder must be the COCO train2014, val2014 or test2015 folder (its name is "
+                f"part of every file name); got {image_dir}."
+            )
+        return os.path.join(image_dir, f"COCO_{split}_{int(image_id):012d}.jpg")
+    if dataset == "vizwiz":
+        return os.path.join(image_dir, str(image_id))
+    return os.path.join(image_dir, f"{image_id}.jpg")  # textvqa
+
+
+def read_vqa(
+    dataset: str,
+    image_dir: str | None,
+    questions_json: str | None,
+    annotations_json: str | None,
+    flags: tuple[str, str, str],
+) -> list[EvalItem]:
+    """Questions in file order; answers from the annotation at the same list position (as the original pairs
+    them). `flags` names the image-dir, questions and annotations flags for error messages."""
+    image_dir = _require(image_dir, flags[0])
+    questions = _read_json(questions_json, flags[1])
+    annotations = _read_json(annotations_json, flags[2])
+    if not isinstance(questions, dict) or not isinstance(questions.get("questions"), list):
+        raise EvalInputError(f"{questions_json}: expected a VQA questions file with a 'questions' list.")
+    if not isinstance(annotations, dict) or not isinstance(annotations.get("annotations"), list):
+        raise EvalInputError(f"{annotations_json}: expected a VQA annotations file with an 'annotations' list.")
+    questions, annotations = questions["questions"], annotations["annotations"]
+    if len(questions) != len(annotations):
+        raise EvalInputError(
+            f"{questions_json} has {len(questions)} questions but {annotations_json} has {len(annotations)} "
+            "annotations; they are paired by position and must match."
+        )
+    items = []
+    for position, (question, annotation) in enumerate(zip(questions, annotations, strict=True)):
+        what = f"question {position}"
+        question_id = _field(question, "question_id", questions_json, what)
+        answers = _field(annotation, "answers", annotations_json, f"annotation {position}")
+        if not answers or not all(isinstance(a, dict) and "answer" in a for a in answers):
+            raise EvalInputError(f"{annotations_json}: annotation {position} has no answers with an 'answer' field.")
+        if annotation.get("question_id", question_id) != question_id:
+            raise EvalInputError(
+                f"{annotations_json}: annotation {position} is for question {annotation['question_id']} but "
+                f"{questions_json} has question {question_id} at that position."
+            )
+        items.append(
+            EvalItem(
+                id=question_id,
+                image_path=vqa_image_path(dataset, image_dir, _field(question, "image_id", questions_json, what)),
+                question=_field(question, "question", questions_json, what),
+                answers=[a["answer"] for a in answers],
+            )
+        )
+    return items
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Classification.
+
+
+def read_hateful_memes(image_dir: str | None, annotations_jsonl: str | None, flags: tuple[str, str]) -> list[EvalItem]:
+    """JSONL lines `{id, img, label, text}`; label 1 is "yes" (hateful). Images are looked up by base name."""
+    image_dir = _require(image_dir, flags[0])
+    path = _require(annotations_jsonl, flags[1])
+    if not os.path.isfile(path):
+        raise EvalInputError(f"--{flags[1]}: file {path} does not exist.")
+    items = []
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise EvalInputError(f"{path}: line {line_number} is not valid JSON: {err}") from err
+            what = f"line {line_number}"
+            label = _field(record, "label", path, what)
+            if label not in (0, 1):
+                raise EvalInputError(f"{path}: {what} has label {label!r}; expected 0 or 1.")
+            items.append(
+                EvalItem(
+                    id=_field(record, "id", path, what),
+                    image_path=os.path.join(image_dir, str(_field(record, "img", path, what)).split("/")[-1]),
+                    ocr=_field(record, "text", path, what),
+                    class_name="yes" if label == 1 else "no",
+                )
+            )
+    return items
+
+
+def read_image_folder(root: str, class_names: Sequence[str], flag: str = "imagenet_root") -> list[EvalItem]:
+    """torchvision `ImageFolder` order: class folders sorted by name (folder i is class `class_names[i]`), files
+    sorted within each (sub)folder. Ids are positions in this listing, as the original's."""
+    if not os.path.isdir(root):
+        raise EvalInputError(f"--{flag}: folder {root} does not exist.")
+    folders = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    if not folders:
+        raise EvalInputError(f"--{flag}: {root} has no class folders.")
+    if len(folders) > len(class_names):
+        raise EvalInputError(f"{root} has {len(folders)} class folders but only {len(class_names)} class names exist.")
+    items = []
+    for class_index, folder in enumerate(folders):
+        for dirpath, _, filenames in sorted(os.walk(os.path.join(root, folder), followlinks=True)):
+            for filename in sorted(filenames):
+                if filename.lower().endswith(IMAGE_EXTENSIONS):
+                    items.append(
+                        EvalItem(
+                            id=len(items),
+                            image_path=os.path.join(dirpath, filename),
+                            class_name=class_names[class_index],
+                            convert_rgb=True,
+                        )
+                    )
+    if not items:
+        raise EvalInputError(f"--{flag}: {root} has no image files.")
+    return items

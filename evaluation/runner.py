@@ -1,0 +1,377 @@
+"""The evaluation loop: plans, batches, streamed predictions, resume, multi-process gather, scores."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from modeling_flamingo.evaluation.datasets import EvalInputError, EvalItem
+from modeling_flamingo.evaluation.eval_model import FlamingoEvalModel
+from modeling_flamingo.evaluation.results import atomic_write_text, shot_summary, write_results
+from modeling_flamingo.evaluation.sampling import PlannedItem, plan_trial, shard_batches
+from modeling_flamingo.evaluation.tasks import IMAGE, TASKS, LoadedTask, TaskSpec
+
+
+class _SingleProcess:
+    """What the runner uses of `accelerate.PartialState` when no launcher started several processes."""
+
+    process_index = 0
+    num_processes = 1
+    is_main_process = True
+
+    def wait_for_everyone(self) -> None:
+        pass
+
+
+def _distributed_state():
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        # Without CUDA, `cpu=True` is what makes accelerate start a gloo process group instead of one process.
+        return PartialState(cpu=not torch.cuda.is_available())
+    return _SingleProcess()
+
+
+def _gather(state, records: list[dict]) -> list[dict]:
+    if state.num_processes == 1:
+        return records
+    from accelerate.utils import gather_object
+
+    return gather_object(records)
+
+
+def selected_tasks(args: argparse.Namespace) -> list[TaskSpec]:
+    return [spec for spec in TASKS.values() if getattr(args, spec.flag, False)]
+
+
+def predictions_dir(args: argparse.Namespace) -> Path:
+    """`<results_file stem>/predictions` (next to the results file), or `./predictions` without a results file."""
+    if args.results_file:
+        results = Path(args.results_file)
+        return results.with_suffix("") / "predictions"
+    return Path("predictions")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# prompts
+
+
+def build_prompt(
+    spec: TaskSpec, loaded: LoadedTask, item: EvalItem, demos: Sequence[int], num_shots: int, zero_shot_images: str
+) -> tuple[str, list[EvalItem]]:
+    """(text, images) of one query with its demonstrations, as the original assembles them.
+
+    At zero shots the demonstrations' text is kept without its `<image>` tags and their images are not passed,
+    except in classification with `zero_shot_images="original"`, where, like the original, the two demonstration
+    images are passed anyway (the query's `<image>` then attends to the first of them).
+    """
+    demo_items = [loaded.train[d] for d in demos]
+    context = "".join(spec.demo_prompt(demo) + spec.demo_join for demo in demo_items)
+    pass_demo_images = num_shots > 0 or (spec.kind == "classification" and zero_shot_images == "original")
+    if num_shots == 0:
+        context = context.replace(IMAGE, "")
+    images = (demo_items if pass_demo_images else []) + [item]
+    return context + spec.query_prompt(item), images
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# predictions files
+
+
+def _read_records(path: Path) -> list[dict]:
+    records = []
+    if not path.is_file():
+        return records
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # the line an interrupted run was writing
+    return records
+
+
+def _existing_records(final: Path) -> dict[str, dict]:
+    records: dict[str, dict] = {}
+    for path in [final, *sorted(final.parent.glob(final.name + ".rank*"))]:
+        for record in _read_records(path):
+            records[json.dumps(record["id"])] = record
+    return records
+
+
+def _id_key(item_id: Any) -> str:
+    return json.dumps(item_id)
+
+
+def _check_images(spec: TaskSpec, loaded: LoadedTask, plan: list[PlannedItem]) -> None:
+    """Fail before any compute if an image the trial needs is missing (undecodable ones fail when loaded)."""
+    for planned in plan:
+        needed = [("test", loaded.test[planned.index])]
+        needed += [("train", loaded.train[d]) for d in dict.fromkeys(d for o in planned.demos for d in o)]
+        for split, item in needed:
+            if not os.path.isfile(item.image_path):
+                raise EvalInputError(
+                    f"{spec.name} ({split} split) item {item.id!r}: image file {item.image_path} does not exist."
+                )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# one trial
+
+
+def evaluate_trial(
+    spec: TaskSpec,
+    loaded: LoadedTask,
+    eval_model: FlamingoEvalModel,
+    num_shots: int,
+    seed: int,
+    args: argparse.Namespace,
+    state=None,
+    retrieve: Callable[[list[int], int], list[list[int]]] | None = None,
+) -> float | None:
+    """Evaluate one (task, shots, seed); returns the score on the main process (None elsewhere).
+
+    Predictions stream to `<predictions dir>/<task>-<shots>shot-seed<seed>.jsonl` (one `.rank<r>` file per
+    process when several run), are merged and scored at the end, and with `args.resume` finished items are read
+    back instead of recomputed.
+    """
+    state = state or _SingleProcess()
+    plan = plan_trial(
+        len(loaded.test),
+        len(loaded.train),
+        seed,
+        args.num_samples,
+        args.query_set_size,
+        num_shots,
+        args.batch_size,
+        prompt_ensembling=spec.kind == "classification" and args.classification_prompt_ensembling,
+        retrieve=retrieve,
+    )
+    _check_images(spec, loaded, plan)
+    final = predictions_dir(args) / f"{spec.name}-{num_shots}shot-seed{seed}.jsonl"
+    final.parent.mkdir(parents=True, exist_ok=True)
+    done = _existing_records(final) if args.resume else {}
+    for planned in plan:
+        record = done.get(_id_key(loaded.test[planned.index].id))
+        if record is not None and record["demo_ids"] != [[loaded.train[d].id for d in o] for o in planned.demos]:
+            raise EvalInputError(
+                f"--resume: {final} holds item {record['id']!r} with other demonstrations than this run draws; it was "
+                "written with different settings (seed, shots, num_samples, query_set_size, batch_size, rices). "
+                "Use another --results_file or remove that file."
+            )
+    state.wait_for_everyone()
+    stream = final if state.num_processes == 1 else final.with_name(f"{final.name}.rank{state.process_index}")
+    if not args.resume:
+        # Our own output of an earlier run of the same trial: start it over.
+        stream.unlink(missing_ok=True)
+        if state.is_main_process:
+            final.unlink(missing_ok=True)
+
+    batches = shard_batches(plan, args.batch_size, state.process_index, state.num_processes)
+    new_records: list[dict] = []
+    context = f"{spec.name} (test split) "
+    with open(stream, "a", encoding="utf-8") as out:
+        for batch in tqdm(
+            batches, desc=f"{spec.name} {num_shots}-shot seed {seed}", disable=not state.is_main_process, leave=False
+        ):
+            todo = [p for p in batch if _id_key(loaded.test[p.index].id) not in done]
+            if not todo:
+                continue
+            for record in _run_batch(spec, loaded, eval_model, todo, num_shots, args, context):
+                out.write(json.dumps(record) + "\n")
+                new_records.append(record)
+            out.flush()
+
+    gathered = _gather(state, new_records)
+    if not state.is_main_process:
+        return None
+    by_id = dict(done)
+    by_id.update({_id_key(r["id"]): r for r in gathered})
+    ordered = [by_id[_id_key(loaded.test[p.index].id)] for p in plan]
+    if spec.kind == "classification":
+        predictions = {
+            r["id"]: {"label": r["prediction"], "yes_probability": r.get("yes_probability")} for r in ordered
+        }
+    else:
+        predictions = {r["id"]: r["prediction"] for r in ordered}
+    references = {r["id"]: loaded.references[r["id"]] for r in ordered}
+    score, per_item = spec.score(predictions, references)
+    for record in ordered:
+        record["score"] = per_item[record["id"]]
+    atomic_write_text(final, "".join(json.dumps(r) + "\n" for r in ordered))
+    for part in final.parent.glob(final.name + ".rank*"):
+        part.unlink()
+    return float(score)
+
+
+def _run_batch(
+    spec: TaskSpec,
+    loaded: LoadedTask,
+    eval_model: FlamingoEvalModel,
+    batch: list[PlannedItem],
+    num_shots: int,
+    args: argparse.Namespace,
+    context: str,
+) -> list[dict]:
+    items = [loaded.test[p.index] for p in batch]
+    zero_shot_images = getattr(args, "zero_shot_classification_images", "original")
+    prompts = [
+        [build_prompt(spec, loaded, item, ordering, num_shots, zero_shot_images) for ordering in p.demos]
+        for item, p in zip(items, batch, strict=True)
+    ]
+    records = []
+    if spec.kind != "classification":
+        texts = [p[0][0] for p in prompts]
+        outputs = eval_model.generate(
+            texts, [p[0][1] for p in prompts], max_new_tokens=spec.max_new_tokens, num_beams=3, length_penalty=0.0,
+            context=context,
+        )  # fmt: skip
+        for item, planned, text, output in zip(items, batch, texts, outputs, strict=True):
+            records.append(_record(loaded, item, planned, text, spec.postprocess(output), raw=output))
+        return records
+
+    logprobs = []
+    for permutation in range(len(batch[0].demos)):
+        logprobs.append(
+            eval_model.rank_classifications(
+                [p[permutation][0] for p in prompts],
+                [p[permutation][1] for p in prompts],
+                spec.class_names,
+                use_cache=not args.no_caching_for_classification,
+                normalize_length=True,
+                context=context,
+            )
+        )
+    logprobs = torch.stack(logprobs, dim=-1).mean(-1)  # (B, C): the ensemble averages log-likelihoods
+    probabilities = torch.softmax(logprobs, dim=-1)
+    k = min(5, len(spec.class_names))
+    for b, (item, planned) in enumerate(zip(items, batch, strict=True)):
+        top = torch.topk(logprobs[b], k=k)
+        record = _record(loaded, item, planned, prompts[b][0][0], spec.class_names[int(top.indices[0])])
+        record["top_classes"] = [
+            [spec.class_names[int(i)], float(v)] for v, i in zip(top.values, top.indices, strict=True)
+        ]
+        if spec.name == "hateful_memes":
+            record["yes_probability"] = float(probabilities[b, list(spec.class_names).index("yes")])
+        records.append(record)
+    return records
+
+
+def _record(
+    loaded: LoadedTask, item: EvalItem, planned: PlannedItem, prompt: str, prediction: str, raw: str | None = None
+) -> dict:
+    record = {
+        "id": item.id,
+        "demo_ids": [[loaded.train[d].id for d in ordering] for ordering in planned.demos],
+        "prompt": prompt,
+        "prediction": prediction,
+        "references": loaded.references[item.id],
+    }
+    if raw is not None:
+        record["generation"] = raw
+    return record
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the whole run
+
+
+class _LazyImages(Sequence):
+    """The images of a split, opened one at a time when indexed (RICES embeds them in batches)."""
+
+    def __init__(self, items: Sequence[EvalItem], context: str):
+        self.items, self.context = items, context
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        return self.items[index].load_image(self.context)
+
+
+def rices_retriever(
+    spec: TaskSpec, loaded: LoadedTask, args: argparse.Namespace, device=None
+) -> Callable[[list[int], int], list[list[int]]]:
+    """RICES over the train split: CLIP embeddings of every train image (read from, or written to,
+    `<cached_demonstration_features>/<task>.pkl`, the original's file name), then per batch the k most similar
+    train items of each query image, most similar last."""
+    from modeling_flamingo.evaluation.rices import RICES, ClipImageEncoder
+
+    encoder = ClipImageEncoder(args.rices_vision_encoder_path, device=device)
+    cache_file = None
+    if args.cached_demonstration_features:
+        cache_file = Path(args.cached_demonstration_features) / f"{spec.name}.pkl"
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+    rices = RICES.from_images(
+        _LazyImages(loaded.train, f"{spec.name} (train split) "),
+        encoder,
+        batch_size=args.batch_size,
+        cache_file=cache_file,
+        desc=f"RICES features of the {spec.name} train split",
+    )
+    test_images = _LazyImages(loaded.test, f"{spec.name} (test split) ")
+    return lambda indices, k: rices.find([test_images[i] for i in indices], k)
+
+
+def run_evaluation(args: argparse.Namespace, eval_model: FlamingoEvalModel | None = None) -> dict[str, list[dict]]:
+    """Run every selected task, shot count and trial; write the results file (main process) and return the results
+    (`{task: [{shots, trials, mean, stddev}]}`, empty on the other processes)."""
+    from modeling_flamingo.evaluation.data_dir import apply_data_dir
+
+    apply_data_dir(args)
+    tasks = selected_tasks(args)
+    if not tasks:
+        raise EvalInputError(
+            "No task selected: pass at least one of " + ", ".join(f"--{s.flag}" for s in TASKS.values())
+        )
+    if len(args.trial_seeds) != args.num_trials:
+        raise EvalInputError(
+            f"--num_trials is {args.num_trials} but {len(args.trial_seeds)} --trial_seeds were given; give one seed per trial."
+        )
+    # Read every annotation file, and check the OK-VQA stemmer's data, before loading the model: bad input fails in
+    # seconds, not after an hour of generation.
+    loaded = {spec.name: spec.load(args) for spec in tasks}
+    if any(spec.name == "ok_vqa" for spec in tasks):
+        from modeling_flamingo.evaluation.metrics import check_okvqa_stemmer
+
+        check_okvqa_stemmer()
+    state = _distributed_state()
+    if eval_model is None:
+        device = None
+        if args.device_map is None:
+            device = state.device if state.num_processes > 1 else ("cuda" if torch.cuda.is_available() else "cpu")
+        eval_model = FlamingoEvalModel.from_pretrained(
+            args.model,
+            args.precision,
+            args.device_map,
+            device=device,
+            latents_cache_bytes=int(args.latents_cache_mb) << 20,
+            class_batch_size=getattr(args, "class_batch_size", 64),
+        )
+
+    results: dict[str, list[dict]] = {}
+    for spec in tasks:
+        entries = []
+        retrieve = rices_retriever(spec, loaded[spec.name], args, eval_model.device) if args.rices else None
+        for num_shots in args.shots:
+            trials = []
+            for seed in args.trial_seeds:
+                score = evaluate_trial(spec, loaded[spec.name], eval_model, num_shots, seed, args, state, retrieve)
+                if state.is_main_process:
+                    print(f"{spec.name} {num_shots}-shot seed {seed}: {score:.4f}", flush=True)
+                trials.append(score)
+            if state.is_main_process:
+                entries.append(shot_summary(num_shots, trials))
+        if state.is_main_process:
+            results[spec.name] = entries
+    if state.is_main_process and args.results_file:
+        write_results(args.results_file, results)
+    state.wait_for_everyone()
+    return results
