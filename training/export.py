@@ -101,7 +101,7 @@ def save_pretrained_folder(
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
     try:
-        model.save_pretrained(staging, state_dict=state_dict)
+        model.save_pretrained(staging, state_dict=dict(state_dict) if state_dict is not None else None)
         if processor is not None:
             processor.save_pretrained(staging)
         if folder.exists():

@@ -487,8 +487,9 @@ class FlamingoTrainer:
         if not acc.is_main_process:
             return
         model = self.unwrapped
-        save_pretrained_folder(model, self.processor, self.run_dir / "model", state_dict=state_dict)
         save_original_checkpoint(model, self.run_dir / "checkpoint.pt", state_dict=state_dict)
+        # save_pretrained consumes the dict it is given: a shallow copy keeps ours intact.
+        save_pretrained_folder(model, self.processor, self.run_dir / "model", state_dict=dict(state_dict))
 
 
 def _input_embedding_weight(model) -> torch.nn.Parameter:
