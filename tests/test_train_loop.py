@@ -9,28 +9,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from modeling_flamingo import FlamingoForConditionalGeneration
-from modeling_flamingo.testing import add_flamingo_tokens, make_tiny_tokenizer, tiny_flamingo_config
 from modeling_flamingo.training import FlamingoTrainer, find_latest_checkpoint
 
-from train_helpers import LAION_TEXTS, MMC4_TEXTS, fresh_accelerate_state, loader_factory, make_batch, train_args
-
-
-def tiny_model(seed: int = 0) -> tuple[FlamingoForConditionalGeneration, object]:
-    tokenizer = add_flamingo_tokens(make_tiny_tokenizer())
-    torch.manual_seed(seed)
-    model = FlamingoForConditionalGeneration(tiny_flamingo_config("mosaic_gpt", tokenizer))
-    with torch.no_grad():  # open the gates so the cross-attention shapes the loss
-        for block in model.gated_cross_attn_layers:
-            block.attn_gate.fill_(0.5)
-            block.ff_gate.fill_(0.5)
-    return model, tokenizer
-
-
-def batches(tokenizer, n: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
-    laion = [make_batch(tokenizer, LAION_TEXTS[i % 4 : i % 4 + 2], 1, False, seed + i) for i in range(n)]
-    mmc4 = [make_batch(tokenizer, MMC4_TEXTS[i % 4 : i % 4 + 2], 2, True, seed + 100 + i) for i in range(n)]
-    return laion, mmc4
+from train_helpers import batches, fresh_accelerate_state, loader_factory, make_batch, tiny_model, train_args
 
 
 def run(model, tokenizer, data, **overrides) -> FlamingoTrainer:

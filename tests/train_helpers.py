@@ -9,6 +9,8 @@ import contextlib
 import torch
 from accelerate.state import AcceleratorState, GradientState
 
+from modeling_flamingo import FlamingoForConditionalGeneration
+from modeling_flamingo.testing import add_flamingo_tokens, make_tiny_tokenizer, tiny_flamingo_config
 from modeling_flamingo.training import mask_flamingo_labels
 from modeling_flamingo.training.cli import build_parser
 
@@ -82,3 +84,34 @@ def fresh_accelerate_state():
     finally:
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
+
+
+def tiny_model(seed: int = 0) -> tuple[FlamingoForConditionalGeneration, object]:
+    tokenizer = add_flamingo_tokens(make_tiny_tokenizer())
+    torch.manual_seed(seed)
+    model = FlamingoForConditionalGeneration(tiny_flamingo_config("mosaic_gpt", tokenizer))
+    with torch.no_grad():  # open the gates so the cross-attention shapes the loss
+        for block in model.gated_cross_attn_layers:
+            block.attn_gate.fill_(0.5)
+            block.ff_gate.fill_(0.5)
+    return model, tokenizer
+
+
+def batches(tokenizer, n: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    laion = [make_batch(tokenizer, LAION_TEXTS[i % 4 : i % 4 + 2], 1, False, seed + i) for i in range(n)]
+    mmc4 = [make_batch(tokenizer, MMC4_TEXTS[i % 4 : i % 4 + 2], 2, True, seed + 100 + i) for i in range(n)]
+    return laion, mmc4
+
+
+def shard_batches(tokenizer, steps: int, shards: int, seed: int = 0) -> list[list[tuple[dict, dict]]]:
+    """`[step][shard] -> (laion batch, mmc4 batch)`, two samples each: the global batch of a step split in shards."""
+    out = []
+    for step in range(steps):
+        row = []
+        for shard in range(shards):
+            i = step * shards + shard
+            laion = make_batch(tokenizer, [LAION_TEXTS[i % 4], LAION_TEXTS[(i + 1) % 4]], 1, False, seed + i)
+            mmc4 = make_batch(tokenizer, [MMC4_TEXTS[i % 4], MMC4_TEXTS[(i + 2) % 4]], 2, True, seed + 100 + i)
+            row.append((laion, mmc4))
+        out.append(row)
+    return out
