@@ -29,6 +29,13 @@ _MOVED_FLAGS = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """Errors as one `error: ...` line on stderr and exit status 2 (no usage block: `--help` has it)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}\n")
+
+
 def _add(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
     """Add `--some_flag` also as `--some-flag`."""
     names = [name]
@@ -39,7 +46,7 @@ def _add(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="openflamingo-train",
         description="Train OpenFlamingo's resampler and gated cross-attention (the original recipe) on Accelerate.",
     )
@@ -103,6 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add(data, "--mmc4_textsim_threshold", type=float, default=0.24)
     _add(data, "--mmc4_max_num_images", type=int, default=6)
     _add(data, "--mmc4_min_num_images", type=int, default=1)
+    _add(
+        data,
+        "--mmc4_image_order",
+        default="document",
+        choices=["document", "text"],
+        help="MMC4 images in document order (the original) or each at its matched sentence (docs/training_data.md)",
+    )
+    _add(data, "--no_flip", action="store_true", help="no random horizontal flips (the original always flips)")
     return parser
 
 

@@ -18,6 +18,12 @@ def load_flamingo(
     path: str, revision: str | None = None
 ) -> tuple[FlamingoForConditionalGeneration, FlamingoProcessor]:
     """A saved or converted folder, or a hub id (original OpenFlamingo repos are converted once), in float32."""
+    from pathlib import Path
+
+    from modeling_flamingo.convert.sources import looks_like_repo_id
+
+    if not Path(path).is_dir() and not looks_like_repo_id(path):
+        raise ValueError(f"--model {path}: no such folder, and not a hub repo id")
     kwargs = {"revision": revision} if revision else {}
     model = FlamingoForConditionalGeneration.from_pretrained(path, dtype=torch.float32, **kwargs)
     processor = FlamingoProcessor.from_pretrained(path, **kwargs)
