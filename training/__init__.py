@@ -4,6 +4,7 @@
 `accelerate launch -m modeling_flamingo.training ...` or `openflamingo-train` (see docs/training.md).
 """
 
+from modeling_flamingo.training.cli import CONFIGS_DIR
 from modeling_flamingo.training.export import (
     original_checkpoint_state_dict,
     save_original_checkpoint,
@@ -19,6 +20,7 @@ from modeling_flamingo.training.optim import (
 from modeling_flamingo.training.trainer import FlamingoTrainer, TrainerState, find_latest_checkpoint
 
 __all__ = [
+    "CONFIGS_DIR",
     "EmbeddingGradientMask",
     "FlamingoTrainer",
     "TrainerState",

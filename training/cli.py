@@ -16,6 +16,9 @@ from pathlib import Path
 from modeling_flamingo.training.optim import LR_SCHEDULERS
 from modeling_flamingo.training.trainer import PRECISIONS
 
+# Accelerate launch configurations shipped with the package (ddp, fsdp_full, fsdp_hybrid, deepspeed_zero2/3).
+CONFIGS_DIR = Path(__file__).parent / "configs"
+
 # Flags of the original that this loop replaces by the accelerate config, and where their setting lives now.
 _MOVED_FLAGS = {
     "--fsdp": "distributed_type: FSDP in the accelerate config (training/configs/fsdp_full.yaml)",
@@ -210,4 +213,4 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["build_parser", "data_loader_factory", "main", "parse_args"]
+__all__ = ["CONFIGS_DIR", "build_parser", "data_loader_factory", "main", "parse_args"]

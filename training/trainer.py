@@ -142,12 +142,16 @@ class FlamingoTrainer:
         self._window_bad = False
 
         optimizer = build_optimizer(model, args.learning_rate, args.weight_decay)
+        if self.is_fsdp:
+            if not self.is_fsdp2:
+                raise ValueError(
+                    "Only FSDP2 (fsdp_version: 2 in the accelerate config) is supported; see docs/training.md."
+                )
+            plugin = acc.state.fsdp_plugin
+            if getattr(plugin, "transformer_cls_names_to_wrap", None) is None:
+                plugin.transformer_cls_names_to_wrap = fsdp_wrap_classes(model)
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.unwrapped: FlamingoForConditionalGeneration = acc.unwrap_model(self.model)
-        if self.is_fsdp and not self.is_fsdp2:
-            raise ValueError(
-                "Only FSDP2 (fsdp_version: 2 in the accelerate config) is supported; see docs/training.md."
-            )
 
         # Loaders of the first epoch: their length fixes the schedule.
         resume_dir = self._resume_dir()
@@ -492,6 +496,14 @@ class FlamingoTrainer:
         save_pretrained_folder(model, self.processor, self.run_dir / "model", state_dict=dict(state_dict))
 
 
+def fsdp_wrap_classes(model: FlamingoForConditionalGeneration) -> list[str]:
+    """The FSDP units: the classes of `model._no_split_modules` the model holds (CLIP encoder layers, the resampler,
+    the gated cross-attention blocks and the language model's decoder layers). Accelerate's default takes the whole
+    list, which names every supported language model's layer class and fails on the ones this model lacks."""
+    present = {type(module).__name__ for module in model.modules()}
+    return [name for name in model._no_split_modules if name in present]
+
+
 def _input_embedding_weight(model) -> torch.nn.Parameter:
     return model.get_input_embeddings().weight
 
@@ -531,5 +543,6 @@ __all__ = [
     "TrainLoaderLike",
     "TrainerState",
     "find_latest_checkpoint",
+    "fsdp_wrap_classes",
     "seed_everything",
 ]
