@@ -116,3 +116,37 @@ def test_non_finite_loss_skips_the_step_and_training_goes_on(tmp_path, capsys):
     after = trainable_state(model)
     assert all(torch.isfinite(v).all() for v in after.values())
     assert any(not torch.equal(before[n], after[n]) for n in after)
+
+
+def _one_step_grads(precision: str = "fp32", gradient_checkpointing: bool = False):
+    model, tokenizer = tiny_model()
+    laion, mmc4 = batches(tokenizer, 1)
+    args = train_args(
+        learning_rate=1e-3, warmup_steps=0, precision=precision, gradient_checkpointing=gradient_checkpointing
+    )
+    with fresh_accelerate_state():
+        trainer = FlamingoTrainer(args, model, None, loader_factory(laion, mmc4))
+        trainer.model.train()
+        losses = trainer.forward_backward({"laion": laion[0], "mmc4": mmc4[0]}, sync=True)
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        assert trainer.optimizer_step()
+    return losses, grads, model
+
+
+def test_gradient_checkpointing_gives_the_same_step():
+    losses, grads, _ = _one_step_grads()
+    losses_gc, grads_gc, model = _one_step_grads(gradient_checkpointing=True)
+    assert model.is_gradient_checkpointing
+    assert losses_gc == pytest.approx(losses, abs=1e-6)
+    assert grads_gc.keys() == grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads_gc[name], grads[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_bf16_autocast_trains_fp32_weights():
+    losses, grads, _ = _one_step_grads()
+    losses_bf16, grads_bf16, model = _one_step_grads(precision="amp_bf16")
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32
+    assert all(torch.isfinite(g).all() for g in grads_bf16.values())
+    assert losses_bf16 == pytest.approx(losses, rel=2e-2)  # bf16 rounding, not a different computation
+    assert losses_bf16 != losses
