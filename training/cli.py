@@ -101,6 +101,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add(optim, "--loss_multiplier_laion", type=float, default=1.0)
     _add(optim, "--loss_multiplier_mmc4", type=float, default=1.0)
 
+    lora = parser.add_argument_group("LoRA on the language model (not in the original recipe; needs peft)")
+    _add(lora, "--lora_r", type=int, default=0, help="LoRA rank; 0 (default) trains no adapter")
+    _add(lora, "--lora_alpha", type=float, default=16.0)
+    _add(lora, "--lora_dropout", type=float, default=0.0)
+    _add(
+        lora,
+        "--lora_target_modules",
+        nargs="*",
+        default=[],
+        help="module names in the decoder layers (default: the attention projections of the LM family)",
+    )
+
     data = parser.add_argument_group("data")
     _add(data, "--laion_shards", help="webdataset shards, e.g. /data/laion/{00000..00999}.tar")
     _add(data, "--mmc4_shards", help="webdataset shards, e.g. /data/mmc4/{00000..00999}.tar")
@@ -148,6 +160,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--max_steps must be >= 1; got {args.max_steps}")
     if args.checkpointing_steps is not None and args.checkpointing_steps < 1:
         parser.error(f"--checkpointing_steps must be >= 1; got {args.checkpointing_steps}")
+    if args.lora_r < 0:
+        parser.error(f"--lora_r must be >= 0; got {args.lora_r}")
+    if args.lora_r:
+        try:
+            __import__("peft")
+        except ImportError:
+            parser.error("--lora_r needs the peft package: pip install 'openflamingo-transformers[train]'")
     if args.warmup_steps < 0:
         parser.error(f"--warmup_steps must be >= 0; got {args.warmup_steps}")
     if args.learning_rate <= 0:

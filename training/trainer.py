@@ -130,6 +130,10 @@ class FlamingoTrainer:
         self.is_fsdp = acc.distributed_type == DistributedType.FSDP
 
         freeze_for_flamingo_training(model, train_embeddings=not args.freeze_lm_embeddings)
+        if getattr(args, "lora_r", 0):
+            from modeling_flamingo.training.lora import add_lora_adapters
+
+            add_lora_adapters(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules or None)
         if args.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.embedding_mask = None
@@ -491,6 +495,12 @@ class FlamingoTrainer:
         if not acc.is_main_process:
             return
         model = self.unwrapped
+        from modeling_flamingo.training.lora import has_lora, merged_state_dict, save_lora_adapter
+
+        if has_lora(model):
+            # The adapter as PEFT files; the exports carry the merged weights (the original layout has no LoRA).
+            save_lora_adapter(model, self.run_dir / "adapter", state_dict)
+            state_dict = merged_state_dict(model, state_dict)
         save_original_checkpoint(model, self.run_dir / "checkpoint.pt", state_dict=state_dict)
         # save_pretrained consumes the dict it is given: a shallow copy keeps ours intact.
         save_pretrained_folder(model, self.processor, self.run_dir / "model", state_dict=dict(state_dict))
