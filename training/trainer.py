@@ -181,8 +181,16 @@ class FlamingoTrainer:
         acc.register_save_state_pre_hook(self._filter_saved_weights)
         if resume_dir is not None:
             self._load_checkpoint(resume_dir)
-        if acc.is_main_process and getattr(args, "report_to", None):
-            acc.init_trackers(self.run_dir.name, config={k: v for k, v in vars(args).items() if _loggable(v)})
+        if getattr(args, "report_to", None):
+            # As the original: the W&B project and entity from their flags, the run named after --run_name.
+            wandb = {"name": self.run_dir.name}
+            if getattr(args, "wandb_entity", None):
+                wandb["entity"] = args.wandb_entity
+            acc.init_trackers(
+                getattr(args, "wandb_project", None) or self.run_dir.name,
+                config={k: v for k, v in vars(args).items() if _loggable(v)},
+                init_kwargs={"wandb": wandb} if "wandb" in args.report_to else {},
+            )
 
     # ------------------------------------------------------------------------------------------------------------
     # setup helpers
