@@ -3,6 +3,7 @@ same global batch; the checkpoints and exports a DDP run writes are those of one
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -41,3 +42,19 @@ def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(tmp_path
         names = sorted(p.name for p in (tmp_path / run).iterdir())
         assert names == ["checkpoint.pt", "checkpoint_2", "checkpoint_3", "model"], names
     assert (tmp_path / "ddp" / "checkpoint_2" / "random_states_1.pkl").is_file()
+
+
+def test_embedding_mask_on_fsdp2_row_shards(tmp_path):
+    out = tmp_path / "mask.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        str(HERE / "fsdp2_mask_worker.py"), str(out),
+    ]  # fmt: skip
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["local_rows_rank0"] == 6  # the rows really are split across the two processes
+    assert [i for i, v in enumerate(data["before"]) if v] == [1, 3, 7, 9]
+    assert [i for i, v in enumerate(data["after"]) if v] == [3, 7]
+    assert data["after"][3] == data["before"][3] and data["after"][7] == data["before"][7]
