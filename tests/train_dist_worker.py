@@ -1,0 +1,56 @@
+"""Worker of tests/test_train_distributed.py: trains the tiny model for a few steps on a fixed global batch per step.
+
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/train_dist_worker.py RUN_DIR   (DDP)
+    python tests/train_dist_worker.py RUN_DIR                                                          (1 process)
+
+With N processes each rank trains on its shard of every step's global batch; in one process the shards are
+accumulated (`gradient_accumulation_steps` = number of shards), which is the same global batch.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from modeling_flamingo.training import FlamingoTrainer  # noqa: E402
+
+from train_helpers import ListLoader, shard_batches, tiny_model, train_args  # noqa: E402
+
+STEPS = 3
+SHARDS = 2
+
+
+def main(argv: list[str]) -> int:
+    run_dir = argv[0]
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    model, tokenizer = tiny_model()
+    data = shard_batches(tokenizer, STEPS, SHARDS)
+    if world == 1:
+        pairs = [pair for row in data for pair in row]
+        accumulation = SHARDS
+    else:
+        assert world == SHARDS, world
+        pairs = [row[rank] for row in data]
+        accumulation = 1
+    laion = ListLoader([p[0] for p in pairs])
+    mmc4 = ListLoader([p[1] for p in pairs])
+    args = train_args(
+        run_name=run_dir,
+        learning_rate=1e-2,
+        warmup_steps=1,
+        gradient_accumulation_steps=accumulation,
+        checkpointing_steps=2,
+        logging_steps=1,
+        loss_multiplier_laion=0.2,
+    )
+    trainer = FlamingoTrainer(args, model, None, lambda epoch: {"laion": laion, "mmc4": mmc4})
+    trainer.train()
+    print(f"rank {rank}/{world} {trainer.accelerator.distributed_type} done at step {trainer.state.global_step}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -1,0 +1,566 @@
+"""The OpenFlamingo training loop on Accelerate.
+
+One optimisation step is the original's (open_flamingo 2.0.1 `train_utils.train_one_epoch`): for each dataset in turn
+(LAION, then MMC4) a forward pass, the loss divided by the accumulation steps and multiplied by the dataset's loss
+multiplier, and a backward pass; after the last micro-batch of the accumulation window the input-embedding gradients
+of every token but `<image>` and `<|endofchunk|>` are zeroed, the gradients clipped to norm 1.0, and AdamW and the
+learning-rate schedule stepped. Distribution (DDP, FSDP, DeepSpeed) and mixed precision come from Accelerate; the
+loop never wraps the model itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import re
+import shutil
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, gather_object, set_seed
+
+from modeling_flamingo.modeling_flamingo import FlamingoForConditionalGeneration
+from modeling_flamingo.training.export import save_original_checkpoint, save_pretrained_folder
+from modeling_flamingo.training.labels import freeze_for_flamingo_training
+from modeling_flamingo.training.optim import EmbeddingGradientMask, build_lr_scheduler, build_optimizer
+
+# --precision values of the original and the Accelerate mixed-precision mode each one means here. The original's
+# "bf16"/"fp16" cast only the inputs of an fp32 model (which then fails); here they mean autocast like "amp_*".
+PRECISIONS = {
+    "fp32": "no",
+    "amp_bf16": "bf16",
+    "amp_bfloat16": "bf16",
+    "bf16": "bf16",
+    "amp": "fp16",
+    "fp16": "fp16",
+}
+
+TRAINER_STATE_NAME = "trainer_state.json"
+CHECKPOINT_PREFIX = "checkpoint_"
+_CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
+
+
+class TrainLoaderLike(Protocol):
+    """What `modeling_flamingo.training.data.build_train_loaders` returns per dataset."""
+
+    dataloader: Iterable[dict[str, Any]]
+    num_batches: int
+
+
+# epoch -> {"laion": loader, "mmc4": loader} (in the order the step visits them)
+LoaderFactory = Callable[[int], Mapping[str, TrainLoaderLike]]
+
+
+@dataclass
+class TrainerState:
+    """Where training stands; saved as `trainer_state.json` in every checkpoint folder.
+
+    Attributes:
+        epoch: the epoch in progress (0-based).
+        batches_done: micro-batches (per dataset) of that epoch already consumed.
+        global_step: optimiser steps taken (including skipped non-finite ones).
+        skipped_steps: optimiser steps skipped because a loss or the gradient norm was not finite.
+    """
+
+    epoch: int = 0
+    batches_done: int = 0
+    global_step: int = 0
+    skipped_steps: int = 0
+
+
+def find_latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The `checkpoint_<step>` folder with the highest step in `run_dir` (complete ones only), or None."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return None
+    found = [
+        (int(m[1]), p)
+        for p in run_dir.iterdir()
+        if (m := _CHECKPOINT_RE.match(p.name)) and (p / TRAINER_STATE_NAME).is_file()
+    ]
+    return max(found)[1] if found else None
+
+
+def _as_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+class FlamingoTrainer:
+    """Trains a `FlamingoForConditionalGeneration` on batches of several datasets, as the original recipe does.
+
+    Args:
+        args: the parsed command line (`modeling_flamingo.training.cli.parse_args`); the names and meanings of the
+            original's `train.py` flags.
+        model: the model to train; its trainable set is set here (`freeze_for_flamingo_training`).
+        processor: saved beside the exported model (may be None).
+        loader_factory: epoch -> dataset name -> loader with `.dataloader` (yielding batch dicts: `pixel_values`
+            (B, T_img, F, 3, H, W), `input_ids` (B, T), `attention_mask` (B, T), `labels` (B, T) already masked,
+            optionally `skipped: dict[str, int]`) and `.num_batches`. Called once per epoch.
+        accelerator: defaults to one built from `args` (mixed precision, trackers, the launch configuration).
+    """
+
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        model: FlamingoForConditionalGeneration,
+        processor,
+        loader_factory: LoaderFactory,
+        accelerator: Accelerator | None = None,
+    ):
+        self.args = args
+        self.processor = processor
+        self.loader_factory = loader_factory
+        self.run_dir = Path(args.run_name)
+        self.state = TrainerState()
+        self.accumulation = int(args.gradient_accumulation_steps)
+        if self.accumulation < 1:
+            raise ValueError(f"gradient_accumulation_steps must be >= 1; got {self.accumulation}.")
+        self.accelerator = accelerator or self._build_accelerator(args)
+        acc = self.accelerator
+        self.is_deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
+        self.is_fsdp = acc.distributed_type == DistributedType.FSDP
+
+        freeze_for_flamingo_training(model, train_embeddings=not args.freeze_lm_embeddings)
+        if getattr(args, "lora_r", 0):
+            from modeling_flamingo.training.lora import add_lora_adapters
+
+            add_lora_adapters(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules or None)
+        if args.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.embedding_mask = None
+        if not args.freeze_lm_embeddings:
+            self.embedding_mask = EmbeddingGradientMask([model.config.media_token_id, model.config.eoc_token_id])
+            if not self.is_fsdp:  # FSDP replaces the parameter: masked after backward instead
+                self.embedding_mask.register_hook(_input_embedding_weight(model))
+        self.multipliers: dict[str, float] = {}
+        self._reset_meters()
+        self._window_bad = False
+
+        optimizer = build_optimizer(model, args.learning_rate, args.weight_decay)
+        if self.is_fsdp:
+            if not self.is_fsdp2:
+                raise ValueError(
+                    "Only FSDP2 (fsdp_version: 2 in the accelerate config) is supported; see docs/training.md."
+                )
+            plugin = acc.state.fsdp_plugin
+            if getattr(plugin, "transformer_cls_names_to_wrap", None) is None:
+                plugin.transformer_cls_names_to_wrap = fsdp_wrap_classes(model)
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.unwrapped: FlamingoForConditionalGeneration = acc.unwrap_model(self.model)
+
+        # Loaders of the first epoch: their length fixes the schedule.
+        resume_dir = self._resume_dir()
+        if resume_dir is not None:
+            self.state = self._read_state(resume_dir)
+        self._loaders = dict(loader_factory(self.state.epoch))
+        self.batches_per_epoch = self._check_loaders(self._loaders)
+        steps_per_epoch = math.ceil(self.batches_per_epoch / self.accumulation)
+        if args.max_steps is not None:
+            # As in transformers' Trainer: max_steps overrides num_epochs (the data is run through as often as needed).
+            if args.max_steps < 1:
+                raise ValueError(f"max_steps must be >= 1; got {args.max_steps}.")
+            self.total_steps = args.max_steps
+            self.num_epochs = math.ceil(args.max_steps / steps_per_epoch)
+        else:
+            if args.num_epochs < 1:
+                raise ValueError(f"num_epochs must be >= 1; got {args.num_epochs}.")
+            self.total_steps = steps_per_epoch * args.num_epochs
+            self.num_epochs = args.num_epochs
+        scheduler = build_lr_scheduler(self.optimizer, args.lr_scheduler, args.warmup_steps, self.total_steps)
+        self.scheduler = acc.prepare(scheduler)
+        # Only the parameters that change are checkpointed (plus the embeddings, as the original saves them).
+        acc.register_save_state_pre_hook(self._filter_saved_weights)
+        if resume_dir is not None:
+            self._load_checkpoint(resume_dir)
+        if getattr(args, "report_to", None):
+            # As the original: the W&B project and entity from their flags, the run named after --run_name.
+            wandb = {"name": self.run_dir.name}
+            if getattr(args, "wandb_entity", None):
+                wandb["entity"] = args.wandb_entity
+            acc.init_trackers(
+                getattr(args, "wandb_project", None) or self.run_dir.name,
+                config={k: v for k, v in vars(args).items() if _loggable(v)},
+                init_kwargs={"wandb": wandb} if "wandb" in args.report_to else {},
+            )
+
+    # ------------------------------------------------------------------------------------------------------------
+    # setup helpers
+
+    @staticmethod
+    def _build_accelerator(args: argparse.Namespace) -> Accelerator:
+        if args.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {args.precision!r}.")
+        deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+        return Accelerator(
+            mixed_precision=PRECISIONS[args.precision],
+            # DeepSpeed counts micro-batches itself; elsewhere the loop accumulates (two datasets per micro-step).
+            gradient_accumulation_steps=int(args.gradient_accumulation_steps) if deepspeed else 1,
+            log_with=getattr(args, "report_to", None) or None,
+            project_dir=str(args.run_name),
+            # The schedule counts optimiser steps, like the original (not optimiser steps x processes).
+            step_scheduler_with_optimizer=False,
+        )
+
+    @property
+    def is_fsdp2(self) -> bool:
+        return self.is_fsdp and getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) == 2
+
+    def _check_loaders(self, loaders: Mapping[str, TrainLoaderLike]) -> int:
+        if not loaders:
+            raise ValueError("No training data: give --laion_shards and/or --mmc4_shards.")
+        counts = {name: int(loader.num_batches) for name, loader in loaders.items()}
+        if len(set(counts.values())) != 1:
+            raise ValueError(
+                "Every dataset must give the same number of batches per epoch (train_num_samples // batch size, per "
+                f"process), as in the original; got {counts}."
+            )
+        n = next(iter(counts.values()))
+        if n < 1:
+            raise ValueError(
+                f"An epoch has no batches ({counts}): raise --train_num_samples_* or lower the batch size."
+            )
+        self.multipliers = {name: float(getattr(self.args, f"loss_multiplier_{name}", 1.0)) for name in loaders}
+        return n
+
+    def _resume_dir(self) -> Path | None:
+        path = self.args.resume_from_checkpoint
+        if path is None:
+            # The original resumes from the run folder's latest checkpoint when none is named.
+            latest = find_latest_checkpoint(self.run_dir)
+            if latest is not None:
+                self.accelerator.print(f"Resuming from {latest}, the latest checkpoint of run {self.run_dir}.")
+            return latest
+        path = Path(path)
+        if path.is_dir() and not (path / TRAINER_STATE_NAME).is_file():
+            latest = find_latest_checkpoint(path)
+            if latest is not None:
+                return latest
+        if not (path / TRAINER_STATE_NAME).is_file():
+            raise ValueError(
+                f"--resume_from_checkpoint {path} is not a checkpoint folder of this trainer (no {TRAINER_STATE_NAME})."
+            )
+        return path
+
+    @staticmethod
+    def _read_state(folder: Path) -> TrainerState:
+        try:
+            data = json.loads((folder / TRAINER_STATE_NAME).read_text())
+            return TrainerState(**{k: int(data[k]) for k in asdict(TrainerState())})
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{folder / TRAINER_STATE_NAME} is not a valid trainer state: {exc}") from None
+
+    def _saved_keys(self) -> set[str]:
+        model = self.unwrapped
+        keys = {name for name, p in model.named_parameters() if p.requires_grad}
+        emb = _input_embedding_weight(model)
+        keys |= {name for name, p in model.named_parameters(remove_duplicate=False) if p is emb}
+        return keys
+
+    def _filter_saved_weights(self, models, weights, output_dir) -> None:
+        keep = self._saved_keys()
+        for i, state in enumerate(weights):
+            weights[i] = {k: v for k, v in state.items() if k in keep}
+
+    def _load_checkpoint(self, folder: Path) -> None:
+        acc = self.accelerator
+        if not (self.is_fsdp or self.is_deepspeed):
+            from safetensors import safe_open
+
+            weights = folder / "model.safetensors"
+            if weights.is_file():
+                with safe_open(str(weights), "pt") as f:
+                    stored = set(f.keys())
+                expected = self._saved_keys()
+                if stored != expected:
+                    missing = sorted(expected - stored)[:3]
+                    extra = sorted(stored - expected)[:3]
+                    raise ValueError(
+                        f"Checkpoint {folder} does not match this model's trainable set (missing {missing}, "
+                        f"unexpected {extra}): resume with the same model and flags."
+                    )
+            acc.load_state(str(folder), strict=False)
+        else:
+            acc.load_state(str(folder))
+        acc.print(
+            f"Resumed at epoch {self.state.epoch}, batch {self.state.batches_done}, step {self.state.global_step}."
+        )
+
+    # ------------------------------------------------------------------------------------------------------------
+    # one step
+
+    def _nonfinite_anywhere(self, local_bad: bool) -> bool:
+        """Whether any process saw a non-finite value: every process takes the same decision."""
+        if self.accelerator.num_processes == 1:
+            return local_bad
+        flag = torch.tensor([1.0 if local_bad else 0.0], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+
+    def forward_backward(self, batches: Mapping[str, Mapping[str, Any]], sync: bool) -> dict[str, float]:
+        """Forward and backward passes of one micro-step: one batch per dataset, in order.
+
+        Args:
+            batches: dataset name -> batch dict (see the class docstring); `skipped` is popped and counted.
+            sync: whether this is the last micro-step of the accumulation window (gradients are synchronised across
+                processes in its last backward pass only).
+        Returns:
+            dataset name -> loss (unscaled; NaN when it was not finite on some process and its backward skipped).
+        """
+        acc = self.accelerator
+        losses: dict[str, float] = {}
+        names = list(batches)
+        combined = None
+        for i, name in enumerate(names):
+            batch = dict(batches[name])
+            skipped = batch.pop("skipped", None) or {}
+            for reason, count in skipped.items():
+                self._skipped[f"{name}/{reason}"] += int(count)
+            batch = _as_device(batch, acc.device)
+            self._samples += int(batch["input_ids"].shape[0])
+            if "attention_mask" in batch:
+                self._tokens += int(batch["attention_mask"].sum())
+            else:
+                self._tokens += int(batch["input_ids"].numel())
+            last = i == len(names) - 1
+            with acc.autocast():
+                loss = self.model(**batch, use_cache=False).loss
+            bad = self._nonfinite_anywhere(not bool(torch.isfinite(loss.detach()).all()))
+            losses[name] = float("nan") if bad else float(loss.detach())
+            if bad:
+                # Every process skips this backward together, and the whole optimiser step later.
+                self._window_bad = True
+                continue
+            scaled = loss * self.multipliers.get(name, 1.0)
+            if self.is_deepspeed:
+                # DeepSpeed steps inside its backward: one backward per micro-step, over all datasets.
+                combined = scaled if combined is None else combined + scaled
+                continue
+            scaled = scaled / self.accumulation
+            no_sync = not (sync and last)
+            with acc.no_sync(self.model) if no_sync else contextlib.nullcontext():
+                acc.backward(scaled)
+        if combined is not None:
+            with acc.accumulate(self.model):
+                acc.backward(combined)
+        return losses
+
+    def optimizer_step(self) -> bool:
+        """Mask the embedding gradients, clip, and step AdamW and the schedule, unless a loss or the gradient norm
+        was not finite on any process (then the gradients are dropped and nothing moves). Returns whether it stepped."""
+        acc = self.accelerator
+        stepped = False
+        if not self._window_bad:
+            if self.embedding_mask is not None and self.is_fsdp:
+                self.embedding_mask.apply(_input_embedding_weight(self.unwrapped))
+            if self.is_deepspeed:
+                stepped = True  # DeepSpeed clipped (gradient_clipping in its config) and stepped in backward
+            else:
+                norm = acc.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
+                finite = norm is None or bool(torch.isfinite(torch.as_tensor(norm)).all())
+                if finite:
+                    self.optimizer.step()
+                    self.scheduler.step()
+                    stepped = True
+        self.optimizer.zero_grad(set_to_none=True)
+        if not stepped:
+            self.state.skipped_steps += 1
+            acc.print(f"step {self.state.global_step + 1}: non-finite loss or gradient, step skipped on every process")
+        self._window_bad = False
+        return stepped
+
+    # ------------------------------------------------------------------------------------------------------------
+    # the loop
+
+    def train(self) -> TrainerState:
+        """Run `num_epochs` epochs (or `max_steps` optimiser steps), checkpointing every `checkpointing_steps` steps
+        and at the end of every epoch, and exporting at every checkpoint."""
+        acc, args, state = self.accelerator, self.args, self.state
+        self.model.train()
+        progress = _progress_bar(acc, self.total_steps, state.global_step)
+        while state.global_step < self.total_steps and state.epoch < self.num_epochs:
+            loaders = self._loaders if self._loaders is not None else dict(self.loader_factory(state.epoch))
+            self._loaders = None
+            if self._check_loaders(loaders) != self.batches_per_epoch:
+                raise ValueError(f"Epoch {state.epoch} has a different number of batches than the first one.")
+            names = list(loaders)
+            iterators = [iter(loader.dataloader) for loader in loaders.values()]
+            for _ in range(state.batches_done):  # resumed mid-epoch: skip what was consumed
+                for it in iterators:
+                    next(it)
+            while True:
+                try:
+                    batches = {name: next(it) for name, it in zip(names, iterators, strict=True)}
+                except StopIteration:
+                    raise ValueError(
+                        f"A data loader ended after {state.batches_done} of its {self.batches_per_epoch} batches."
+                    ) from None
+                state.batches_done += 1
+                end_of_epoch = state.batches_done == self.batches_per_epoch
+                sync = end_of_epoch or state.batches_done % self.accumulation == 0
+                losses = self.forward_backward(batches, sync=sync)
+                for name, value in losses.items():
+                    self._loss_sums[name] += value
+                    self._loss_counts[name] += 1
+                if not sync:
+                    continue
+                self.optimizer_step()
+                state.global_step += 1
+                progress.update(1)
+                if end_of_epoch:
+                    state.epoch += 1
+                    state.batches_done = 0
+                if args.logging_steps and state.global_step % args.logging_steps == 0:
+                    self._log(progress)
+                finished = state.global_step >= self.total_steps
+                periodic = args.checkpointing_steps and state.global_step % args.checkpointing_steps == 0
+                if (periodic or end_of_epoch) and not finished:
+                    self.save_checkpoint()
+                if end_of_epoch or finished:
+                    break
+        progress.close()
+        self.save_checkpoint()
+        acc.end_training()
+        return state
+
+    # ------------------------------------------------------------------------------------------------------------
+    # logging
+
+    def _reset_meters(self) -> None:
+        self._loss_sums: dict[str, float] = defaultdict(float)
+        self._loss_counts: dict[str, int] = defaultdict(int)
+        self._skipped: dict[str, int] = defaultdict(int)
+        self._samples = 0
+        self._tokens = 0
+        self._since = time.perf_counter()
+
+    def _log(self, progress) -> None:
+        acc, state = self.accelerator, self.state
+        elapsed = max(time.perf_counter() - self._since, 1e-9)
+        local = torch.tensor([float(self._samples), float(self._tokens)], device=acc.device)
+        samples, tokens = (acc.reduce(local, reduction="sum") if acc.num_processes > 1 else local).tolist()
+        logs = {f"loss_{name}": self._loss_sums[name] / max(self._loss_counts[name], 1) for name in self._loss_sums}
+        logs.update(
+            lr=self.optimizer.param_groups[0]["lr"],
+            samples_per_second=samples / elapsed,
+            tokens_per_second=tokens / elapsed,
+            skipped_steps=state.skipped_steps,
+        )
+        skipped = gather_object([dict(self._skipped)]) if acc.num_processes > 1 else [dict(self._skipped)]
+        total_skipped: dict[str, int] = defaultdict(int)
+        for counts in skipped:
+            for key, value in counts.items():
+                total_skipped[key] += value
+        if acc.is_main_process:
+            text = " ".join(f"{k}={v:.4g}" for k, v in logs.items())
+            progress.write(f"step {state.global_step}/{self.total_steps} (epoch {state.epoch}) {text}")
+            if total_skipped:
+                summary = ", ".join(f"{k}: {v}" for k, v in sorted(total_skipped.items()))
+                progress.write(f"  bad samples skipped since the last log: {summary}")
+            if getattr(self.args, "report_to", None):
+                acc.log({**logs, **{f"skipped/{k}": v for k, v in total_skipped.items()}}, step=state.global_step)
+        self._reset_meters()
+
+    # ------------------------------------------------------------------------------------------------------------
+    # checkpoints and exports
+
+    def save_checkpoint(self) -> Path:
+        """Save the full training state (`checkpoint_<step>/`, through `accelerator.save_state`, written under a
+        temporary name and renamed when complete) and the exports `model/` and `checkpoint.pt`."""
+        acc, state = self.accelerator, self.state
+        final = self.run_dir / f"{CHECKPOINT_PREFIX}{state.global_step}"
+        partial = self.run_dir / f".{final.name}.partial"
+        if acc.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(partial))
+        if acc.is_main_process:
+            (partial / TRAINER_STATE_NAME).write_text(json.dumps(asdict(state), indent=2) + "\n")
+        self.export()
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            previous = find_latest_checkpoint(self.run_dir)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(partial, final)
+            if self.args.delete_previous_checkpoint and previous is not None and previous != final:
+                shutil.rmtree(previous, ignore_errors=True)
+        acc.wait_for_everyone()
+        return final
+
+    def export(self) -> None:
+        """Write `{run_name}/model/` (`save_pretrained`, processor included) and `{run_name}/checkpoint.pt` (original
+        v2 layout) from the current weights."""
+        acc = self.accelerator
+        state_dict = acc.get_state_dict(self.model)  # collective under FSDP / DeepSpeed
+        if not acc.is_main_process:
+            return
+        model = self.unwrapped
+        from modeling_flamingo.training.lora import has_lora, merged_state_dict, save_lora_adapter
+
+        if has_lora(model):
+            # The adapter as PEFT files; the exports carry the merged weights (the original layout has no LoRA).
+            save_lora_adapter(model, self.run_dir / "adapter", state_dict)
+            state_dict = merged_state_dict(model, state_dict)
+        save_original_checkpoint(model, self.run_dir / "checkpoint.pt", state_dict=state_dict)
+        # save_pretrained consumes the dict it is given: a shallow copy keeps ours intact.
+        save_pretrained_folder(model, self.processor, self.run_dir / "model", state_dict=dict(state_dict))
+
+
+def fsdp_wrap_classes(model: FlamingoForConditionalGeneration) -> list[str]:
+    """The FSDP units: the classes of `model._no_split_modules` the model holds (CLIP encoder layers, the resampler,
+    the gated cross-attention blocks and the language model's decoder layers). Accelerate's default takes the whole
+    list, which names every supported language model's layer class and fails on the ones this model lacks."""
+    present = {type(module).__name__ for module in model.modules()}
+    return [name for name in model._no_split_modules if name in present]
+
+
+def _input_embedding_weight(model) -> torch.nn.Parameter:
+    return model.get_input_embeddings().weight
+
+
+def _loggable(value: Any) -> bool:
+    return isinstance(value, (int, float, str, bool)) or value is None
+
+
+class _NoProgress:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def write(self, text: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(acc: Accelerator, total: int, initial: int):
+    if not acc.is_main_process:
+        return _NoProgress()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="training", dynamic_ncols=True)
+
+
+def seed_everything(seed: int, rank: int = 0) -> None:
+    """The original seeds `seed + rank` on every process (torch, numpy, random)."""
+    set_seed(seed + rank)
+
+
+__all__ = [
+    "PRECISIONS",
+    "FlamingoTrainer",
+    "LoaderFactory",
+    "TrainLoaderLike",
+    "TrainerState",
+    "find_latest_checkpoint",
+    "fsdp_wrap_classes",
+    "seed_everything",
+]
