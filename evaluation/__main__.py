@@ -12,6 +12,7 @@ import sys
 
 from modeling_flamingo.evaluation.data_dir import DATA_DIR_LAYOUT, apply_data_dir
 from modeling_flamingo.evaluation.datasets import EvalInputError
+from modeling_flamingo.evaluation.metrics import MissingDependencyError
 from modeling_flamingo.evaluation.tasks import TASKS
 
 
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 
         apply_data_dir(args)
         run_evaluation(args)
-    except (EvalInputError, ValueError, OSError) as err:
+    except (EvalInputError, MissingDependencyError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

@@ -316,8 +316,13 @@ def run_evaluation(args: argparse.Namespace, eval_model: FlamingoEvalModel | Non
         raise EvalInputError(
             f"--num_trials is {args.num_trials} but {len(args.trial_seeds)} --trial_seeds were given; give one seed per trial."
         )
-    # Read every annotation file before loading the model: bad input fails in seconds, not after an hour.
+    # Read every annotation file, and check the OK-VQA stemmer's data, before loading the model: bad input fails in
+    # seconds, not after an hour of generation.
     loaded = {spec.name: spec.load(args) for spec in tasks}
+    if any(spec.name == "ok_vqa" for spec in tasks):
+        from modeling_flamingo.evaluation.metrics import check_okvqa_stemmer
+
+        check_okvqa_stemmer()
     state = _distributed_state()
     if eval_model is None:
         device = None

@@ -6,7 +6,10 @@ arguments and class ranking, including the cached-context path that feeds class-
 attention mask. `load_original_evaluate` imports `evaluate.py` the way its script expects (its folder on `sys.path`)
 and replaces only what cannot run offline: `compute_cider` runs every COCOEvalCap scorer, and SPICE downloads
 Stanford CoreNLP at first use, so the stand-in runs the same PTB tokenizer and CIDEr scorer on the same files and
-reports CIDEr alone (the only number the harness uses).
+reports CIDEr alone (the only number the harness uses). `with_imagenet_ocr_fix` works around a bug of the original:
+its `evaluate_classification` builds every query prompt with `batch["ocr"]`, which ImageNet items lack (KeyError at
+evaluate.py:1233, also at the repository's HEAD); the stand-in dataset adds `"ocr": None`, which the ImageNet prompt
+ignores.
 """
 
 from __future__ import annotations
@@ -32,6 +35,16 @@ def load_original_evaluate():
 
     evaluate.compute_cider = _cider_only
     return evaluate
+
+
+def with_imagenet_ocr_fix(evaluate, monkeypatch) -> None:
+    """Give the original's ImageNet items the `ocr` field its classification loop reads (see module doc)."""
+
+    class ImageNetWithOcr(evaluate.ImageNetDataset):
+        def __getitem__(self, idx):
+            return {**super().__getitem__(idx), "ocr": None}
+
+    monkeypatch.setattr(evaluate, "ImageNetDataset", ImageNetWithOcr)
 
 
 def _cider_only(result_path: str, annotations_path: str) -> dict:

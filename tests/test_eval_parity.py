@@ -1,0 +1,206 @@
+"""Parity of the evaluation harness with the ORIGINAL one (`open_flamingo.eval.evaluate`) on the same tiny weights.
+
+The original's own `evaluate_captioning` / `evaluate_vqa` / `evaluate_classification` run the original model (through
+`reference_eval.OriginalEvalModel`); ours runs through the CLI on the converted folder of the same weights. Both
+record every model call: for the same seed they must see the same prompts and the same images in the same batches,
+produce the same predictions (captioning, VQA) or class log-likelihoods (1e-4, classification), and report the same
+score.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+from eval_data import cli_flags, make_coco, make_hateful_memes, make_imagenet, make_vqa, tiny_model_folder
+from reference_eval import (
+    OriginalEvalModel,
+    init_single_process_group,
+    load_original_evaluate,
+    original_args,
+    with_imagenet_ocr_fix,
+)
+
+from modeling_flamingo.evaluation import tasks as our_tasks
+from modeling_flamingo.evaluation.__main__ import main
+from modeling_flamingo.evaluation.classnames import IMAGENET_CLASSNAMES
+from modeling_flamingo.evaluation.eval_model import FlamingoEvalModel
+
+SEED = 7
+COMMON = {"num_samples": 5, "query_set_size": 8, "batch_size": 2}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("parity")
+    folder, original, tokenizer = tiny_model_folder(root)
+    init_single_process_group(root)
+    return root, folder, OriginalEvalModel(original, tokenizer, image_size=42)
+
+
+def _fingerprints(batch_images) -> list[list[str]]:
+    """Identify each image by its pixels (the original's ImageNet loader drops file names when converting to RGB)."""
+    return [[hashlib.sha1(image.convert("RGB").tobytes()).hexdigest() for image in images] for images in batch_images]
+
+
+class Recorder:
+    """Wraps a method to record (prompts, images) of each call and what it returned."""
+
+    def __init__(self):
+        self.calls = []
+
+    def original_generation(self, eval_model):
+        inner = eval_model.get_outputs
+
+        def wrapped(batch_text, batch_images, **kwargs):
+            out = inner(batch_text=batch_text, batch_images=batch_images, **kwargs)
+            self.calls.append((batch_text, _fingerprints(batch_images), out))
+            return out
+
+        return wrapped
+
+    def original_ranking(self, eval_model):
+        inner = eval_model.get_rank_classifications
+
+        def wrapped(batch_text, batch_images, *args, **kwargs):
+            out = inner(batch_text, batch_images, *args, **kwargs)
+            self.calls.append((batch_text, _fingerprints(batch_images), out))
+            return out
+
+        return wrapped
+
+
+def _ours(monkeypatch, method: str, recorder: Recorder):
+    inner = getattr(FlamingoEvalModel, method)
+
+    def wrapped(self, batch_text, batch_images, *args, **kwargs):
+        out = inner(self, batch_text, batch_images, *args, **kwargs)
+        recorder.calls.append(
+            (list(batch_text), _fingerprints([[i.load_image() for i in imgs] for imgs in batch_images]), out)
+        )
+        return out
+
+    monkeypatch.setattr(FlamingoEvalModel, method, wrapped)
+
+
+def run_ours(root, folder, task_flag, paths, shots, monkeypatch, method, extra=()):
+    recorder = Recorder()
+    _ours(monkeypatch, method, recorder)
+    results_file = root / f"ours-{task_flag}-{shots}.json"
+    argv = ["--model", str(folder), f"--{task_flag}", *cli_flags(paths), "--shots", str(shots)]
+    argv += ["--trial_seeds", str(SEED), "--results_file", str(results_file)]
+    argv += [f"--{k}={v}" for k, v in COMMON.items()] + list(extra)
+    assert main(argv) == 0
+    results = json.loads(results_file.read_text())
+    (name,) = results
+    return recorder, results[name][0]["trials"][0], results_file
+
+
+@pytest.mark.parametrize("shots", [0, 4])
+def test_captioning_matches_original(setup, shots, monkeypatch):
+    root, folder, original_model = setup
+    paths = make_coco(root / "data")
+    evaluate = load_original_evaluate()
+    theirs = Recorder()
+    monkeypatch.setattr(original_model, "get_outputs", theirs.original_generation(original_model))
+    monkeypatch.chdir(root)  # the original writes its temporary result files to the working directory
+    expected_score = evaluate.evaluate_captioning(
+        original_args(**paths, **COMMON), original_model, seed=SEED, num_shots=shots, dataset_name="coco"
+    )
+    ours, score, results_file = run_ours(root, folder, "eval_coco", paths, shots, monkeypatch, "generate")
+
+    assert len(theirs.calls) == 3  # 5 items in batches of 2
+    assert [c[:2] for c in ours.calls] == [c[:2] for c in theirs.calls]  # prompts and image files, batch by batch
+    assert [c[2] for c in ours.calls] == [c[2] for c in theirs.calls]  # raw generations
+    assert any(out for call in theirs.calls for out in call[2])  # something was generated
+    assert score == pytest.approx(expected_score, abs=1e-9)
+    records = [
+        json.loads(line) for line in (results_file.with_suffix("") / "predictions").glob("*.jsonl").__next__().open()
+    ]
+    assert [r["prompt"] for r in records] == [t for call in theirs.calls for t in call[0]]
+
+
+@pytest.mark.parametrize("shots", [0, 4])
+def test_vqa_matches_original(setup, shots, monkeypatch):
+    root, folder, original_model = setup
+    paths = make_vqa(root / "data", "vqav2")
+    evaluate = load_original_evaluate()
+    theirs = Recorder()
+    monkeypatch.setattr(original_model, "get_outputs", theirs.original_generation(original_model))
+    monkeypatch.chdir(root)
+    expected_score = evaluate.evaluate_vqa(
+        original_args(**paths, **COMMON), original_model, seed=SEED, num_shots=shots, dataset_name="vqav2"
+    )
+    ours, score, _ = run_ours(root, folder, "eval_vqav2", paths, shots, monkeypatch, "generate")
+    assert [c[:2] for c in ours.calls] == [c[:2] for c in theirs.calls]
+    assert [c[2] for c in ours.calls] == [c[2] for c in theirs.calls]
+    assert score == pytest.approx(expected_score, abs=1e-9)
+
+
+def _compare_rankings(ours: Recorder, theirs: Recorder):
+    assert len(ours.calls) == len(theirs.calls) > 0
+    for (our_text, our_images, our_scores), (text, images, scores) in zip(ours.calls, theirs.calls, strict=True):
+        assert our_text == text and our_images == images
+        torch.testing.assert_close(our_scores, scores.float(), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("shots", [0, 4])
+@pytest.mark.parametrize("caching", [True, False])
+def test_hateful_memes_matches_original(setup, shots, caching, monkeypatch):
+    root, folder, original_model = setup
+    paths = make_hateful_memes(root / "data")
+    evaluate = load_original_evaluate()
+    theirs = Recorder()
+    monkeypatch.setattr(original_model, "get_rank_classifications", theirs.original_ranking(original_model))
+    # With its cached context the original feeds class tokens without an attention mask, so in a left-padded batch
+    # they attend to the padding: compare that path on batches of one, where there is none.
+    common = dict(COMMON, batch_size=2 if not caching else 1)
+    args = original_args(**paths, **common)
+    expected_auc = evaluate.evaluate_classification(
+        args, original_model, seed=SEED, num_shots=shots, dataset_name="hateful_memes", no_kv_caching=not caching
+    )
+    extra = [f"--batch_size={common['batch_size']}"] + ([] if caching else ["--no_caching_for_classification"])
+    ours, auc, _ = run_ours(
+        root, folder, "eval_hateful_memes", paths, shots, monkeypatch, "rank_classifications", extra
+    )
+    _compare_rankings(ours, theirs)
+    assert auc == pytest.approx(expected_auc, abs=1e-6)
+
+
+def test_imagenet_matches_original(setup, monkeypatch):
+    """Four shots, random demonstrations. On the CPU the candidate list is cut to the first 20 names in BOTH harnesses
+        (the full list is compared with the original's in another test); the 3 class folders are its first 3 names. The
+    original needs `with_imagenet_ocr_fix` to run ImageNet at all (see reference_eval)."""
+    root, folder, original_model = setup
+    paths = make_imagenet(root / "data")
+    evaluate = load_original_evaluate()
+    names = list(IMAGENET_CLASSNAMES[:20])
+    monkeypatch.setattr(evaluate, "IMAGENET_CLASSNAMES", names)
+    with_imagenet_ocr_fix(evaluate, monkeypatch)
+    monkeypatch.setitem(our_tasks.TASKS, "imagenet", _with_class_names(our_tasks.TASKS["imagenet"], names))
+    theirs = Recorder()
+    monkeypatch.setattr(original_model, "get_rank_classifications", theirs.original_ranking(original_model))
+    common = dict(COMMON, batch_size=1, num_samples=3)
+    expected = evaluate.evaluate_classification(
+        original_args(**paths, **common), original_model, seed=SEED, num_shots=4, dataset_name="imagenet"
+    )
+    extra = ["--batch_size=1", "--num_samples=3"]
+    ours, accuracy, _ = run_ours(root, folder, "eval_imagenet", paths, 4, monkeypatch, "rank_classifications", extra)
+    _compare_rankings(ours, theirs)
+    assert accuracy == pytest.approx(expected, abs=1e-12)
+
+
+def test_imagenet_class_names_are_the_originals():
+    from open_flamingo.eval.classification_utils import HM_CLASSNAMES
+    from open_flamingo.eval.classification_utils import IMAGENET_CLASSNAMES as ORIGINAL
+
+    assert list(IMAGENET_CLASSNAMES) == list(ORIGINAL) and len(ORIGINAL) == 1000
+    assert list(our_tasks.TASKS["hateful_memes"].class_names) == list(HM_CLASSNAMES)
+
+
+def _with_class_names(spec, names):
+    import dataclasses
+
+    return dataclasses.replace(spec, class_names=tuple(names))
