@@ -275,12 +275,16 @@ def main(argv=None) -> int:
     p.add_argument("--query-set-size", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, one per core)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS.md"))
     args = p.parse_args(argv)
     if max(args.shots) > args.query_set_size:
         p.error(f"--query-set-size {args.query_set_size} is smaller than {max(args.shots)} shots")
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_at_start = os.getloadavg()[0]
     torch.manual_seed(0)
     t = time.perf_counter()
     original, ours, tokenizer = build_models(args.size)
@@ -327,7 +331,8 @@ def main(argv=None) -> int:
 
     s = SIZES[args.size]
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads "
-    machine += f"{torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f} at the end"
+    machine += f"{torch.get_num_threads()}, 1-minute load average {load_at_start:.1f} at the start, "
+    machine += f"{os.getloadavg()[0]:.1f} at the end"
     text = (
         f"{SECTION} `{args.size}` (cpu, fp32)\n\n"
         f"Model: as the generation benchmark's `{args.size}` (MPT LM {s['lm_width']} wide x {s['lm_layers']} layers, "
