@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from modeling_flamingo.evaluation.data_dir import DATA_DIR_LAYOUT, apply_data_dir
+from modeling_flamingo.evaluation.data_dir import DATA_DIR_LAYOUT
 from modeling_flamingo.evaluation.datasets import EvalInputError
 from modeling_flamingo.evaluation.metrics import MissingDependencyError
 from modeling_flamingo.evaluation.tasks import TASKS
@@ -32,6 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add("resume", action="store_true", help="Continue an interrupted run from its predictions files.")
     p.add("data_dir", default=None, help="A folder (or hub dataset id) in the openflamingo/eval_benchmark layout.")
     p.add("latents_cache_mb", type=int, default=2048, help="Memory for cached image latents (default 2048 MB).")
+    p.add(
+        "class_batch_size",
+        type=int,
+        default=64,
+        help="Rows (items x class names) per forward pass when ranking class names; each row holds a copy of its "
+        "prompt's cache, so lower it for large models and long prompts (default 64).",
+    )
     p.add(
         "zero_shot_classification_images",
         choices=("original", "query"),
@@ -77,8 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from modeling_flamingo.evaluation.runner import run_evaluation
 
-        apply_data_dir(args)
-        run_evaluation(args)
+        run_evaluation(args)  # applies --data_dir first
     except (EvalInputError, MissingDependencyError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -76,7 +76,7 @@ class FlamingoEvalModel:
         processor: FlamingoProcessor,
         latents_cache_bytes: int = 2 << 30,
         image_batch_size: int = 32,
-        class_batch_size: int = 128,
+        class_batch_size: int = 64,
     ):
         self.model = model.eval()
         self.processor = processor

@@ -376,6 +376,7 @@ _NLTK_DATA_HELP = (
     "if this machine is offline). WordNet alone can also come from Debian/Ubuntu: `apt-get install -y "
     "wordnet-base wordnet-sense-index`, which is used automatically."
 )
+_NLTK_RESOURCE = re.compile(r"Resource\W+([\w.-]+?)\W*\s+not found")
 _stemmer_lock = threading.Lock()
 _stemmer: Any = None
 
@@ -396,11 +397,11 @@ def _install_debian_wordnet(nltk: Any) -> None:
         return
     except LookupError:
         pass
-    if not all((_DEBIAN_WORDNET / name).is_file() for name in _WORDNET_FILES):
-        return
     root = _nltk_cache_dir()
     target = root / "corpora" / "wordnet"
     if not (target / "lexnames").is_file():
+        if not all((_DEBIAN_WORDNET / name).is_file() for name in _WORDNET_FILES):
+            return
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".wordnet-", dir=target.parent))
         try:
@@ -432,16 +433,17 @@ class _OkvqaStemmer:
         self.lemmatizer = nltk.stem.WordNetLemmatizer()
         self.verb = nltk.corpus.reader.VERB
         missing = []
-        # Each probe loads one resource; NLTK raises LookupError naming the file it looked for.
-        for resource, probe in (
-            ("punkt_tab (tokenizer)", lambda: nltk.tokenize.word_tokenize("a test")),
-            ("averaged_perceptron_tagger_eng (POS tagger)", lambda: nltk.pos_tag(["test"])),
-            ("wordnet (lemmatizer)", lambda: self.lemmatizer.lemmatize("testing", self.verb)),
+        # Each probe loads one resource; NLTK raises LookupError naming the resource it looked for.
+        for resource, role, probe in (
+            ("punkt_tab", "tokenizer", lambda: nltk.tokenize.word_tokenize("a test")),
+            ("averaged_perceptron_tagger_eng", "POS tagger", lambda: nltk.pos_tag(["test"])),
+            ("wordnet", "lemmatizer", lambda: self.lemmatizer.lemmatize("testing", self.verb)),
         ):
             try:
                 probe()
-            except LookupError:
-                missing.append(resource)
+            except LookupError as exc:
+                reported = _NLTK_RESOURCE.search(re.sub(r"\x1b\[[0-9;]*m", "", str(exc)))  # older NLTK: colours
+                missing.append(f"{reported[1] if reported else resource} ({role})")
         if missing:
             raise MissingDependencyError(
                 f"OK-VQA stemming needs NLTK data that is not installed: {', '.join(missing)}. {_NLTK_DATA_HELP}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,8 @@ def _distributed_state():
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from accelerate import PartialState
 
-        return PartialState()
+        # Without CUDA, `cpu=True` is what makes accelerate start a gloo process group instead of one process.
+        return PartialState(cpu=not torch.cuda.is_available())
     return _SingleProcess()
 
 
@@ -133,7 +134,7 @@ def evaluate_trial(
     seed: int,
     args: argparse.Namespace,
     state=None,
-    retrieved: Sequence[Sequence[int]] | None = None,
+    retrieve: Callable[[list[int], int], list[list[int]]] | None = None,
 ) -> float | None:
     """Evaluate one (task, shots, seed); returns the score on the main process (None elsewhere).
 
@@ -151,7 +152,7 @@ def evaluate_trial(
         num_shots,
         args.batch_size,
         prompt_ensembling=spec.kind == "classification" and args.classification_prompt_ensembling,
-        retrieved=retrieved,
+        retrieve=retrieve,
     )
     _check_images(spec, loaded, plan)
     final = predictions_dir(args) / f"{spec.name}-{num_shots}shot-seed{seed}.jsonl"
@@ -282,31 +283,49 @@ def _record(
 # the whole run
 
 
-def load_rices(spec: TaskSpec, loaded: LoadedTask, args: argparse.Namespace, num_shots: int) -> list[list[int]]:
-    """RICES demonstrations (indices into the train split, most similar last) for every test item."""
+class _LazyImages(Sequence):
+    """The images of a split, opened one at a time when indexed (RICES embeds them in batches)."""
+
+    def __init__(self, items: Sequence[EvalItem], context: str):
+        self.items, self.context = items, context
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        return self.items[index].load_image(self.context)
+
+
+def rices_retriever(
+    spec: TaskSpec, loaded: LoadedTask, args: argparse.Namespace, device=None
+) -> Callable[[list[int], int], list[list[int]]]:
+    """RICES over the train split: CLIP embeddings of every train image (read from, or written to,
+    `<cached_demonstration_features>/<task>.pkl`, the original's file name), then per batch the k most similar
+    train items of each query image, most similar last."""
     from modeling_flamingo.evaluation.rices import RICES, ClipImageEncoder
 
-    encoder = ClipImageEncoder(args.rices_vision_encoder_path)
+    encoder = ClipImageEncoder(args.rices_vision_encoder_path, device=device)
+    cache_file = None
     if args.cached_demonstration_features:
-        path = Path(args.cached_demonstration_features) / f"{spec.name}.pkl"
-        if not path.is_file():
-            raise EvalInputError(f"--cached_demonstration_features: {path} does not exist.")
-        features = torch.load(path, map_location="cpu", weights_only=True)
-        if features.shape[0] != len(loaded.train):
-            raise EvalInputError(
-                f"{path} holds features for {features.shape[0]} images but the {spec.name} train split has "
-                f"{len(loaded.train)}."
-            )
-        rices = RICES(features)
-    else:
-        rices = RICES.from_images([item.load_image(f"{spec.name} (train split) ") for item in loaded.train], encoder)
-    images = [item.load_image(f"{spec.name} (test split) ") for item in loaded.test]
-    return rices.find(images, num_shots, encoder=encoder)
+        cache_file = Path(args.cached_demonstration_features) / f"{spec.name}.pkl"
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+    rices = RICES.from_images(
+        _LazyImages(loaded.train, f"{spec.name} (train split) "),
+        encoder,
+        batch_size=args.batch_size,
+        cache_file=cache_file,
+        desc=f"RICES features of the {spec.name} train split",
+    )
+    test_images = _LazyImages(loaded.test, f"{spec.name} (test split) ")
+    return lambda indices, k: rices.find([test_images[i] for i in indices], k)
 
 
 def run_evaluation(args: argparse.Namespace, eval_model: FlamingoEvalModel | None = None) -> dict[str, list[dict]]:
     """Run every selected task, shot count and trial; write the results file (main process) and return the results
     (`{task: [{shots, trials, mean, stddev}]}`, empty on the other processes)."""
+    from modeling_flamingo.evaluation.data_dir import apply_data_dir
+
+    apply_data_dir(args)
     tasks = selected_tasks(args)
     if not tasks:
         raise EvalInputError(
@@ -334,16 +353,17 @@ def run_evaluation(args: argparse.Namespace, eval_model: FlamingoEvalModel | Non
             args.device_map,
             device=device,
             latents_cache_bytes=int(args.latents_cache_mb) << 20,
+            class_batch_size=getattr(args, "class_batch_size", 64),
         )
 
     results: dict[str, list[dict]] = {}
     for spec in tasks:
         entries = []
+        retrieve = rices_retriever(spec, loaded[spec.name], args, eval_model.device) if args.rices else None
         for num_shots in args.shots:
-            retrieved = load_rices(spec, loaded[spec.name], args, max(num_shots, 2)) if args.rices else None
             trials = []
             for seed in args.trial_seeds:
-                score = evaluate_trial(spec, loaded[spec.name], eval_model, num_shots, seed, args, state, retrieved)
+                score = evaluate_trial(spec, loaded[spec.name], eval_model, num_shots, seed, args, state, retrieve)
                 if state.is_main_process:
                     print(f"{spec.name} {num_shots}-shot seed {seed}: {score:.4f}", flush=True)
                 trials.append(score)

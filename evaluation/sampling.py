@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,7 +59,7 @@ def plan_trial(
     num_shots: int,
     batch_size: int,
     prompt_ensembling: bool = False,
-    retrieved: Sequence[Sequence[int]] | None = None,
+    retrieve: Callable[[list[int], int], list[list[int]]] | None = None,
 ) -> list[PlannedItem]:
     """Replay the original's draws for one trial.
 
@@ -68,7 +68,8 @@ def plan_trial(
         num_samples: test items to evaluate (-1 or 0: all).
         num_shots: requested shots (0 draws two text-only demonstrations).
         batch_size: the original's batch size; only the prompt-ensembling shuffles depend on it.
-        retrieved: RICES demonstrations per test index (most similar last) instead of random ones.
+        retrieve: RICES instead of random demonstrations: `retrieve(test_indices, k)` gives each item's k most
+            similar train indices, most similar last (called per batch, as the original does).
     Returns:
         The items in evaluation order.
     """
@@ -81,7 +82,7 @@ def plan_trial(
     order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(0)).tolist()
     indices = [int(subset[j]) for j in order]
 
-    if retrieved is None:
+    if retrieve is None:
         if query_set_size > num_train:
             raise EvalInputError(
                 f"--query_set_size {query_set_size} is larger than the train split ({num_train} items)."
@@ -96,10 +97,10 @@ def plan_trial(
     plan: list[PlannedItem] = []
     for start in range(0, len(indices), batch_size):
         batch = indices[start : start + batch_size]
-        if retrieved is None:
+        if retrieve is None:
             demos = [rng.sample(query_set, shots) for _ in batch]
         else:
-            demos = [list(retrieved[index])[-shots:] if shots else [] for index in batch]
+            demos = [list(row) for row in retrieve(batch, shots)]
         orderings: list[list[list[int]]] = [[] for _ in batch]
         for _ in range(permutations):
             for i in range(len(batch)):

@@ -63,8 +63,7 @@ class TaskSpec:
         demo_join: appended after every demonstration.
         max_new_tokens: generation length (generation tasks).
         postprocess: generated text -> prediction.
-        class_names: classification label set.
-        top_k: the original's top-k for classification (1 for Hateful Memes, 5 for ImageNet; top-1 is scored).
+        class_names: classification label set (every name is scored for every item).
     """
 
     name: str
@@ -85,7 +84,7 @@ class TaskSpec:
         from modeling_flamingo.evaluation import metrics
 
         if self.kind == "captioning":
-            return metrics.cider(predictions, references), metrics.cider_per_item(predictions, references)
+            return metrics.cider_scores(predictions, references)  # one tokenizer run for both
         if self.kind == "vqa":
             per_item = {k: 100.0 * metrics.vqa_item_accuracy(predictions[k], references[k]) for k in predictions}
             return metrics.vqa_accuracy(predictions, references), per_item

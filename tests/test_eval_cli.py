@@ -128,3 +128,22 @@ def test_unknown_task_flag_combination_is_refused(env):
         from modeling_flamingo.evaluation.runner import run_evaluation
 
         run_evaluation(_namespace({}))
+
+
+def test_zero_shot_classification_images(env):
+    """At 0 shots the demonstration text stays without `<image>`; classification passes the two demonstration images
+    by default like the original (the query's `<image>` then sees the first), only the query's with `query`."""
+    from modeling_flamingo.evaluation.runner import build_prompt
+
+    _, _, paths = env
+    spec = TASKS["hateful_memes"]
+    loaded = spec.load(_namespace(paths["hateful_memes"]))
+    item = loaded.test[0]
+    text, images = build_prompt(spec, loaded, item, [3, 5], 0, "original")
+    assert text.count("<image>") == 1 and text.endswith(spec.query_prompt(item))
+    assert images == [loaded.train[3], loaded.train[5], item]
+    assert build_prompt(spec, loaded, item, [3, 5], 0, "query") == (text, [item])
+    caption = TASKS["coco"]
+    coco = caption.load(_namespace(paths["coco"]))
+    text, images = build_prompt(caption, coco, coco.test[0], [1, 2], 0, "original")
+    assert images == [coco.test[0]] and text.count("<image>") == 1 and text.count("<|endofchunk|>\n") == 2

@@ -361,15 +361,19 @@ def test_okvqa_stem_matches_original_with_real_nltk_data(fresh_stemmer):
 def test_okvqa_stem_names_missing_nltk_data(fresh_stemmer, monkeypatch):
     nltk = pytest.importorskip("nltk")
 
-    def missing(*args, **kwargs):
-        raise LookupError("Resource not found")
+    def missing(message):
+        def load(*args, **kwargs):
+            raise LookupError(message)
 
-    monkeypatch.setattr(nltk.tokenize, "word_tokenize", missing)
-    monkeypatch.setattr(nltk, "pos_tag", missing)
+        return load
+
+    # NLTK's messages: current ones quote the resource, older ones colour it.
+    monkeypatch.setattr(nltk.tokenize, "word_tokenize", missing("\n  Resource 'punkt_tab' not found.\n  Please"))
+    monkeypatch.setattr(nltk, "pos_tag", missing("Resource \x1b[93mmy_tagger\x1b[0m not found."))
     with pytest.raises(metrics.MissingDependencyError) as info:
         metrics.okvqa_stem("dogs")
     message = str(info.value)
-    assert "punkt_tab" in message and "averaged_perceptron_tagger_eng" in message
+    assert "not installed: punkt_tab (tokenizer), my_tagger (POS tagger)" in message
     assert "python -m nltk.downloader" in message
 
 

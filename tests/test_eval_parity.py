@@ -14,7 +14,15 @@ import json
 
 import pytest
 import torch
-from eval_data import cli_flags, make_coco, make_hateful_memes, make_imagenet, make_vqa, tiny_model_folder
+from eval_data import (
+    cli_flags,
+    make_coco,
+    make_flickr,
+    make_hateful_memes,
+    make_imagenet,
+    make_vqa,
+    tiny_model_folder,
+)
 from reference_eval import (
     OriginalEvalModel,
     init_single_process_group,
@@ -98,18 +106,22 @@ def run_ours(root, folder, task_flag, paths, shots, monkeypatch, method, extra=(
     return recorder, results[name][0]["trials"][0], results_file
 
 
-@pytest.mark.parametrize("shots", [0, 4])
-def test_captioning_matches_original(setup, shots, monkeypatch):
+@pytest.mark.parametrize("name,shots", [("coco", 0), ("coco", 4), ("flickr30", 4)])
+def test_captioning_matches_original(setup, name, shots, monkeypatch):
     root, folder, original_model = setup
-    paths = make_coco(root / "data")
+    paths = make_coco(root / "data") if name == "coco" else make_flickr(root / "data")
     evaluate = load_original_evaluate()
     theirs = Recorder()
     monkeypatch.setattr(original_model, "get_outputs", theirs.original_generation(original_model))
     monkeypatch.chdir(root)  # the original writes its temporary result files to the working directory
     expected_score = evaluate.evaluate_captioning(
-        original_args(**paths, **COMMON), original_model, seed=SEED, num_shots=shots, dataset_name="coco"
+        original_args(**paths, **COMMON),
+        original_model,
+        seed=SEED,
+        num_shots=shots,
+        dataset_name="coco" if name == "coco" else "flickr",
     )
-    ours, score, results_file = run_ours(root, folder, "eval_coco", paths, shots, monkeypatch, "generate")
+    ours, score, results_file = run_ours(root, folder, f"eval_{name}", paths, shots, monkeypatch, "generate")
 
     assert len(theirs.calls) == 3  # 5 items in batches of 2
     assert [c[:2] for c in ours.calls] == [c[:2] for c in theirs.calls]  # prompts and image files, batch by batch
@@ -122,18 +134,20 @@ def test_captioning_matches_original(setup, shots, monkeypatch):
     assert [r["prompt"] for r in records] == [t for call in theirs.calls for t in call[0]]
 
 
-@pytest.mark.parametrize("shots", [0, 4])
-def test_vqa_matches_original(setup, shots, monkeypatch):
+@pytest.mark.parametrize("name,shots", [("vqav2", 0), ("vqav2", 4), ("vizwiz", 4), ("textvqa", 4)])
+def test_vqa_matches_original(setup, name, shots, monkeypatch):
     root, folder, original_model = setup
-    paths = make_vqa(root / "data", "vqav2")
+    paths = make_vqa(root / "data", name)
     evaluate = load_original_evaluate()
     theirs = Recorder()
     monkeypatch.setattr(original_model, "get_outputs", theirs.original_generation(original_model))
     monkeypatch.chdir(root)
+    # The original's main() passes max_generation_length=10 for TextVQA (5, the default, elsewhere).
+    length = {"max_generation_length": 10} if name == "textvqa" else {}
     expected_score = evaluate.evaluate_vqa(
-        original_args(**paths, **COMMON), original_model, seed=SEED, num_shots=shots, dataset_name="vqav2"
+        original_args(**paths, **COMMON), original_model, seed=SEED, num_shots=shots, dataset_name=name, **length
     )
-    ours, score, _ = run_ours(root, folder, "eval_vqav2", paths, shots, monkeypatch, "generate")
+    ours, score, _ = run_ours(root, folder, f"eval_{name}", paths, shots, monkeypatch, "generate")
     assert [c[:2] for c in ours.calls] == [c[:2] for c in theirs.calls]
     assert [c[2] for c in ours.calls] == [c[2] for c in theirs.calls]
     assert score == pytest.approx(expected_score, abs=1e-9)

@@ -1,0 +1,47 @@
+"""Two processes (`accelerate launch`, gloo on the CPU) give the results file of one process: the plan is drawn
+whole on every process, split by whole batches, and the predictions are gathered before scoring."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+from eval_data import cli_flags, make_hateful_memes, make_vqa, tiny_model_folder
+
+from modeling_flamingo.evaluation.__main__ import main
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one(tmp_path):
+    folder, _, _ = tiny_model_folder(tmp_path)
+    paths = {**make_hateful_memes(tmp_path / "data"), **make_vqa(tmp_path / "data", "vizwiz")}
+    # 5 items in batches of 2: process 0 gets batches 0 and 2, process 1 batch 1.
+    args = ["--model", str(folder), "--eval_vizwiz", "--eval_hateful_memes", *cli_flags(paths), "--shots", "0", "2"]
+    args += ["--num_samples", "5", "--batch_size", "2", "--query_set_size", "8"]
+    assert main(args + ["--results_file", str(tmp_path / "one.json")]) == 0
+
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launch += ["--main_process_port", str(_free_port()), "-m", "modeling_flamingo.evaluation"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    run = subprocess.run(
+        launch + args + ["--results_file", str(tmp_path / "two.json")], env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("2-shot seed 42:") == 2  # the main process alone reports each trial (2 tasks)
+
+    assert json.loads((tmp_path / "two.json").read_text()) == json.loads((tmp_path / "one.json").read_text())
+    assert (tmp_path / "two.md").read_text() == (tmp_path / "one.md").read_text()
+    one = sorted((tmp_path / "one" / "predictions").iterdir())
+    two = sorted((tmp_path / "two" / "predictions").iterdir())
+    assert [p.name for p in two] == [p.name for p in one] and len(one) == 4  # no per-process files left behind
+    for a, b in zip(one, two, strict=True):
+        assert a.read_text() == b.read_text()
