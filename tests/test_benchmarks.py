@@ -28,3 +28,33 @@ def test_generation_benchmark_runs_one_cell(tmp_path):
     for column in ("decode tok/s (orig)", "decode tok/s (ours)", "decode tok/s (LM alone)", "blocks ms/step (ours)"):
         assert float(cells[column]) > 0, column
     assert float(cells["peak MiB (orig)"]) > 0
+
+
+def test_eval_benchmark_runs_one_cell(tmp_path):
+    """The evaluation benchmark end to end on one tiny cell (2 test items, 1 shot): both harnesses, the comparison
+    of their predictions, the CIDEr of each, the time split, and its section of the results file."""
+    spec = importlib.util.spec_from_file_location("bench_eval", ROOT / "benchmarks" / "bench_eval.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "RESULTS.md"
+    out.write_text("# Benchmarks\n\n## Load time\n\nkept\n")
+    args = ["--shots", "1", "--num-samples", "2", "--query-set-size", "4", "--batch-size", "2", "--repeats", "1"]
+    assert bench.main([*args, "--out", str(out)]) == 0
+
+    text = out.read_text()
+    assert "## Load time\n\nkept" in text  # other sections survive
+    assert text.count("## Evaluation: captioning") == 1
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| ")]
+    (speed_header, speed_row), (split_header, *split_rows) = rows[:2], rows[2:]
+    cells = dict(zip(speed_header, speed_row, strict=True))
+    assert (cells["shots"], cells["batch"], cells["test items"]) == ("1", "2", "2")
+    assert cells["identical predictions"] == "yes"  # our beam-search captions equal the original harness's
+    assert cells["CIDEr (orig)"] == cells["CIDEr (ours)"]
+    assert float(cells["items/s (orig)"]) > 0 and float(cells["items/s (ours)"]) > 0
+    split = {row[1]: dict(zip(split_header, row, strict=True)) for row in split_rows}
+    # The original encodes every image of every prompt once per beam (2 items x 2 images x 3 beams); ours encodes
+    # each distinct image once (2 test images and at most 2 demonstrations).
+    assert int(split["original"]["images encoded"]) == 12
+    assert 3 <= int(split["ours"]["images encoded"]) <= 4
+    for harness in ("original", "ours"):
+        assert float(split[harness]["LM decode s"]) > 0
