@@ -135,3 +135,26 @@ def random_pixels(batch: int, images: int, size: int = 42, seed: int = 0) -> tor
     """(batch, images, 1, 3, size, size) normalised-looking pixel values."""
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(batch, images, 1, 3, size, size, generator=gen)
+
+
+def original_label_masking(
+    input_ids: torch.Tensor, pad: int, media: int, eoc: int, interleaved: bool = True
+) -> torch.Tensor:
+    """Transcription of the label masking inline in open_flamingo 2.0.1 `train_utils.train_one_epoch` (it is no
+    function there, so it cannot be called): the MMC4 branch with `interleaved=True`, the LAION branch (pad and
+    `<image>` only) without. Its `labels == tokenizer.eos_token` line compares ids with a string: a no-op."""
+    labels = input_ids.clone()
+    labels[labels == pad] = -100
+    if interleaved:
+        for i in range(labels.shape[0]):
+            j = 0
+            while j < labels.shape[1] and labels[i][j] != media:
+                labels[i][j] = -100
+                j += 1
+            for e in torch.where(labels[i] == eoc)[0]:
+                k = e + 1
+                while k < labels.shape[1] and labels[i][k] != media:
+                    labels[i][k] = -100
+                    k += 1
+    labels[labels == media] = -100
+    return labels

@@ -11,7 +11,7 @@ from modeling_flamingo import FlamingoConfig, FlamingoForConditionalGeneration
 from modeling_flamingo.convert.mapping import flamingo_key
 from modeling_flamingo.training import freeze_for_flamingo_training, mask_flamingo_labels
 
-from reference import build_original, ours_from_original, random_pixels
+from reference import build_original, original_label_masking, ours_from_original, random_pixels
 
 PROMPTS = ["<image>Two cats.<|endofchunk|><image>An image of", "<image>A dog runs after"]
 
@@ -234,32 +234,13 @@ def test_freezing_reproduces_the_original_trainable_set(setup):
         model.requires_grad_(True)
 
 
-def _original_label_masking(input_ids, pad, media, eoc):
-    # Transcription of open_flamingo 2.0.1 train_utils.train_one_epoch's MMC4 branch (the LAION branch is its last
-    # two lines).
-    labels = input_ids.clone()
-    labels[labels == pad] = -100
-    for i in range(labels.shape[0]):
-        j = 0
-        while j < labels.shape[1] and labels[i][j] != media:
-            labels[i][j] = -100
-            j += 1
-        for e in torch.where(labels[i] == eoc)[0]:
-            k = e + 1
-            while k < labels.shape[1] and labels[i][k] != media:
-                labels[i][k] = -100
-                k += 1
-    labels[labels == media] = -100
-    return labels
-
-
 def test_label_masking_matches_the_original_training_loop(setup):
     _, model, tokenizer, _, _ = setup
     texts = ["Intro text <image>A cat.<|endofchunk|> junk <image>A dog.<|endofchunk|> tail", "<image>Only one."]
     ids = tokenizer(texts, return_tensors="pt", padding=True).input_ids
     media, eoc, pad = model.config.media_token_id, model.config.eoc_token_id, tokenizer.pad_token_id
     assert torch.equal(
-        mask_flamingo_labels(ids, pad, media, eoc, interleaved=True), _original_label_masking(ids, pad, media, eoc)
+        mask_flamingo_labels(ids, pad, media, eoc, interleaved=True), original_label_masking(ids, pad, media, eoc)
     )
     simple = mask_flamingo_labels(ids, pad, media)
     expected = ids.clone()

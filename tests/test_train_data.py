@@ -31,6 +31,8 @@ from modeling_flamingo.processing import FlamingoImageProcessor
 from modeling_flamingo.testing import add_flamingo_tokens, make_tiny_tokenizer
 from modeling_flamingo.training import data as ours
 
+from reference import original_label_masking
+
 IMAGE_SIZE = 42
 
 
@@ -61,24 +63,8 @@ def open_clip_transform():
 
 
 def _original_labels(input_ids, tokenizer, interleaved):
-    # Transcription of the label masking in the original's train_utils.train_one_epoch (LAION: the pad and <image>
-    # lines; MMC4: all of it). Its `labels == tokenizer.eos_token` line compares ids with a string: a no-op.
     media, eoc = tokenizer.convert_tokens_to_ids(["<image>", "<|endofchunk|>"])
-    labels = input_ids.clone()
-    labels[labels == tokenizer.pad_token_id] = -100
-    if interleaved:
-        for i in range(labels.shape[0]):
-            j = 0
-            while j < labels.shape[1] and labels[i][j] != media:
-                labels[i][j] = -100
-                j += 1
-            for e in torch.where(labels[i] == eoc)[0]:
-                k = e + 1
-                while k < labels.shape[1] and labels[i][k] != media:
-                    labels[i][k] = -100
-                    k += 1
-    labels[labels == media] = -100
-    return labels
+    return original_label_masking(input_ids, tokenizer.pad_token_id, media, eoc, interleaved=interleaved)
 
 
 def _run_original(original, kind, args, tokenizer, transform, *, epoch, rank=0, world_size=1, worker=0, drop_rng=None):
