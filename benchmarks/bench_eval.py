@@ -52,7 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_generation import SIZES, VOCAB_9B, build_pair  # noqa: E402
+from bench_generation import SIZES, VOCAB_9B, build_pair, write_results_section  # noqa: E402
 from eval_data import WORDS, make_coco  # noqa: E402
 from reference_eval import (  # noqa: E402
     OriginalEvalModel,
@@ -256,17 +256,6 @@ def differences(original: dict, ours: dict) -> list[str]:
     return [f"{i}: original {original.get(i)!r}, ours {ours.get(i)!r}" for i in ids if original.get(i) != ours.get(i)]
 
 
-def write_section(out: Path, text: str) -> None:
-    """Replace this benchmark's section of `out` (or add it), keeping every other section."""
-    previous = out.read_text() if out.exists() else ""
-    kept = [b for b in previous.split("\n## ") if b and not ("## " + b).startswith(SECTION)]
-    kept = [b if b.startswith("#") else "## " + b for b in kept]
-    body = "\n".join(kept + [text]) if kept else "# Benchmarks\n\n" + text
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(body)
-    tmp.replace(out)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--size", choices=["scaled9b"], default="scaled9b")
@@ -359,7 +348,7 @@ def main(argv=None) -> int:
     if notes:
         text += "\n" + "\n\n".join(notes) + "\n"
     print("\n" + text)
-    write_section(Path(args.out), text)
+    write_results_section(Path(args.out), SECTION, text)
     return 0
 
 

@@ -64,6 +64,17 @@ SIZES = {
 }
 
 
+def write_results_section(out: Path, marker: str, text: str) -> None:
+    """Replace the section of `out` whose heading starts with `marker` by `text` (or add it), keeping every other
+    section; written through a temporary file, so an interrupted run leaves the previous results whole."""
+    previous = out.read_text() if out.exists() else ""
+    kept = [block for block in previous.split("\n## ") if block and not ("## " + block).startswith(marker)]
+    kept = [b if b.startswith("#") else "## " + b for b in kept]
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text("\n".join(kept + [text]) if kept else "# Benchmarks\n\n" + text)
+    tmp.replace(out)
+
+
 def build_pair(size: str, every_n: int = 4):
     s = SIZES[size]
     text = MptConfig(
@@ -366,12 +377,9 @@ def main(argv=None) -> int:
         f"{header}\n" + "\n".join(rows) + "\n"
     )
     print("\n" + text)
-    out = Path(args.out)
-    previous = out.read_text() if out.exists() else ""
-    marker = f"## Generation: `{args.size}` ({args.device}, {args.dtype}, {args.cache} cache)"
-    kept = [block for block in previous.split("\n## ") if block and not ("## " + block).startswith(marker)]
-    kept = [b if b.startswith("#") else "## " + b for b in kept]
-    out.write_text("\n".join(kept + [text]) if kept else "# Benchmarks\n\n" + text)
+    write_results_section(
+        Path(args.out), f"## Generation: `{args.size}` ({args.device}, {args.dtype}, {args.cache} cache)", text
+    )
     return 0
 
 

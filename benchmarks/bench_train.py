@@ -241,12 +241,7 @@ def main(argv=None) -> int:
         f"{header}\n|---|---|---|---|---|---|---|\n{row}\n"
     )
     print("\n" + text)
-    out = Path(args.out)
-    previous = out.read_text() if out.exists() else ""
-    marker = "## Training step: `scaled9b` (cpu, float32)"
-    kept = [block for block in previous.split("\n## ") if block and not ("## " + block).startswith(marker)]
-    kept = [b if b.startswith("#") else "## " + b for b in kept]
-    out.write_text("\n".join(kept + [text]) if kept else "# Benchmarks\n\n" + text)
+    gen.write_results_section(Path(args.out), "## Training step: `scaled9b` (cpu, float32)", text)
     return 0
 
 
