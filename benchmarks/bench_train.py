@@ -49,14 +49,13 @@ from modeling_flamingo.training import FlamingoTrainer, mask_flamingo_labels  # 
 sys.modules.setdefault("wandb", types.ModuleType("wandb"))  # the original's train_utils imports it at module level
 from open_flamingo.train import train_utils  # noqa: E402
 
-from train_helpers import train_args  # noqa: E402
+from train_helpers import MULTIPLIERS, original_train_args, train_args  # noqa: E402
 
 LAION_TEXT = "<image>Output: a photo of two cats sleeping on a couch in a small room.<|endofchunk|><|endoftext|>"
 MMC4_TEXT = (
     "A day out. <image>A dog runs after a red ball in the park.<|endofchunk|>Then we went home. <image>Two people "
     "playing tennis on a sunny day.<|endofchunk|>And later <image>A plate of food with rice and vegetables.<|endofchunk|>"
 )
-MULTIPLIERS = {"laion": 0.2, "mmc4": 1.0}
 
 
 def make_batches(tokenizer, batch_laion: int, batch_mmc4: int, seed: int = 0) -> dict[str, dict]:
@@ -110,19 +109,7 @@ class OriginalLoop:
         self.laion = (laion["pixel_values"][:, 0, 0], (laion["input_ids"], laion["attention_mask"]))
         pairs = [(i[None], m[None]) for i, m in zip(mmc4["input_ids"], mmc4["attention_mask"], strict=True)]
         self.mmc4 = (mmc4["pixel_values"][:, :, 0], pairs)
-        self.args = argparse.Namespace(
-            gradient_accumulation_steps=1,
-            loss_multiplier_laion=MULTIPLIERS["laion"],
-            loss_multiplier_mmc4=MULTIPLIERS["mmc4"],
-            freeze_lm_embeddings=False,
-            fsdp=False,
-            fsdp_use_orig_params=False,
-            num_epochs=1,
-            precision="fp32",
-            rank=0,
-            logging_steps=10**9,
-            report_to_wandb=False,
-        )
+        self.args = original_train_args(logging_steps=10**9)
 
     def run(self, steps: int) -> None:
         train_utils.train_one_epoch(

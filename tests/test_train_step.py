@@ -8,7 +8,6 @@ step must agree; the optimiser's parameter groups must be the original's.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import types
 
@@ -22,14 +21,22 @@ from modeling_flamingo.training import FlamingoTrainer, flamingo_parameter_group
 from modeling_flamingo.training.export import _to_original_lm_name
 
 from reference import build_original, ours_from_original
-from train_helpers import LAION_TEXTS, MMC4_TEXTS, ListLoader, fresh_accelerate_state, make_batch, train_args
+from train_helpers import (
+    LAION_TEXTS,
+    MMC4_TEXTS,
+    MULTIPLIERS,
+    ListLoader,
+    fresh_accelerate_state,
+    make_batch,
+    original_train_args,
+    train_args,
+)
 
 # The original's train_utils imports wandb at module level and uses it only when reporting to it.
 sys.modules.setdefault("wandb", types.ModuleType("wandb"))
 from open_flamingo.train import train_utils  # noqa: E402
 
 LR = 1e-3
-MULTIPLIERS = {"laion": 0.2, "mmc4": 1.0}  # the released recipes' LAION multiplier
 
 
 class _DDPLike(nn.Module):
@@ -85,19 +92,7 @@ def _run_original(original, tokenizer, laion, mmc4):
 
     optimizer.step = step
     batch_laion, batch_mmc4 = _original_batches(laion, mmc4)
-    args = argparse.Namespace(
-        gradient_accumulation_steps=1,
-        loss_multiplier_laion=MULTIPLIERS["laion"],
-        loss_multiplier_mmc4=MULTIPLIERS["mmc4"],
-        freeze_lm_embeddings=False,
-        fsdp=False,
-        fsdp_use_orig_params=False,
-        num_epochs=1,
-        precision="fp32",
-        rank=0,
-        logging_steps=100,
-        report_to_wandb=False,
-    )
+    args = original_train_args(logging_steps=100)
     train_utils.train_one_epoch(
         args=args,
         model=wrapped,

@@ -40,6 +40,27 @@ def train_args(**overrides) -> argparse.Namespace:
     return args
 
 
+# The released recipes' per-dataset loss multipliers (LAION x 0.2, MMC4 x 1.0).
+MULTIPLIERS = {"laion": 0.2, "mmc4": 1.0}
+
+
+def original_train_args(logging_steps: int = 100) -> argparse.Namespace:
+    """The arguments the original's `train_utils.train_one_epoch` reads, for one fp32 process without FSDP."""
+    return argparse.Namespace(
+        gradient_accumulation_steps=1,
+        loss_multiplier_laion=MULTIPLIERS["laion"],
+        loss_multiplier_mmc4=MULTIPLIERS["mmc4"],
+        freeze_lm_embeddings=False,
+        fsdp=False,
+        fsdp_use_orig_params=False,
+        num_epochs=1,
+        precision="fp32",
+        rank=0,
+        logging_steps=logging_steps,
+        report_to_wandb=False,
+    )
+
+
 def make_batch(tokenizer, texts: list[str], num_images: int, interleaved: bool, seed: int, size: int = 42) -> dict:
     """A right-padded batch in the data helper's format: pixel_values (B, T_img, 1, 3, H, W), ids, mask, labels."""
     tokenizer.padding_side = "right"
