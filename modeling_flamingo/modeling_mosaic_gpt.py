@@ -510,6 +510,15 @@ class MosaicGPTModel(MosaicGPTPreTrainedModel):
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
 
 
+class MosaicGPTTiedProjection(nn.Module):
+    """The output projection `hidden @ weight^T` with the token embedding's weight passed in. It holds no weights;
+    it is a module so that the projection can be hooked like another model's `lm_head` (training the `<image>` and
+    `<|endofchunk|>` rows alone does: `modeling_flamingo.training.token_rows`)."""
+
+    def forward(self, hidden_states: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden_states, weight)
+
+
 class MosaicGPTForCausalLM(MosaicGPTPreTrainedModel, GenerationMixin):
     """MosaicGPT with logits `hidden @ transformer.wte.weight^T` (times `logit_scale` if set).
 
@@ -521,6 +530,7 @@ class MosaicGPTForCausalLM(MosaicGPTPreTrainedModel, GenerationMixin):
     def __init__(self, config: MosaicGPTConfig):
         super().__init__(config)
         self.transformer = MosaicGPTModel(config)
+        self.tied_output_projection = MosaicGPTTiedProjection()
         logit_scale = config.logit_scale
         if logit_scale == "inv_sqrt_d_model":
             logit_scale = 1 / math.sqrt(config.d_model)
@@ -585,7 +595,7 @@ class MosaicGPTForCausalLM(MosaicGPTPreTrainedModel, GenerationMixin):
             **kwargs,
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
-        logits = F.linear(hidden_states, self.transformer.wte.weight)
+        logits = self.tied_output_projection(hidden_states, self.transformer.wte.weight)
         if self.logit_scale is not None:
             logits = logits * self.logit_scale
 

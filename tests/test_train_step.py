@@ -19,6 +19,7 @@ from modeling_flamingo.convert.mapping import canonical_original_key, original_k
 from modeling_flamingo.testing import FAMILIES
 from modeling_flamingo.training import FlamingoTrainer, flamingo_parameter_groups
 from modeling_flamingo.training.export import _to_original_lm_name
+from modeling_flamingo.training.token_rows import ROWS_PARAMETER
 
 from reference import build_original, ours_from_original
 from train_helpers import (
@@ -116,6 +117,36 @@ def _canonical(name: str, layers_attr: str) -> str:
     return canonical_original_key(strip_wrapper_prefixes(name), layers_attr)[0]
 
 
+def _embedding_name(model) -> str:
+    weight = model.get_input_embeddings().weight
+    return next(n for n, p in model.named_parameters(remove_duplicate=False) if p is weight)
+
+
+def _as_original(model, name: str) -> str:
+    """The original's name of one of our trainable parameters; our (2, d) trained embedding rows
+    (`...flamingo_token_rows`) stand for the original's trained input embedding."""
+    if name.endswith("." + ROWS_PARAMETER):
+        name = _embedding_name(model)
+    return _original_name(name, model.config.text_config.model_type)
+
+
+def _grads_as_original(model, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our trainable parameters' gradients under the original's names. The rows' gradient is scattered into a
+    zero (vocab, d) tensor: the original's embedding gradient after its masking has exactly that form."""
+    new_rows = sorted({model.config.media_token_id, model.config.eoc_token_id})
+    out = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        grad = grads[name]
+        if name.endswith("." + ROWS_PARAMETER):
+            dense = torch.zeros_like(model.get_input_embeddings().weight)
+            dense[new_rows] = grad
+            grad = dense
+        out[_as_original(model, name)] = grad
+    return out
+
+
 @pytest.fixture(scope="module", params=FAMILIES)
 def stepped(request):
     family = request.param
@@ -171,9 +202,7 @@ def test_losses_match(stepped):
 
 
 def test_gradients_of_every_trainable_parameter_match(stepped):
-    ours, model_type = stepped["ours"], stepped["ours"].config.text_config.model_type
-    trainable = [n for n, p in ours.named_parameters() if p.requires_grad]
-    mapped = {_original_name(n, model_type): stepped["grads"][n] for n in trainable}
+    mapped = _grads_as_original(stepped["ours"], stepped["grads"])
     assert set(mapped) == set(stepped["original_grads"])
     for name, grad in mapped.items():
         torch.testing.assert_close(
@@ -192,8 +221,11 @@ def test_weights_after_the_step_match(stepped):
     model_type = ours.config.text_config.model_type
     layers_attr = ours.config.decoder_layers_attr_name
     theirs = {_canonical(n, layers_attr): p for n, p in original.named_parameters()}
+    embedding = _embedding_name(ours)
     for name, p in ours.named_parameters():
-        if not p.requires_grad:
+        if name.endswith("." + ROWS_PARAMETER):  # compared through the embedding weight they were copied into
+            name, p = embedding, ours.get_input_embeddings().weight
+        elif not p.requires_grad:
             continue
         key = _original_name(name, model_type)
         other, grad = theirs[key], stepped["original_grads"][key]
@@ -204,10 +236,9 @@ def test_weights_after_the_step_match(stepped):
 
 def test_parameter_groups_match_the_original(stepped):
     ours, original = stepped["ours"], stepped["original"]
-    model_type = ours.config.text_config.model_type
     layers_attr = ours.config.decoder_layers_attr_name
     ours_groups = flamingo_parameter_groups(ours, weight_decay=0.1)
-    names = {id(p): _original_name(n, model_type) for n, p in ours.named_parameters() if p.requires_grad}
+    names = {id(p): _as_original(ours, n) for n, p in ours.named_parameters() if p.requires_grad}
     original_names = {id(p): _canonical(n, layers_attr) for n, p in original.named_parameters()}
     theirs = _original_param_groups(list(original.named_parameters()), 0.1)
     assert [g["weight_decay"] for g in ours_groups] == [g["weight_decay"] for g in theirs]
@@ -236,3 +267,16 @@ def test_frozen_weights_unchanged_and_only_the_two_new_rows_moved(stepped):
         assert not torch.equal(embedding[row], before[emb_name][row]), row
     # and the resampler did move
     assert not torch.equal(ours.perceiver.latents, before["perceiver.latents"])
+
+
+def test_only_the_two_rows_are_trained_parameters(stepped):
+    # The dense embedding (and a head tied to it) is frozen and got no gradient: the step above trained the two rows
+    # through the (2, d) parameter and copied them into the weight, and still matched the original's dense step.
+    ours = stepped["ours"]
+    embedding = ours.get_input_embeddings()
+    assert not embedding.weight.requires_grad and embedding.weight.grad is None
+    rows = getattr(embedding, ROWS_PARAMETER)
+    assert rows.requires_grad and rows.shape == (2, embedding.weight.shape[1])
+    new_rows = sorted({ours.config.media_token_id, ours.config.eoc_token_id})
+    assert torch.equal(embedding.weight[new_rows], rows.detach())
+    assert stepped["trainer"].token_rows is not None and stepped["trainer"].embedding_mask is None

@@ -32,6 +32,7 @@ from modeling_flamingo.modeling_flamingo import FlamingoForConditionalGeneration
 from modeling_flamingo.training.export import save_original_checkpoint, save_pretrained_folder
 from modeling_flamingo.training.labels import freeze_for_flamingo_training
 from modeling_flamingo.training.optim import EmbeddingGradientMask, build_lr_scheduler, build_optimizer
+from modeling_flamingo.training.token_rows import TrainableTokenRows, is_token_rows_name
 
 # --precision values of the original and the Accelerate mixed-precision mode each one means here. The original's
 # "bf16"/"fp16" cast only the inputs of an fp32 model (which then fails); here they mean autocast like "amp_*".
@@ -137,10 +138,18 @@ class FlamingoTrainer:
         if args.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.embedding_mask = None
+        self.token_rows = None
         if not args.freeze_lm_embeddings:
-            self.embedding_mask = EmbeddingGradientMask([model.config.media_token_id, model.config.eoc_token_id])
-            if not self.is_fsdp:  # FSDP replaces the parameter: masked after backward instead
-                self.embedding_mask.register_hook(_input_embedding_weight(model))
+            new_tokens = [model.config.media_token_id, model.config.eoc_token_id]
+            if not self.is_deepspeed and TrainableTokenRows.supports(model):
+                # Only the two rows are trained, through a (2, d) parameter: the original's step without its dense
+                # embedding gradient and update (see token_rows.py).
+                self.token_rows = TrainableTokenRows(model, new_tokens)
+            else:
+                # The original's way: the dense embedding is trained and the other rows' gradients are zeroed.
+                self.embedding_mask = EmbeddingGradientMask(new_tokens)
+                if not self.is_fsdp:  # FSDP replaces the parameter: masked after backward instead
+                    self.embedding_mask.register_hook(_input_embedding_weight(model))
         self.multipliers: dict[str, float] = {}
         self._reset_meters()
         self._window_bad = False
@@ -260,7 +269,7 @@ class FlamingoTrainer:
 
     def _saved_keys(self) -> set[str]:
         model = self.unwrapped
-        keys = {name for name, p in model.named_parameters() if p.requires_grad}
+        keys = {name for name, p in model.named_parameters() if p.requires_grad and not is_token_rows_name(name)}
         emb = _input_embedding_weight(model)
         keys |= {name for name, p in model.named_parameters(remove_duplicate=False) if p is emb}
         return keys
@@ -369,6 +378,8 @@ class FlamingoTrainer:
                     self.optimizer.step()
                     self.scheduler.step()
                     stepped = True
+        if stepped and self.token_rows is not None:
+            self.token_rows.sync_()
         self.optimizer.zero_grad(set_to_none=True)
         if not stepped:
             self.state.skipped_steps += 1

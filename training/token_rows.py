@@ -1,0 +1,181 @@
+"""Training only the `<image>` and `<|endofchunk|>` rows of the language model's token embedding.
+
+The original trains the whole (vocab, d) input-embedding matrix and zeroes every other row's gradient after the
+backward pass. When the output projection is tied to that matrix (MPT, MosaicGPT: the 3B and 9B models), this costs a
+dense (vocab, d) weight gradient of the projection (as many FLOPs as the projection's forward pass), a dense gradient
+of the lookup, and a dense AdamW update of vocab x d entries with two moment tensors as large as the embedding, all
+to move two rows.
+
+`TrainableTokenRows` computes the same step directly. The embedding weight is frozen; the trained rows live in a
+(k, d) parameter `flamingo_token_rows` registered on the embedding module; two forward hooks splice them in:
+
+- the lookup: positions holding one of the k tokens take their row from `flamingo_token_rows`;
+- the tied output projection: the logits of the k tokens are `hidden @ flamingo_token_rows^T`, written over the
+  columns the frozen projection computed.
+
+Every row gets the gradient the original's masked gradient gives it (the same terms, summed in another order), AdamW
+treats entries independently and the embeddings have no weight decay, and a row with a zero gradient never moves in
+the original, so a step is the original's step.
+
+The embedding weight stays the one source of truth outside the step: after each optimiser step `sync_()` copies the
+rows into it; the rows parameter never appears in a state dict (so `state_dict`, `save_pretrained`, Accelerate's
+checkpoints and the exports are exactly the plain model's), and loading a state dict sets the rows from the loaded
+embedding weight.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROWS_PARAMETER = "flamingo_token_rows"
+
+
+def is_token_rows_name(name: str) -> bool:
+    """Whether a parameter name is that of the (k, d) trained rows (they never appear in a state dict)."""
+    return name.rsplit(".", 1)[-1] == ROWS_PARAMETER
+
+
+def tied_output_projection(model: nn.Module) -> tuple[bool, nn.Module | None]:
+    """Where the model computes logits from its input-embedding weight.
+
+    Returns:
+        (known, module): `known` is False when the layout is not one this module understands (the caller then trains
+        the dense embedding); `module` is the projection to hook, or None when the output head is untied (GPT-NeoX,
+        LLaMA: the head is frozen, as in the original).
+    """
+    weight = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    if head is not None:
+        if not isinstance(getattr(head, "weight", None), torch.Tensor):
+            return False, None
+        return True, head if head.weight is weight else None
+    # No head module: a language model whose logits use the embedding weight directly (our MosaicGPT) names the
+    # parameter-free module that does it.
+    projection = getattr(model.get_decoder(), "tied_output_projection", None)
+    return (True, projection) if isinstance(projection, nn.Module) else (False, None)
+
+
+class TrainableTokenRows:
+    """Train rows `token_ids` of `model.get_input_embeddings()` (and of a tied output projection) through a (k, d)
+    parameter, with the rest of the embedding frozen. See the module docstring.
+
+    Args:
+        model: a model with `get_input_embeddings()` (an `nn.Embedding`), `get_output_embeddings()` and
+            `get_decoder()`; the rows are initialised from its current embedding.
+        token_ids: the k tokens whose rows are trained (`<image>`, `<|endofchunk|>`).
+    Raises:
+        ValueError: a token id outside the embedding, or a layout `tied_output_projection` does not know (check
+            `TrainableTokenRows.supports(model)` first).
+    """
+
+    def __init__(self, model: nn.Module, token_ids: Iterable[int]):
+        self.token_ids = sorted({int(t) for t in token_ids})
+        embedding = model.get_input_embeddings()
+        if not isinstance(embedding, nn.Embedding) or not self.token_ids:
+            raise ValueError("TrainableTokenRows needs an nn.Embedding input embedding and at least one token id.")
+        known, projection = tied_output_projection(model)
+        if not known:
+            raise ValueError("TrainableTokenRows: unknown output-projection layout (see tied_output_projection).")
+        weight = embedding.weight
+        if self.token_ids[0] < 0 or self.token_ids[-1] >= weight.shape[0]:
+            raise ValueError(
+                f"token ids {self.token_ids} are not all rows of the input embeddings ({weight.shape[0]} rows): the "
+                "tokenizer and the model do not match."
+            )
+        self.embedding = embedding
+        weight.requires_grad_(False)
+        rows = nn.Parameter(weight.detach()[self.token_ids].clone())
+        embedding.register_parameter(ROWS_PARAMETER, rows)
+        embedding.register_forward_hook(self._lookup_hook)
+        _state_dict_post_hook(embedding, self._drop_rows_from_state_dict)
+        _load_state_dict_pre_hook(embedding, self._rows_from_loaded_weight)
+        if projection is not None:
+            projection.register_forward_hook(self._projection_hook)
+
+    @staticmethod
+    def supports(model: nn.Module) -> bool:
+        return isinstance(model.get_input_embeddings(), nn.Embedding) and tied_output_projection(model)[0]
+
+    @property
+    def rows(self) -> torch.Tensor:
+        """The (k, d) trained rows, as the module holds them now (under FSDP2, the unsharded tensor in forward)."""
+        return getattr(self.embedding, ROWS_PARAMETER)
+
+    def _lookup_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        input_ids = args[0]  # (B, T)
+        slot = torch.full_like(input_ids, -1)
+        for i, token in enumerate(self.token_ids):
+            slot = slot.masked_fill(input_ids == token, i)
+        rows = self.rows.to(output.dtype)[slot.clamp(min=0)]  # (B, T, d)
+        return torch.where((slot >= 0).unsqueeze(-1), rows, output)
+
+    def _projection_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        hidden = args[0]  # (B, T, d); output: (B, T, vocab) from the frozen weight
+        row_logits = F.linear(hidden, self.rows.to(hidden.dtype))  # (B, T, k); under autocast in its dtype
+        index = torch.tensor(self.token_ids, device=output.device)
+        # In place: the projection's backward needs its inputs, not its output.
+        return output.index_copy_(-1, index, row_logits.to(output.dtype))
+
+    @staticmethod
+    def _drop_rows_from_state_dict(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
+        state_dict.pop(prefix + ROWS_PARAMETER, None)
+
+    def _rows_from_loaded_weight(self, module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+        weight = state_dict.get(prefix + "weight")
+        if weight is None or prefix + ROWS_PARAMETER in state_dict:
+            return
+        DTensor = _dtensor_class()
+        if isinstance(weight, DTensor):  # FSDP2 shards: collective, every process loads
+            weight = weight.full_tensor()
+        rows = weight[self.token_ids]
+        target = self.rows
+        if isinstance(target, DTensor):
+            from torch.distributed.tensor import distribute_tensor
+
+            rows = distribute_tensor(rows.to(target.dtype), target.device_mesh, target.placements)
+        state_dict[prefix + ROWS_PARAMETER] = rows
+
+    @torch.no_grad()
+    def sync_(self) -> None:
+        """Copy the trained rows into the embedding weight. Collective under FSDP2 (every process must call it)."""
+        rows, weight = self.rows, self.embedding.weight
+        DTensor = _dtensor_class()
+        if isinstance(rows, DTensor):
+            rows = rows.full_tensor()
+        if not isinstance(weight, DTensor):
+            weight[self.token_ids] = rows.to(weight.dtype)
+            return
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        local = weight.to_local()
+        _, offset = compute_local_shape_and_global_offset(weight.shape, weight.device_mesh, weight.placements)
+        for i, token in enumerate(self.token_ids):
+            if offset[0] <= token < offset[0] + local.shape[0]:
+                local[token - offset[0]] = rows[i].to(local.dtype)
+
+
+def _state_dict_post_hook(module: nn.Module, hook) -> torch.utils.hooks.RemovableHandle:
+    if hasattr(module, "register_state_dict_post_hook"):
+        return module.register_state_dict_post_hook(hook)
+    return module._register_state_dict_hook(hook)  # torch < 2.5: the same hook, private name
+
+
+def _load_state_dict_pre_hook(module: nn.Module, hook) -> torch.utils.hooks.RemovableHandle:
+    if hasattr(module, "register_load_state_dict_pre_hook"):
+        return module.register_load_state_dict_pre_hook(hook)
+    return module._register_load_state_dict_pre_hook(hook, with_module=True)  # torch < 2.5
+
+
+def _dtensor_class() -> type | tuple:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without DTensor
+        return ()
+    return DTensor
+
+
+__all__ = ["ROWS_PARAMETER", "TrainableTokenRows", "is_token_rows_name", "tied_output_projection"]
