@@ -379,12 +379,27 @@ class MosaicGPTPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.bias)
 
 
+class MosaicGPTSharedEmbedding(nn.Embedding):
+    """The token embedding, also the tied output projection: `forward(hidden_states, unembed=True)` gives the logits.
+
+    Computing the logits through the module's own call (not by reading `.weight` from outside, as the remote code
+    does) lets wrappers that gather parameters in forward hooks see that use: under FSDP2 the embedding is its own
+    sharded unit, and `.weight` read outside its forward is the local shard. Same parameter name as `nn.Embedding`.
+    """
+
+    def forward(self, input: torch.Tensor, unembed: bool = False) -> torch.Tensor:
+        """(B, Q) token ids -> (B, Q, d) embeddings; with `unembed`, (B, Q, d) hidden states -> (B, Q, vocab)."""
+        if unembed:
+            return F.linear(input, self.weight)
+        return super().forward(input)
+
+
 class MosaicGPTModel(MosaicGPTPreTrainedModel):
     """The MosaicGPT decoder (`transformer.*` in the weight files) without the tied output projection."""
 
     def __init__(self, config: MosaicGPTConfig):
         super().__init__(config)
-        self.wte = nn.Embedding(config.vocab_size, config.d_model)
+        self.wte = MosaicGPTSharedEmbedding(config.vocab_size, config.d_model)
         if not config.alibi:
             self.wpe = nn.Embedding(config.max_seq_len, config.d_model)
         self.emb_drop = nn.Dropout(config.emb_pdrop)
@@ -510,15 +525,6 @@ class MosaicGPTModel(MosaicGPTPreTrainedModel):
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
 
 
-class MosaicGPTTiedProjection(nn.Module):
-    """The output projection `hidden @ weight^T` with the token embedding's weight passed in. It holds no weights;
-    it is a module so that the projection can be hooked like another model's `lm_head` (training the `<image>` and
-    `<|endofchunk|>` rows alone does: `modeling_flamingo.training.token_rows`)."""
-
-    def forward(self, hidden_states: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden_states, weight)
-
-
 class MosaicGPTForCausalLM(MosaicGPTPreTrainedModel, GenerationMixin):
     """MosaicGPT with logits `hidden @ transformer.wte.weight^T` (times `logit_scale` if set).
 
@@ -530,7 +536,6 @@ class MosaicGPTForCausalLM(MosaicGPTPreTrainedModel, GenerationMixin):
     def __init__(self, config: MosaicGPTConfig):
         super().__init__(config)
         self.transformer = MosaicGPTModel(config)
-        self.tied_output_projection = MosaicGPTTiedProjection()
         logit_scale = config.logit_scale
         if logit_scale == "inv_sqrt_d_model":
             logit_scale = 1 / math.sqrt(config.d_model)
@@ -595,7 +600,11 @@ class MosaicGPTForCausalLM(MosaicGPTPreTrainedModel, GenerationMixin):
             **kwargs,
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
-        logits = self.tied_output_projection(hidden_states, self.transformer.wte.weight)
+        wte = self.transformer.wte
+        if isinstance(wte, MosaicGPTSharedEmbedding):
+            logits = wte(hidden_states, unembed=True)
+        else:  # an embedding module set by `set_input_embeddings`
+            logits = F.linear(hidden_states, wte.weight)
         if self.logit_scale is not None:
             logits = logits * self.logit_scale
 
@@ -617,5 +626,6 @@ __all__ = [
     "MosaicGPTForCausalLM",
     "MosaicGPTModel",
     "MosaicGPTPreTrainedModel",
+    "MosaicGPTSharedEmbedding",
     "build_alibi_bias",
 ]

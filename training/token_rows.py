@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modeling_flamingo.modeling_mosaic_gpt import MosaicGPTSharedEmbedding
+
 ROWS_PARAMETER = "flamingo_token_rows"
 
 
@@ -44,19 +46,20 @@ def tied_output_projection(model: nn.Module) -> tuple[bool, nn.Module | None]:
 
     Returns:
         (known, module): `known` is False when the layout is not one this module understands (the caller then trains
-        the dense embedding); `module` is the projection to hook, or None when the output head is untied (GPT-NeoX,
-        LLaMA: the head is frozen, as in the original).
+        the dense embedding); `module` is the projection to hook: the output head when it shares the embedding's
+        weight (MPT), the embedding itself when it computes the tied logits in its own call (MosaicGPT's
+        `forward(hidden, unembed=True)`), or None when the output head is untied (GPT-NeoX, LLaMA: the head is
+        frozen, as in the original).
     """
-    weight = model.get_input_embeddings().weight
+    embedding = model.get_input_embeddings()
     head = model.get_output_embeddings()
     if head is not None:
         if not isinstance(getattr(head, "weight", None), torch.Tensor):
             return False, None
-        return True, head if head.weight is weight else None
-    # No head module: a language model whose logits use the embedding weight directly (our MosaicGPT) names the
-    # parameter-free module that does it.
-    projection = getattr(model.get_decoder(), "tied_output_projection", None)
-    return (True, projection) if isinstance(projection, nn.Module) else (False, None)
+        return True, head if head.weight is embedding.weight else None
+    if isinstance(embedding, MosaicGPTSharedEmbedding):
+        return True, embedding
+    return False, None
 
 
 class TrainableTokenRows:
@@ -90,11 +93,13 @@ class TrainableTokenRows:
         weight.requires_grad_(False)
         rows = nn.Parameter(weight.detach()[self.token_ids].clone())
         embedding.register_parameter(ROWS_PARAMETER, rows)
-        embedding.register_forward_hook(self._lookup_hook)
+        # Hooks on the modules themselves, registered before any wrapper's: under FSDP2 they run while the module's
+        # parameters (the rows included) are gathered.
+        embedding.register_forward_hook(self._embedding_hook, with_kwargs=True)
+        if projection is not None and projection is not embedding:
+            projection.register_forward_hook(self._projection_hook)
         _state_dict_post_hook(embedding, self._drop_rows_from_state_dict)
         _load_state_dict_pre_hook(embedding, self._rows_from_loaded_weight)
-        if projection is not None:
-            projection.register_forward_hook(self._projection_hook)
 
     @staticmethod
     def supports(model: nn.Module) -> bool:
@@ -105,8 +110,13 @@ class TrainableTokenRows:
         """The (k, d) trained rows, as the module holds them now (under FSDP2, the unsharded tensor in forward)."""
         return getattr(self.embedding, ROWS_PARAMETER)
 
-    def _lookup_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        input_ids = args[0]  # (B, T)
+    def _embedding_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
+        if kwargs.get("unembed", False) or (len(args) > 1 and args[1] is True):  # MosaicGPT's tied logits
+            return self._projection_hook(module, args[:1], output)
+        return self._lookup(args[0] if args else kwargs["input"], output)
+
+    def _lookup(self, input_ids: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """input_ids (B, T), output (B, T, d) from the frozen weight -> the lookup with the trained rows."""
         slot = torch.full_like(input_ids, -1)
         for i, token in enumerate(self.token_ids):
             slot = slot.masked_fill(input_ids == token, i)
