@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 import torch
 from accelerate import Accelerator
+from accelerate.tracking import GeneralTracker, TensorBoardTracker, WandBTracker
 from accelerate.utils import DistributedType, gather_object, set_seed
 
 from modeling_flamingo.modeling_flamingo import FlamingoForConditionalGeneration
@@ -182,15 +183,8 @@ class FlamingoTrainer:
         if resume_dir is not None:
             self._load_checkpoint(resume_dir)
         if getattr(args, "report_to", None):
-            # As the original: the W&B project and entity from their flags, the run named after --run_name.
-            wandb = {"name": self.run_dir.name}
-            if getattr(args, "wandb_entity", None):
-                wandb["entity"] = args.wandb_entity
-            acc.init_trackers(
-                getattr(args, "wandb_project", None) or self.run_dir.name,
-                config={k: v for k, v in vars(args).items() if _loggable(v)},
-                init_kwargs={"wandb": wandb} if "wandb" in args.report_to else {},
-            )
+            # The trackers were built with the accelerator (`build_trackers`): the project name is theirs.
+            acc.init_trackers("openflamingo", config={k: v for k, v in vars(args).items() if _loggable(v)})
 
     # ------------------------------------------------------------------------------------------------------------
     # setup helpers
@@ -204,7 +198,7 @@ class FlamingoTrainer:
             mixed_precision=PRECISIONS[args.precision],
             # DeepSpeed counts micro-batches itself; elsewhere the loop accumulates (two datasets per micro-step).
             gradient_accumulation_steps=int(args.gradient_accumulation_steps) if deepspeed else 1,
-            log_with=getattr(args, "report_to", None) or None,
+            log_with=build_trackers(args) or None,
             project_dir=str(args.run_name),
             # The schedule counts optimiser steps, like the original (not optimiser steps x processes).
             step_scheduler_with_optimizer=False,
@@ -407,8 +401,9 @@ class FlamingoTrainer:
                 sync = end_of_epoch or state.batches_done % self.accumulation == 0
                 losses = self.forward_backward(batches, sync=sync)
                 for name, value in losses.items():
-                    self._loss_sums[name] += value
-                    self._loss_counts[name] += 1
+                    # A non-finite loss (its step skipped, counted in skipped_steps) would turn the mean into NaN.
+                    self._loss_sums[name] += value if math.isfinite(value) else 0.0
+                    self._loss_counts[name] += int(math.isfinite(value))
                 if not sync:
                     continue
                 self.optimizer_step()
@@ -446,7 +441,10 @@ class FlamingoTrainer:
         elapsed = max(time.perf_counter() - self._since, 1e-9)
         local = torch.tensor([float(self._samples), float(self._tokens)], device=acc.device)
         samples, tokens = (acc.reduce(local, reduction="sum") if acc.num_processes > 1 else local).tolist()
-        logs = {f"loss_{name}": self._loss_sums[name] / max(self._loss_counts[name], 1) for name in self._loss_sums}
+        logs = {
+            f"loss_{name}": self._loss_sums[name] / count if (count := self._loss_counts[name]) else float("nan")
+            for name in self._loss_sums
+        }
         logs.update(
             lr=self.optimizer.param_groups[0]["lr"],
             samples_per_second=samples / elapsed,
@@ -461,6 +459,8 @@ class FlamingoTrainer:
         if acc.is_main_process:
             text = " ".join(f"{k}={v:.4g}" for k, v in logs.items())
             progress.write(f"step {state.global_step}/{self.total_steps} (epoch {state.epoch}) {text}")
+            short = {"samples_per_second": "samples/s", "tokens_per_second": "tokens/s"}
+            progress.set_postfix({short.get(k, k): v for k, v in logs.items() if k != "skipped_steps"}, refresh=False)
             if total_skipped:
                 summary = ", ".join(f"{k}: {v}" for k, v in sorted(total_skipped.items()))
                 progress.write(f"  bad samples skipped since the last log: {summary}")
@@ -514,6 +514,27 @@ class FlamingoTrainer:
         save_pretrained_folder(model, self.processor, self.run_dir / "model", state_dict=dict(state_dict))
 
 
+def build_trackers(args: argparse.Namespace) -> list[GeneralTracker]:
+    """The Accelerate trackers named by `--report_to` (`--report_to_wandb` adds "wandb").
+
+    TensorBoard writes its event files under `{run_name}/tensorboard/`. The W&B run is the original's
+    (`open_flamingo/train/train.py`): project `--wandb_project` (W&B's default, or `WANDB_PROJECT`, when unset),
+    entity `--wandb_entity`, named `--run_name`; its files go where W&B puts them (`WANDB_DIR`, else `./wandb`).
+    """
+    trackers: list[GeneralTracker] = []
+    for name in getattr(args, "report_to", None) or []:
+        if name == "tensorboard":
+            trackers.append(TensorBoardTracker("tensorboard", str(args.run_name)))
+        elif name == "wandb":
+            init = {"name": str(args.run_name)}
+            if getattr(args, "wandb_entity", None):
+                init["entity"] = args.wandb_entity
+            trackers.append(WandBTracker(getattr(args, "wandb_project", None), **init))
+        else:
+            raise ValueError(f"report_to: unknown tracker {name!r}; expected tensorboard or wandb.")
+    return trackers
+
+
 def fsdp_wrap_classes(model: FlamingoForConditionalGeneration) -> list[str]:
     """The FSDP units: the classes of `model._no_split_modules` the model holds (CLIP encoder layers, the resampler,
     the gated cross-attention blocks and the language model's decoder layers). Accelerate's default takes the whole
@@ -532,6 +553,9 @@ def _loggable(value: Any) -> bool:
 
 class _NoProgress:
     def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix(self, *args, **kwargs) -> None:
         pass
 
     def write(self, text: str) -> None:
@@ -560,6 +584,7 @@ __all__ = [
     "LoaderFactory",
     "TrainLoaderLike",
     "TrainerState",
+    "build_trackers",
     "find_latest_checkpoint",
     "fsdp_wrap_classes",
     "seed_everything",
