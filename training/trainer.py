@@ -27,7 +27,7 @@ from typing import Any, Protocol
 import torch
 from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker, TensorBoardTracker, WandBTracker
-from accelerate.utils import DistributedType, gather_object, set_seed
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, gather_object, set_seed
 
 from modeling_flamingo.modeling_flamingo import FlamingoForConditionalGeneration
 from modeling_flamingo.training.export import save_original_checkpoint, save_pretrained_folder
@@ -147,6 +147,12 @@ class FlamingoTrainer:
         self._window_bad = False
 
         optimizer = build_optimizer(model, args.learning_rate, args.weight_decay)
+        if self.is_deepspeed:
+            ds_config = acc.state.deepspeed_plugin.deepspeed_config
+            if ds_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+                # Accelerate reads it from prepared data loaders, which this loop does not pass; DeepSpeed only counts
+                # samples with it (one micro-step holds a batch of each dataset).
+                ds_config["train_micro_batch_size_per_gpu"] = int(args.batch_size_laion)
         if self.is_fsdp:
             if not self.is_fsdp2:
                 raise ValueError(
@@ -194,7 +200,13 @@ class FlamingoTrainer:
         if args.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {args.precision!r}.")
         deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+        handlers = []
+        if deepspeed and _deepspeed_on_cpu():
+            # Accelerate picks a process-group backend only for accelerator devices (or for its own CPU mode, which
+            # excludes DeepSpeed): DeepSpeed's CPU accelerator communicates over gloo.
+            handlers.append(InitProcessGroupKwargs(backend="gloo"))
         return Accelerator(
+            kwargs_handlers=handlers,
             mixed_precision=PRECISIONS[args.precision],
             # DeepSpeed counts micro-batches itself; elsewhere the loop accumulates (two datasets per micro-step).
             gradient_accumulation_steps=int(args.gradient_accumulation_steps) if deepspeed else 1,
@@ -355,7 +367,10 @@ class FlamingoTrainer:
             if self.embedding_mask is not None and self.is_fsdp:
                 self.embedding_mask.apply(_input_embedding_weight(self.unwrapped))
             if self.is_deepspeed:
-                stepped = True  # DeepSpeed clipped (gradient_clipping in its config) and stepped in backward
+                # DeepSpeed clipped (gradient_clipping in its config) and stepped in backward; the schedule was
+                # prepared apart from its engine, so it is stepped here.
+                self.scheduler.step()
+                stepped = True
             else:
                 norm = acc.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
                 finite = norm is None or bool(torch.isfinite(torch.as_tensor(norm)).all())
@@ -541,6 +556,12 @@ def fsdp_wrap_classes(model: FlamingoForConditionalGeneration) -> list[str]:
     list, which names every supported language model's layer class and fails on the ones this model lacks."""
     present = {type(module).__name__ for module in model.modules()}
     return [name for name in model._no_split_modules if name in present]
+
+
+def _deepspeed_on_cpu() -> bool:
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().device_name() == "cpu"
 
 
 def _input_embedding_weight(model) -> torch.nn.Parameter:
