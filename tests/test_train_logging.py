@@ -140,7 +140,7 @@ def test_tensorboard_event_files_hold_the_scalars_the_trainer_computed(tmp_path)
 
 
 def test_trackers_follow_the_original_wandb_flags(tmp_path):
-    args = train_args(run_name=str(tmp_path / "run"), report_to=["wandb", "tensorboard"], wandb_entity="team")
+    args = train_args(run_name=str(tmp_path / "run"), report_to=["wandb", "tensorboard", "wandb"], wandb_entity="team")
     wandb_tracker, tensorboard_tracker = build_trackers(args)
     # No --wandb_project: W&B picks its default project, as the original's wandb.init(project=None) does.
     assert wandb_tracker.name == "wandb" and wandb_tracker.run_name is None

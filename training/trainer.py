@@ -537,7 +537,7 @@ def build_trackers(args: argparse.Namespace) -> list[GeneralTracker]:
     entity `--wandb_entity`, named `--run_name`; its files go where W&B puts them (`WANDB_DIR`, else `./wandb`).
     """
     trackers: list[GeneralTracker] = []
-    for name in getattr(args, "report_to", None) or []:
+    for name in dict.fromkeys(getattr(args, "report_to", None) or []):  # once each, in order
         if name == "tensorboard":
             trackers.append(TensorBoardTracker("tensorboard", str(args.run_name)))
         elif name == "wandb":
