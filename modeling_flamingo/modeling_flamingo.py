@@ -687,7 +687,9 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
         images = pixel_values if pixel_values is not None else image_features
         num_images = images.shape[1] if images is not None else num_images
         device = input_ids.device
-        vocab = self.get_input_embeddings().weight.shape[0]
+        weight = self.get_input_embeddings().weight
+        # Under DeepSpeed ZeRO-3 a partitioned parameter is an empty placeholder; `ds_shape` is its full shape.
+        vocab = getattr(weight, "ds_shape", weight.shape)[0]
         columns = [image_indices[:, -1], input_ids.min(dim=1).values, input_ids.max(dim=1).values]
         if attention_mask is not None and attention_mask.ndim == 2:
             columns.append((attention_mask == 0).all(dim=1).long())

@@ -2,6 +2,7 @@
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/train_dist_worker.py RUN_DIR   (DDP)
     python tests/train_dist_worker.py RUN_DIR                                                          (1 process)
+    ... RUN_DIR CHECKPOINT   (resume from CHECKPOINT, with every trainable weight changed first: all must come back)
 
 With N processes each rank trains on its shard of every step's global batch; in one process the shards are
 accumulated (`gradient_accumulation_steps` = number of shards), which is the same global batch.
@@ -13,6 +14,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
 
 from modeling_flamingo.training import FlamingoTrainer  # noqa: E402
 
@@ -27,6 +30,13 @@ def main(argv: list[str]) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     model, tokenizer = tiny_model()
+    resume_from = argv[1] if len(argv) > 1 else None
+    if resume_from is not None:
+        generator = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for module in [model.perceiver, *model.gated_cross_attn_layers, model.get_input_embeddings()]:
+                for p in module.parameters():
+                    p.add_(0.1 * torch.randn(p.shape, generator=generator))
     data = shard_batches(tokenizer, STEPS, SHARDS)
     if world == 1:
         pairs = [pair for row in data for pair in row]
@@ -45,6 +55,7 @@ def main(argv: list[str]) -> int:
         checkpointing_steps=2,
         logging_steps=1,
         loss_multiplier_laion=0.2,
+        resume_from_checkpoint=resume_from,
     )
     trainer = FlamingoTrainer(args, model, None, lambda epoch: {"laion": laion, "mmc4": mmc4})
     trainer.train()

@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(run, "--report_to", nargs="*", default=[], choices=["tensorboard", "wandb"], help="accelerate trackers")
     _add(run, "--wandb_project")
     _add(run, "--wandb_entity")
-    _add(run, "--offline", action="store_true", help="no network access for the hub (HF_HUB_OFFLINE)")
+    _add(run, "--offline", action="store_true", help="no network (HF_HUB_OFFLINE=1, WANDB_MODE=offline)")
 
     optim = parser.add_argument_group("optimisation")
     _add(optim, "--learning_rate", type=float, default=1e-4)
@@ -196,7 +196,9 @@ def data_loader_factory(args: argparse.Namespace, processor, rank: int, world_si
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.offline:
+        # As the original: no hub access, and a W&B run kept on disk (`wandb sync` uploads it later).
         os.environ["HF_HUB_OFFLINE"] = "1"
+        os.environ["WANDB_MODE"] = "offline"
     if args.wandb_project:
         os.environ.setdefault("WANDB_PROJECT", args.wandb_project)
     if args.wandb_entity:

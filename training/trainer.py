@@ -26,7 +26,8 @@ from typing import Any, Protocol
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, gather_object, set_seed
+from accelerate.tracking import GeneralTracker, TensorBoardTracker, WandBTracker
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, gather_object, set_seed
 
 from modeling_flamingo.modeling_flamingo import FlamingoForConditionalGeneration
 from modeling_flamingo.training.export import save_original_checkpoint, save_pretrained_folder
@@ -155,6 +156,12 @@ class FlamingoTrainer:
         self._window_bad = False
 
         optimizer = build_optimizer(model, args.learning_rate, args.weight_decay)
+        if self.is_deepspeed:
+            ds_config = acc.state.deepspeed_plugin.deepspeed_config
+            if ds_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+                # Accelerate reads it from prepared data loaders, which this loop does not pass; DeepSpeed only counts
+                # samples with it (one micro-step holds a batch of each dataset).
+                ds_config["train_micro_batch_size_per_gpu"] = int(args.batch_size_laion)
         if self.is_fsdp:
             if not self.is_fsdp2:
                 raise ValueError(
@@ -191,15 +198,8 @@ class FlamingoTrainer:
         if resume_dir is not None:
             self._load_checkpoint(resume_dir)
         if getattr(args, "report_to", None):
-            # As the original: the W&B project and entity from their flags, the run named after --run_name.
-            wandb = {"name": self.run_dir.name}
-            if getattr(args, "wandb_entity", None):
-                wandb["entity"] = args.wandb_entity
-            acc.init_trackers(
-                getattr(args, "wandb_project", None) or self.run_dir.name,
-                config={k: v for k, v in vars(args).items() if _loggable(v)},
-                init_kwargs={"wandb": wandb} if "wandb" in args.report_to else {},
-            )
+            # The trackers were built with the accelerator (`build_trackers`): the project name is theirs.
+            acc.init_trackers("openflamingo", config={k: v for k, v in vars(args).items() if _loggable(v)})
 
     # ------------------------------------------------------------------------------------------------------------
     # setup helpers
@@ -209,11 +209,17 @@ class FlamingoTrainer:
         if args.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {args.precision!r}.")
         deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+        handlers = []
+        if deepspeed and _deepspeed_on_cpu():
+            # Accelerate picks a process-group backend only for accelerator devices (or for its own CPU mode, which
+            # excludes DeepSpeed): DeepSpeed's CPU accelerator communicates over gloo.
+            handlers.append(InitProcessGroupKwargs(backend="gloo"))
         return Accelerator(
+            kwargs_handlers=handlers,
             mixed_precision=PRECISIONS[args.precision],
             # DeepSpeed counts micro-batches itself; elsewhere the loop accumulates (two datasets per micro-step).
             gradient_accumulation_steps=int(args.gradient_accumulation_steps) if deepspeed else 1,
-            log_with=getattr(args, "report_to", None) or None,
+            log_with=build_trackers(args) or None,
             project_dir=str(args.run_name),
             # The schedule counts optimiser steps, like the original (not optimiser steps x processes).
             step_scheduler_with_optimizer=False,
@@ -370,7 +376,10 @@ class FlamingoTrainer:
             if self.embedding_mask is not None and self.is_fsdp:
                 self.embedding_mask.apply(_input_embedding_weight(self.unwrapped))
             if self.is_deepspeed:
-                stepped = True  # DeepSpeed clipped (gradient_clipping in its config) and stepped in backward
+                # DeepSpeed clipped (gradient_clipping in its config) and stepped in backward; the schedule was
+                # prepared apart from its engine, so it is stepped here.
+                self.scheduler.step()
+                stepped = True
             else:
                 norm = acc.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
                 finite = norm is None or bool(torch.isfinite(torch.as_tensor(norm)).all())
@@ -418,8 +427,9 @@ class FlamingoTrainer:
                 sync = end_of_epoch or state.batches_done % self.accumulation == 0
                 losses = self.forward_backward(batches, sync=sync)
                 for name, value in losses.items():
-                    self._loss_sums[name] += value
-                    self._loss_counts[name] += 1
+                    # A non-finite loss (its step skipped, counted in skipped_steps) would turn the mean into NaN.
+                    self._loss_sums[name] += value if math.isfinite(value) else 0.0
+                    self._loss_counts[name] += int(math.isfinite(value))
                 if not sync:
                     continue
                 self.optimizer_step()
@@ -457,7 +467,10 @@ class FlamingoTrainer:
         elapsed = max(time.perf_counter() - self._since, 1e-9)
         local = torch.tensor([float(self._samples), float(self._tokens)], device=acc.device)
         samples, tokens = (acc.reduce(local, reduction="sum") if acc.num_processes > 1 else local).tolist()
-        logs = {f"loss_{name}": self._loss_sums[name] / max(self._loss_counts[name], 1) for name in self._loss_sums}
+        logs = {
+            f"loss_{name}": self._loss_sums[name] / count if (count := self._loss_counts[name]) else float("nan")
+            for name in self._loss_sums
+        }
         logs.update(
             lr=self.optimizer.param_groups[0]["lr"],
             samples_per_second=samples / elapsed,
@@ -472,6 +485,8 @@ class FlamingoTrainer:
         if acc.is_main_process:
             text = " ".join(f"{k}={v:.4g}" for k, v in logs.items())
             progress.write(f"step {state.global_step}/{self.total_steps} (epoch {state.epoch}) {text}")
+            short = {"samples_per_second": "samples/s", "tokens_per_second": "tokens/s"}
+            progress.set_postfix({short.get(k, k): v for k, v in logs.items() if k != "skipped_steps"}, refresh=False)
             if total_skipped:
                 summary = ", ".join(f"{k}: {v}" for k, v in sorted(total_skipped.items()))
                 progress.write(f"  bad samples skipped since the last log: {summary}")
@@ -525,12 +540,39 @@ class FlamingoTrainer:
         save_pretrained_folder(model, self.processor, self.run_dir / "model", state_dict=dict(state_dict))
 
 
+def build_trackers(args: argparse.Namespace) -> list[GeneralTracker]:
+    """The Accelerate trackers named by `--report_to` (`--report_to_wandb` adds "wandb").
+
+    TensorBoard writes its event files under `{run_name}/tensorboard/`. The W&B run is the original's
+    (`open_flamingo/train/train.py`): project `--wandb_project` (W&B's default, or `WANDB_PROJECT`, when unset),
+    entity `--wandb_entity`, named `--run_name`; its files go where W&B puts them (`WANDB_DIR`, else `./wandb`).
+    """
+    trackers: list[GeneralTracker] = []
+    for name in dict.fromkeys(getattr(args, "report_to", None) or []):  # once each, in order
+        if name == "tensorboard":
+            trackers.append(TensorBoardTracker("tensorboard", str(args.run_name)))
+        elif name == "wandb":
+            init = {"name": str(args.run_name)}
+            if getattr(args, "wandb_entity", None):
+                init["entity"] = args.wandb_entity
+            trackers.append(WandBTracker(getattr(args, "wandb_project", None), **init))
+        else:
+            raise ValueError(f"report_to: unknown tracker {name!r}; expected tensorboard or wandb.")
+    return trackers
+
+
 def fsdp_wrap_classes(model: FlamingoForConditionalGeneration) -> list[str]:
     """The FSDP units: the classes of `model._no_split_modules` the model holds (CLIP encoder layers, the resampler,
     the gated cross-attention blocks and the language model's decoder layers). Accelerate's default takes the whole
     list, which names every supported language model's layer class and fails on the ones this model lacks."""
     present = {type(module).__name__ for module in model.modules()}
     return [name for name in model._no_split_modules if name in present]
+
+
+def _deepspeed_on_cpu() -> bool:
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().device_name() == "cpu"
 
 
 def _input_embedding_weight(model) -> torch.nn.Parameter:
@@ -543,6 +585,9 @@ def _loggable(value: Any) -> bool:
 
 class _NoProgress:
     def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix(self, *args, **kwargs) -> None:
         pass
 
     def write(self, text: str) -> None:
@@ -571,6 +616,7 @@ __all__ = [
     "LoaderFactory",
     "TrainLoaderLike",
     "TrainerState",
+    "build_trackers",
     "find_latest_checkpoint",
     "fsdp_wrap_classes",
     "seed_everything",
