@@ -1,5 +1,6 @@
 """DeepSpeed ZeRO-2 and ZeRO-3 through Accelerate on two CPU processes (DeepSpeed's CPU accelerator, gloo), launched
-with the shipped configs: the weights after three steps equal those of one process accumulating the same global batch,
+with the shipped configs: the weights after four steps (one skipped for a non-finite loss on one process) equal those
+of one process accumulating the same global batch,
 only the `<image>` and `<|endofchunk|>` embedding rows move, and resuming from DeepSpeed's sharded checkpoint gives
 the uninterrupted run's weights."""
 
@@ -42,7 +43,9 @@ def _launch(config: str, run_dir: Path, *extra: str) -> str:
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     for rank in (0, 1):
-        assert f"rank {rank}/2 DistributedType.DEEPSPEED done at step {train_dist_worker.STEPS}" in result.stdout
+        assert (
+            f"rank {rank}/2 DistributedType.DEEPSPEED done at step {train_dist_worker.STEPS}, skipped" in result.stdout
+        )
     return result.stdout
 
 
@@ -57,6 +60,9 @@ def single_process(tmp_path_factory) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("config", ["deepspeed_zero2.yaml", "deepspeed_zero3.yaml"])
 def test_deepspeed_two_cpu_processes_equal_one_process_and_resume(config, single_process, tmp_path):
     stdout = _launch(config, tmp_path / "ds")
+    # The non-finite loss of rank 1 at step 3 skips that step on both processes (no backward anywhere).
+    assert f"DEEPSPEED done at step {train_dist_worker.STEPS}, skipped 1" in stdout
+    assert f"step {train_dist_worker.NAN_STEP}: non-finite loss or gradient, step skipped on every process" in stdout
     assert "lr=0.01" in stdout  # the schedule moves (warmup of one step) under DeepSpeed too
     trained = torch.load(tmp_path / "ds" / "checkpoint.pt", weights_only=True)
     assert trained.keys() == single_process.keys()

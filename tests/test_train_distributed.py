@@ -1,5 +1,6 @@
 """Two CPU processes with DDP (gloo, through Accelerate) train to the same weights as one process that accumulates the
-same global batch; the checkpoints and exports a DDP run writes are those of one process."""
+same global batch, a step with a non-finite loss on one process skipped by both; the checkpoints and exports a DDP run
+writes are those of one process."""
 
 from __future__ import annotations
 
@@ -36,8 +37,10 @@ def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(tmp_path
     ]  # fmt: skip
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "rank 0/2 DistributedType.MULTI_CPU done at step 3" in result.stdout
-    assert "rank 1/2 DistributedType.MULTI_CPU done at step 3" in result.stdout
+    # Step 3's loss is non-finite on rank 1 only: both processes skip it (else DDP would hang or diverge).
+    for rank in (0, 1):
+        assert f"rank {rank}/2 DistributedType.MULTI_CPU done at step 4, skipped 1" in result.stdout
+    assert "step 3: non-finite loss or gradient, step skipped on every process" in result.stdout
 
     with fresh_accelerate_state():
         train_dist_worker.main([str(tmp_path / "single")])
@@ -50,7 +53,7 @@ def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(tmp_path
     # Both runs wrote the same checkpoints (one set: rank 0 writes, every rank saves its RNG state).
     for run in ("ddp", "single"):
         names = sorted(p.name for p in (tmp_path / run).iterdir())
-        assert names == ["checkpoint.pt", "checkpoint_2", "checkpoint_3", "model"], names
+        assert names == ["checkpoint.pt", "checkpoint_2", "checkpoint_4", "model"], names
     assert (tmp_path / "ddp" / "checkpoint_2" / "random_states_1.pkl").is_file()
 
 

@@ -1,4 +1,5 @@
-"""Worker of tests/test_train_distributed.py: trains the tiny model for a few steps on a fixed global batch per step.
+"""Worker of tests/test_train_distributed.py and test_train_deepspeed.py: trains the tiny model for a few steps on a
+fixed global batch per step, one of which has a non-finite loss on one process.
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/train_dist_worker.py RUN_DIR   (DDP)
     python tests/train_dist_worker.py RUN_DIR                                                          (1 process)
@@ -21,8 +22,11 @@ from modeling_flamingo.training import FlamingoTrainer  # noqa: E402
 
 from train_helpers import ListLoader, shard_batches, tiny_model, train_args  # noqa: E402
 
-STEPS = 3
+STEPS = 4
 SHARDS = 2
+# At this step the last shard's MMC4 batch overflows inside the model (non-finite loss): in N processes on one rank
+# only, in one process in one micro-batch; either way the whole step must be skipped, on every process together.
+NAN_STEP = 3
 
 
 def main(argv: list[str]) -> int:
@@ -38,6 +42,11 @@ def main(argv: list[str]) -> int:
                 for p in module.parameters():
                     p.add_(0.1 * torch.randn(p.shape, generator=generator))
     data = shard_batches(tokenizer, STEPS, SHARDS)
+    laion_bad, mmc4_bad = data[NAN_STEP - 1][SHARDS - 1]
+    data[NAN_STEP - 1][SHARDS - 1] = (
+        laion_bad,
+        {**mmc4_bad, "pixel_values": torch.full_like(mmc4_bad["pixel_values"], 1e38)},
+    )
     if world == 1:
         pairs = [pair for row in data for pair in row]
         accumulation = SHARDS
@@ -59,7 +68,10 @@ def main(argv: list[str]) -> int:
     )
     trainer = FlamingoTrainer(args, model, None, lambda epoch: {"laion": laion, "mmc4": mmc4})
     trainer.train()
-    print(f"rank {rank}/{world} {trainer.accelerator.distributed_type} done at step {trainer.state.global_step}")
+    state = trainer.state
+    print(
+        f"rank {rank}/{world} {trainer.accelerator.distributed_type} done at step {state.global_step}, skipped {state.skipped_steps}"
+    )
     return 0
 
 

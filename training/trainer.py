@@ -362,8 +362,11 @@ class FlamingoTrainer:
             no_sync = not (sync and last)
             with acc.no_sync(self.model) if no_sync else contextlib.nullcontext():
                 acc.backward(scaled)
-        if combined is not None:
-            with acc.accumulate(self.model):
+        if self.is_deepspeed:
+            # Our window sets DeepSpeed's accumulation boundary (Accelerate's own count would miss an epoch's end: the
+            # loaders are not prepared). A micro-step with a non-finite loss on any process runs no backward anywhere.
+            acc.sync_gradients = sync
+            if combined is not None and not self._window_bad:
                 acc.backward(combined)
         return losses
 
