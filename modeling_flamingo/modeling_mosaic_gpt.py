@@ -379,12 +379,27 @@ class MosaicGPTPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.bias)
 
 
+class MosaicGPTSharedEmbedding(nn.Embedding):
+    """The token embedding, also the tied output projection: `forward(hidden_states, unembed=True)` gives the logits.
+
+    Computing the logits through the module's own call (not by reading `.weight` from outside, as the remote code
+    does) lets wrappers that gather parameters in forward hooks see that use: under FSDP2 the embedding is its own
+    sharded unit, and `.weight` read outside its forward is the local shard. Same parameter name as `nn.Embedding`.
+    """
+
+    def forward(self, input: torch.Tensor, unembed: bool = False) -> torch.Tensor:
+        """(B, Q) token ids -> (B, Q, d) embeddings; with `unembed`, (B, Q, d) hidden states -> (B, Q, vocab)."""
+        if unembed:
+            return F.linear(input, self.weight)
+        return super().forward(input)
+
+
 class MosaicGPTModel(MosaicGPTPreTrainedModel):
     """The MosaicGPT decoder (`transformer.*` in the weight files) without the tied output projection."""
 
     def __init__(self, config: MosaicGPTConfig):
         super().__init__(config)
-        self.wte = nn.Embedding(config.vocab_size, config.d_model)
+        self.wte = MosaicGPTSharedEmbedding(config.vocab_size, config.d_model)
         if not config.alibi:
             self.wpe = nn.Embedding(config.max_seq_len, config.d_model)
         self.emb_drop = nn.Dropout(config.emb_pdrop)
@@ -585,7 +600,11 @@ class MosaicGPTForCausalLM(MosaicGPTPreTrainedModel, GenerationMixin):
             **kwargs,
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
-        logits = F.linear(hidden_states, self.transformer.wte.weight)
+        wte = self.transformer.wte
+        if isinstance(wte, MosaicGPTSharedEmbedding):
+            logits = wte(hidden_states, unembed=True)
+        else:  # an embedding module set by `set_input_embeddings`
+            logits = F.linear(hidden_states, wte.weight)
         if self.logit_scale is not None:
             logits = logits * self.logit_scale
 
@@ -607,5 +626,6 @@ __all__ = [
     "MosaicGPTForCausalLM",
     "MosaicGPTModel",
     "MosaicGPTPreTrainedModel",
+    "MosaicGPTSharedEmbedding",
     "build_alibi_bias",
 ]
