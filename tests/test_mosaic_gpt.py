@@ -285,6 +285,28 @@ def test_resize_token_embeddings_keeps_logits_tied() -> None:
     assert torch.isfinite(loss)
 
 
+def test_tied_logits_come_from_the_embedding_modules_own_call() -> None:
+    # Wrappers that gather a sharded module's weight in its forward hooks (FSDP2) must see the head's use of the
+    # embedding too: the logits are computed by calling the module, not by reading `.weight` from outside.
+    model = tiny_model()
+    wte = model.get_input_embeddings()
+    calls = []
+    wte.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(kwargs.get("unembed", False)), with_kwargs=True
+    )
+    input_ids, attention_mask = left_padded_batch((7, 4), 7)
+    with torch.no_grad():
+        out = model(input_ids, attention_mask=attention_mask, output_hidden_states=True)
+    assert calls == [False, True]
+    torch.testing.assert_close(out.logits, F.linear(out.hidden_states[-1], wte.weight), rtol=0, atol=0)
+
+    # A plain embedding put in by `set_input_embeddings` still gives the tied logits.
+    model.set_input_embeddings(torch.nn.Embedding.from_pretrained(wte.weight.detach().clone(), freeze=False))
+    with torch.no_grad():
+        plain = model(input_ids, attention_mask=attention_mask).logits
+    torch.testing.assert_close(plain, out.logits, rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # (f) gradient checkpointing
 

@@ -359,7 +359,9 @@ class FlamingoTrainer:
                 combined = scaled if combined is None else combined + scaled
                 continue
             scaled = scaled / self.accumulation
-            no_sync = not (sync and last)
+            # FSDP reduce-scatters every backward: skipping the sync would keep full-size gradients across micro-steps
+            # (the memory FSDP saves) outside the sharded `.grad`, where a skipped step's `zero_grad` cannot drop them.
+            no_sync = not (sync and last) and not self.is_fsdp
             with acc.no_sync(self.model) if no_sync else contextlib.nullcontext():
                 acc.backward(scaled)
         if self.is_deepspeed:

@@ -1,0 +1,164 @@
+"""Worker of tests/test_train_fsdp.py: the real `FlamingoTrainer` loop under Accelerate's FSDP2 on CPU processes.
+
+    ACCELERATE_USE_CPU=true accelerate launch --config_file training/configs/fsdp_full.yaml --num_processes 2 \
+        tests/train_fsdp_worker.py OUT_DIR full
+    python tests/train_fsdp_worker.py OUT_DIR single       (the 1-process references, no FSDP)
+
+Every run trains a tiny model for `STEPS` optimiser steps on a fixed global batch per step: with 2 processes each rank
+takes its shard of the step's batch, in one process the two shards are accumulated (the same global batch).
+
+Accelerate 1.15 turns `distributed_type: FSDP` into FSDP only on GPU-like backends: on the CPU (`ACCELERATE_USE_CPU`,
+gloo) `AcceleratorState` stays `MULTI_CPU` and drops the FSDP plugin it was given (the MULTI_CPU branch of
+`AcceleratorState.__init__` never reads `ACCELERATE_USE_FSDP`). torch's FSDP2 (`fully_shard`, DTensor over gloo) runs
+on the CPU, so `lift_cpu_fsdp_gate` sets the two fields Accelerate would have set on a GPU, before `prepare`; the rest
+(wrapping, sharded checkpoints, gathering the state dict) is Accelerate's own FSDP2 code. The library never does this.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from accelerate import Accelerator  # noqa: E402
+from accelerate.state import PartialState  # noqa: E402
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin  # noqa: E402
+
+from modeling_flamingo import FlamingoForConditionalGeneration  # noqa: E402
+from modeling_flamingo.testing import add_flamingo_tokens, make_tiny_tokenizer, tiny_flamingo_config  # noqa: E402
+from modeling_flamingo.training import FlamingoTrainer, freeze_for_flamingo_training  # noqa: E402
+
+from train_helpers import ListLoader, fresh_accelerate_state, shard_batches, train_args  # noqa: E402
+
+STEPS = 4
+SHARDS = 2
+NAN_STEP = 2  # 1-based step whose MMC4 shard 1 (rank 1 only, under FSDP) overflows to a non-finite loss
+
+
+def lift_cpu_fsdp_gate(accelerator: Accelerator) -> Accelerator:
+    """Make an Accelerator built under an FSDP launch configuration on CPU processes take its FSDP path (see the
+    module docstring). Fails if Accelerate already did, so the shim is noticed once it is no longer needed."""
+    state = accelerator.state
+    assert state.distributed_type == DistributedType.MULTI_CPU, state.distributed_type
+    assert os.environ.get("ACCELERATE_USE_FSDP") == "true", "launch with an FSDP accelerate config"
+    state.fsdp_plugin = FullyShardedDataParallelPlugin()  # from the launcher's FSDP_* variables, as Accelerator does
+    state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    assert accelerator.is_fsdp2
+    return accelerator
+
+
+def tiny_model(family: str, seed: int = 0) -> tuple[FlamingoForConditionalGeneration, object]:
+    tokenizer = add_flamingo_tokens(make_tiny_tokenizer())
+    torch.manual_seed(seed)
+    model = FlamingoForConditionalGeneration(tiny_flamingo_config(family, tokenizer))
+    with torch.no_grad():  # open the gates so the cross-attention shapes the loss
+        for block in model.gated_cross_attn_layers:
+            block.attn_gate.fill_(0.5)
+            block.ff_gate.fill_(0.5)
+    return model, tokenizer
+
+
+def scramble_trainable(model: FlamingoForConditionalGeneration) -> None:
+    """Change every weight that can train, so that a resumed run must take them all from its checkpoint."""
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(0.1 * torch.randn_like(param))
+
+
+def global_batches(tokenizer, nan: bool) -> list[list[tuple[dict, dict]]]:
+    """`[step][shard] -> (laion, mmc4)`; with `nan`, shard 1's MMC4 batch of `NAN_STEP` overflows in the vision tower
+    (finite pixel values of 1e38, as a low-precision overflow would)."""
+    data = shard_batches(tokenizer, STEPS, SHARDS)
+    if nan:
+        laion, mmc4 = data[NAN_STEP - 1][1]
+        data[NAN_STEP - 1][1] = (laion, dict(mmc4, pixel_values=torch.full_like(mmc4["pixel_values"], 1e38)))
+    return data
+
+
+def train(run_dir: Path, family: str, *, nan: bool = False, resume_from: Path | None = None) -> FlamingoTrainer:
+    """One training run of `STEPS` steps (checkpoint and export every 2 steps) on this process's share of the data;
+    what it did is written to `reports/<run name>.rank<rank>.json` beside the run folder."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    model, tokenizer = tiny_model(family)
+    data = global_batches(tokenizer, nan)
+    if world == 1:
+        pairs = [pair for row in data for pair in row]
+    else:
+        assert world == SHARDS, world
+        pairs = [row[rank] for row in data]
+    laion = ListLoader([p[0] for p in pairs])
+    mmc4 = ListLoader([p[1] for p in pairs])
+    args = train_args(
+        run_name=str(run_dir),
+        learning_rate=1e-2,
+        warmup_steps=1,
+        lr_scheduler="linear",
+        gradient_accumulation_steps=SHARDS if world == 1 else 1,
+        checkpointing_steps=2,
+        logging_steps=1,
+        loss_multiplier_laion=0.2,
+        resume_from_checkpoint=str(resume_from) if resume_from is not None else None,
+    )
+    with fresh_accelerate_state():
+        accelerator = FlamingoTrainer._build_accelerator(args)
+        if world > 1:
+            lift_cpu_fsdp_gate(accelerator)
+            # One process group for all the runs of a launch: `end_training` would destroy it, and creating a gloo group
+            # again in the same processes hangs now and then. `main` destroys it after the last run.
+            accelerator.end_training = lambda: None
+        if resume_from is not None:
+            freeze_for_flamingo_training(model)  # as the trainer will: only the trainable set is scrambled
+            torch.manual_seed(1)
+            scramble_trainable(model)
+        trainer = FlamingoTrainer(args, model, None, lambda epoch: {"laion": laion, "mmc4": mmc4}, accelerator)
+        trainer.train()
+        report = {
+            "rank": rank,
+            "world": world,
+            "distributed_type": str(trainer.accelerator.distributed_type),
+            "fsdp2": bool(trainer.accelerator.is_fsdp2) if world > 1 else False,
+            "global_step": trainer.state.global_step,
+            "skipped_steps": trainer.state.skipped_steps,
+        }
+    reports = run_dir.parent / "reports"
+    reports.mkdir(exist_ok=True)
+    (reports / f"{run_dir.name}.rank{rank}.json").write_text(json.dumps(report))
+    return trainer
+
+
+# name -> (family, nan, resumed from (run name, checkpoint folder))
+RUNS = {
+    "mosaic_gpt": ("mosaic_gpt", False, None),
+    "mosaic_gpt_resumed": ("mosaic_gpt", False, ("mosaic_gpt", "checkpoint_2")),
+    "gpt_neox": ("gpt_neox", False, None),
+    "mosaic_gpt_nan": ("mosaic_gpt", True, None),
+}
+# What each launch of the test runs, in order (a resumed run after the run it resumes).
+PLANS = {
+    "full": ["mosaic_gpt", "mosaic_gpt_resumed", "gpt_neox", "mosaic_gpt_nan"],
+    "hybrid": ["mosaic_gpt"],
+    "single": ["mosaic_gpt", "gpt_neox", "mosaic_gpt_nan"],
+}
+
+
+def main(argv: list[str]) -> int:
+    out, plan = Path(argv[0]), argv[1]
+    for name in PLANS[plan]:
+        family, nan, resume = RUNS[name]
+        resume_from = out / resume[0] / resume[1] if resume else None
+        train(out / name, family, nan=nan, resume_from=resume_from)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
