@@ -1,10 +1,11 @@
-"""The training loop under Accelerate's FSDP2 (full sharding, sharded checkpoints) on two CPU processes (gloo): the
-same weights as one process with the same global batch, frozen weights untouched, resume from a sharded checkpoint
-equal to a straight run, exports that load, and a non-finite loss on one rank skipped by both.
+"""The training loop under Accelerate's FSDP2 on CPU processes (gloo). Full sharding, two processes: the same weights
+as one process with the same global batch, frozen weights untouched, resume from a sharded checkpoint equal to a
+straight run, exports that load, and a non-finite loss on one rank skipped by both. Hybrid sharding (2 replicas x 2
+shards, four processes): the same weights as one process.
 
-One `accelerate launch` with the shipped `training/configs/fsdp_full.yaml` runs every FSDP2 run of this file (see
-tests/train_fsdp_worker.py, also for the test-only shim that lets Accelerate 1.15 take its FSDP path on the CPU); the
-1-process references run here, without FSDP.
+One `accelerate launch` with the shipped `training/configs/fsdp_full.yaml` runs every full-sharding run, one with
+`fsdp_hybrid.yaml` the hybrid run (see tests/train_fsdp_worker.py, also for the test-only shim that lets Accelerate
+1.15 take its FSDP path on the CPU); the 1-process references run here, without FSDP.
 """
 
 from __future__ import annotations
@@ -45,23 +46,27 @@ def _reports(out: Path) -> dict[str, list[dict]]:
     return reports
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> tuple[Path, Path, dict[str, list[dict]]]:
-    """(FSDP2 runs folder, 1-process runs folder, the FSDP2 processes' reports)."""
-    root = tmp_path_factory.mktemp("fsdp")
-    # `accelerate launch` as users run it, with the shipped config; ACCELERATE_USE_CPU puts the processes on the CPU
-    # (gloo). The config's 8 processes become 2.
+def _launch(root: Path, config: str, plan: str, launch_args: list[str]) -> tuple[Path, Path, dict[str, list[dict]]]:
+    """Run `plan` under `accelerate launch` with a shipped config and its 1-process references here: (FSDP runs
+    folder, 1-process runs folder, the FSDP processes' reports)."""
+    # As users launch it; ACCELERATE_USE_CPU puts the processes on the CPU (gloo).
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", str(ROOT / "training" / "configs" / "fsdp_full.yaml"),
-        "--num_processes", "2", "--main_process_port", str(_free_port()),
-        str(HERE / "train_fsdp_worker.py"), str(root / "fsdp"), "full",
+        "--config_file", str(ROOT / "training" / "configs" / config), *launch_args,
+        "--main_process_port", str(_free_port()),
+        str(HERE / "train_fsdp_worker.py"), str(root / "fsdp"), plan,
     ]  # fmt: skip
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    train_fsdp_worker.main([str(root / "single"), "single"])
+    train_fsdp_worker.main([str(root / "single"), "single" if plan == "full" else f"single_{plan}"])
     return root / "fsdp", root / "single", _reports(root / "fsdp")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> tuple[Path, Path, dict[str, list[dict]]]:
+    # The config's 8 processes become 2.
+    return _launch(tmp_path_factory.mktemp("fsdp"), "fsdp_full.yaml", "full", ["--num_processes", "2"])
 
 
 def _checkpoint(run: Path) -> dict[str, torch.Tensor]:
@@ -83,6 +88,7 @@ def test_every_fsdp_run_took_accelerates_fsdp2_path_on_both_processes(runs):
             assert report["world"] == 2 and report["fsdp2"], report
             assert report["distributed_type"] == "DistributedType.FSDP", report
             assert report["global_step"] == train_fsdp_worker.STEPS, report
+            assert report["placements"] == ["Shard(dim=0)"], report  # the resampler is sharded over both processes
     # The checkpoints are sharded (torch.distributed.checkpoint: one file per process for the model and the optimiser),
     # with every process's RNG state.
     middle = fsdp / "mosaic_gpt" / "checkpoint_2"
@@ -166,3 +172,20 @@ def test_fsdp2_non_finite_loss_on_one_rank_is_skipped_by_both(runs):
     _assert_same(nan_run, _checkpoint(single / "mosaic_gpt_nan"), atol=1e-5)
     clean = _checkpoint(fsdp / "mosaic_gpt")
     assert any(not torch.allclose(nan_run[k], clean[k], atol=1e-4) for k in clean)
+
+
+def test_fsdp2_hybrid_sharding_equals_one_process_with_the_same_global_batch(tmp_path):
+    # fsdp_hybrid.yaml on one machine: 2 replicas x 2 shards (FSDP needs dp_shard >= 2 and hybrid dp_replicate >= 2,
+    # so four processes).
+    fsdp, single, reports = _launch(
+        tmp_path,
+        "fsdp_hybrid.yaml",
+        "hybrid",
+        ["--num_machines", "1", "--num_processes", "4", "--machine_rank", "0"]
+        + ["--parallelism_config_dp_replicate_size", "2", "--parallelism_config_dp_shard_size", "2"],
+    )
+    assert sorted(r["rank"] for r in reports["mosaic_gpt_4"]) == [0, 1, 2, 3]
+    for report in reports["mosaic_gpt_4"]:
+        assert report["fsdp2"] and report["global_step"] == train_fsdp_worker.STEPS, report
+        assert report["placements"] == ["Replicate()", "Shard(dim=0)"], report  # a 2-D (replicate, shard) mesh
+    _assert_same(_checkpoint(fsdp / "mosaic_gpt_4"), _checkpoint(single / "mosaic_gpt_4"), atol=1e-5)
