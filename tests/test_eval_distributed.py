@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -13,11 +12,7 @@ from eval_data import cli_flags, make_hateful_memes, make_vqa, tiny_model_folder
 
 from modeling_flamingo.evaluation.__main__ import main
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from dist_helpers import free_port
 
 
 def test_two_processes_match_one(tmp_path):
@@ -30,7 +25,7 @@ def test_two_processes_match_one(tmp_path):
 
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    launch += ["--main_process_port", str(_free_port()), "-m", "modeling_flamingo.evaluation"]
+    launch += ["--main_process_port", str(free_port()), "-m", "modeling_flamingo.evaluation"]
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     run = subprocess.run(
         launch + args + ["--results_file", str(tmp_path / "two.json")], env=env, capture_output=True, text=True

@@ -7,7 +7,6 @@ the uninterrupted run's weights."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 
 from modeling_flamingo.training import CONFIGS_DIR
 
+from dist_helpers import free_port
 from train_helpers import fresh_accelerate_state, tiny_model
 
 pytest.importorskip("deepspeed", reason="needs DeepSpeed (pip install deepspeed); see docs/training.md")
@@ -26,18 +26,12 @@ sys.path.insert(0, str(HERE))
 import train_dist_worker  # noqa: E402
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(config: str, run_dir: Path, *extra: str) -> str:
     # DeepSpeed's CPU accelerator; it JIT-builds its shared-memory communication op once (torch_extensions cache).
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS_DIR / config),
-        "--num_processes", "2", "--main_process_port", str(_free_port()),
+        "--num_processes", "2", "--main_process_port", str(free_port()),
         str(HERE / "train_dist_worker.py"), str(run_dir), *extra,
     ]  # fmt: skip
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

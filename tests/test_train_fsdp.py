@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -29,13 +28,8 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 import train_fsdp_worker  # noqa: E402
 
+from dist_helpers import free_port  # noqa: E402
 from train_helpers import make_batch  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _reports(out: Path) -> dict[str, list[dict]]:
@@ -54,7 +48,7 @@ def _launch(root: Path, config: str, plan: str, launch_args: list[str]) -> tuple
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch",
         "--config_file", str(ROOT / "training" / "configs" / config), *launch_args,
-        "--main_process_port", str(_free_port()),
+        "--main_process_port", str(free_port()),
         str(HERE / "train_fsdp_worker.py"), str(root / "fsdp"), plan,
     ]  # fmt: skip
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
