@@ -17,12 +17,14 @@ from modeling_flamingo.training.optim import (
     build_optimizer,
     flamingo_parameter_groups,
 )
+from modeling_flamingo.training.token_rows import TrainableTokenRows
 from modeling_flamingo.training.trainer import FlamingoTrainer, TrainerState, find_latest_checkpoint
 
 __all__ = [
     "CONFIGS_DIR",
     "EmbeddingGradientMask",
     "FlamingoTrainer",
+    "TrainableTokenRows",
     "TrainerState",
     "build_lr_scheduler",
     "build_optimizer",

@@ -11,7 +11,8 @@ to move two rows.
 
 - the lookup: positions holding one of the k tokens take their row from `flamingo_token_rows`;
 - the tied output projection: the logits of the k tokens are `hidden @ flamingo_token_rows^T`, written over the
-  columns the frozen projection computed.
+  columns the frozen projection computed (MPT: a hook on `lm_head`; MosaicGPT computes its tied logits in the
+  embedding's own call, `forward(hidden, unembed=True)`, which the embedding's hook handles).
 
 Every row gets the gradient the original's masked gradient gives it (the same terms, summed in another order), AdamW
 treats entries independently and the embeddings have no weight decay, and a row with a zero gradient never moves in
