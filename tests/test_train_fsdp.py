@@ -29,7 +29,7 @@ sys.path.insert(0, str(HERE))
 import train_fsdp_worker  # noqa: E402
 
 from dist_helpers import free_port  # noqa: E402
-from train_helpers import make_batch  # noqa: E402
+from train_helpers import make_batch, tiny_model  # noqa: E402
 
 
 def _reports(out: Path) -> dict[str, list[dict]]:
@@ -102,7 +102,7 @@ def test_fsdp2_full_sharding_equals_one_process_with_the_same_global_batch(runs,
     expected = _checkpoint(single / family)
     _assert_same(_checkpoint(fsdp / family), expected, atol=1e-5)
     # and training did move the weights (the comparison is not between two untouched models)
-    initial, _ = train_fsdp_worker.tiny_model(family)
+    initial, _ = tiny_model(family=family)
     freeze_for_flamingo_training(initial)
     initial_state = original_checkpoint_state_dict(initial)
     assert initial_state.keys() == expected.keys()
@@ -114,7 +114,7 @@ def test_fsdp2_full_sharding_equals_one_process_with_the_same_global_batch(runs,
 def test_fsdp2_leaves_frozen_weights_and_old_token_rows_untouched(runs, family):
     fsdp, _, _ = runs
     trained = FlamingoForConditionalGeneration.from_pretrained(fsdp / family / "model")
-    initial, _ = train_fsdp_worker.tiny_model(family)
+    initial, _ = tiny_model(family=family)
     freeze_for_flamingo_training(initial)
     before, after = initial.state_dict(), trained.state_dict()
     embedding = {n for n, p in initial.named_parameters() if p is initial.get_input_embeddings().weight}
@@ -139,7 +139,7 @@ def test_fsdp2_resume_from_a_sharded_checkpoint_equals_a_straight_run(runs):
 
 def test_fsdp2_export_loads_and_gives_the_logits_of_one_process(runs):
     fsdp, single, _ = runs
-    _, tokenizer = train_fsdp_worker.tiny_model("mosaic_gpt")
+    _, tokenizer = tiny_model()
     batch = make_batch(tokenizer, ["<image>A dog runs after a red ball.<|endofchunk|>"], 1, False, seed=7)
     logits = {}
     for name, root in (("fsdp", fsdp), ("single", single)):

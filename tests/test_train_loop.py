@@ -12,7 +12,15 @@ from safetensors import safe_open
 from modeling_flamingo.training import FlamingoTrainer, find_latest_checkpoint
 from modeling_flamingo.training.token_rows import is_token_rows_name
 
-from train_helpers import batches, fresh_accelerate_state, loader_factory, make_batch, tiny_model, train_args
+from train_helpers import (
+    batches,
+    fresh_accelerate_state,
+    loader_factory,
+    make_batch,
+    scramble_trainable,
+    tiny_model,
+    train_args,
+)
 
 
 def run(model, tokenizer, data, **overrides) -> FlamingoTrainer:
@@ -25,14 +33,6 @@ def run(model, tokenizer, data, **overrides) -> FlamingoTrainer:
         trainer = FlamingoTrainer(args, model, None, loader_factory(*data))
         trainer.train()
     return trainer
-
-
-def scramble_trainable(model) -> None:
-    """Change every weight the trainer will train (resampler, cross-attention, input embeddings)."""
-    with torch.no_grad():
-        for module in [model.perceiver, *model.gated_cross_attn_layers, model.get_input_embeddings()]:
-            for p in module.parameters():
-                p.add_(0.1 * torch.randn_like(p))
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:

@@ -12,22 +12,15 @@ import copy
 import pytest
 import torch
 
-from modeling_flamingo.modeling_flamingo import FlamingoForConditionalGeneration
-from modeling_flamingo.testing import FAMILIES, add_flamingo_tokens, make_tiny_tokenizer, tiny_flamingo_config
+from modeling_flamingo.testing import FAMILIES
 from modeling_flamingo.training import freeze_for_flamingo_training
 from modeling_flamingo.training.token_rows import ROWS_PARAMETER, TrainableTokenRows, tied_output_projection
 
-from train_helpers import MMC4_TEXTS, make_batch
+from train_helpers import MMC4_TEXTS, make_batch, tiny_model
 
 
 def _model(family: str):
-    tokenizer = add_flamingo_tokens(make_tiny_tokenizer(bos_token="<s>" if family == "llama" else None))
-    torch.manual_seed(0)
-    model = FlamingoForConditionalGeneration(tiny_flamingo_config(family, tokenizer))
-    with torch.no_grad():
-        for block in model.gated_cross_attn_layers:
-            block.attn_gate.fill_(0.5)
-            block.ff_gate.fill_(0.5)
+    model, tokenizer = tiny_model(family=family)
     freeze_for_flamingo_training(model)
     return model, tokenizer
 

@@ -20,7 +20,7 @@ import torch  # noqa: E402
 
 from modeling_flamingo.training import FlamingoTrainer  # noqa: E402
 
-from train_helpers import ListLoader, shard_batches, tiny_model, train_args  # noqa: E402
+from train_helpers import ListLoader, scramble_trainable, shard_batches, tiny_model, train_args  # noqa: E402
 
 STEPS = 4
 SHARDS = 2
@@ -36,11 +36,7 @@ def main(argv: list[str]) -> int:
     model, tokenizer = tiny_model()
     resume_from = argv[1] if len(argv) > 1 else None
     if resume_from is not None:
-        generator = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for module in [model.perceiver, *model.gated_cross_attn_layers, model.get_input_embeddings()]:
-                for p in module.parameters():
-                    p.add_(0.1 * torch.randn(p.shape, generator=generator))
+        scramble_trainable(model)
     data = shard_batches(tokenizer, STEPS, SHARDS)
     laion_bad, mmc4_bad = data[NAN_STEP - 1][SHARDS - 1]
     data[NAN_STEP - 1][SHARDS - 1] = (

@@ -35,11 +35,16 @@ from accelerate.parallelism_config import ParallelismConfig  # noqa: E402
 from accelerate.state import AcceleratorState, PartialState  # noqa: E402
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, TorchDynamoPlugin  # noqa: E402
 
-from modeling_flamingo import FlamingoForConditionalGeneration  # noqa: E402
-from modeling_flamingo.testing import add_flamingo_tokens, make_tiny_tokenizer, tiny_flamingo_config  # noqa: E402
-from modeling_flamingo.training import FlamingoTrainer, freeze_for_flamingo_training  # noqa: E402
+from modeling_flamingo.training import FlamingoTrainer  # noqa: E402
 
-from train_helpers import ListLoader, fresh_accelerate_state, shard_batches, train_args  # noqa: E402
+from train_helpers import (  # noqa: E402
+    ListLoader,
+    fresh_accelerate_state,
+    scramble_trainable,
+    shard_batches,
+    tiny_model,
+    train_args,
+)
 
 STEPS = 4
 NAN_STEP = 2  # 1-based step whose MMC4 shard 1 (rank 1 only, under FSDP) overflows to a non-finite loss
@@ -66,25 +71,6 @@ def prime_cpu_fsdp_state(mixed_precision: str = "no") -> None:
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
 
-def tiny_model(family: str, seed: int = 0) -> tuple[FlamingoForConditionalGeneration, object]:
-    tokenizer = add_flamingo_tokens(make_tiny_tokenizer())
-    torch.manual_seed(seed)
-    model = FlamingoForConditionalGeneration(tiny_flamingo_config(family, tokenizer))
-    with torch.no_grad():  # open the gates so the cross-attention shapes the loss
-        for block in model.gated_cross_attn_layers:
-            block.attn_gate.fill_(0.5)
-            block.ff_gate.fill_(0.5)
-    return model, tokenizer
-
-
-def scramble_trainable(model: FlamingoForConditionalGeneration) -> None:
-    """Change every weight that can train, so that a resumed run must take them all from its checkpoint."""
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(0.1 * torch.randn_like(param))
-
-
 def global_batches(tokenizer, shards: int, nan: bool) -> list[list[tuple[dict, dict]]]:
     """`[step][shard] -> (laion, mmc4)`; with `nan`, shard 1's MMC4 batch of `NAN_STEP` overflows in the vision tower
     (finite pixel values of 1e38, as a low-precision overflow would)."""
@@ -102,7 +88,7 @@ def train(
     what it did is written to `reports/<run name>.rank<rank>.json` beside the run folder."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    model, tokenizer = tiny_model(family)
+    model, tokenizer = tiny_model(family=family)
     data = global_batches(tokenizer, shards, nan)
     if world == 1:
         pairs = [pair for row in data for pair in row]
@@ -132,8 +118,6 @@ def train(
             # again in the same processes hangs now and then. `main` destroys it after the last run.
             accelerator.end_training = lambda: None
         if resume_from is not None:
-            freeze_for_flamingo_training(model)  # as the trainer will: only the trainable set is scrambled
-            torch.manual_seed(1)
             scramble_trainable(model)
         trainer = FlamingoTrainer(args, model, None, lambda epoch: {"laion": laion, "mmc4": mmc4}, accelerator)
         trainer.train()

@@ -107,15 +107,26 @@ def fresh_accelerate_state():
         GradientState._reset_state()
 
 
-def tiny_model(seed: int = 0) -> tuple[FlamingoForConditionalGeneration, object]:
-    tokenizer = add_flamingo_tokens(make_tiny_tokenizer())
+def tiny_model(seed: int = 0, family: str = "mosaic_gpt") -> tuple[FlamingoForConditionalGeneration, object]:
+    """A tiny Flamingo of `family` with open gates, and its tokenizer (with the Flamingo tokens)."""
+    tokenizer = add_flamingo_tokens(make_tiny_tokenizer(bos_token="<s>" if family == "llama" else None))
     torch.manual_seed(seed)
-    model = FlamingoForConditionalGeneration(tiny_flamingo_config("mosaic_gpt", tokenizer))
+    model = FlamingoForConditionalGeneration(tiny_flamingo_config(family, tokenizer))
     with torch.no_grad():  # open the gates so the cross-attention shapes the loss
         for block in model.gated_cross_attn_layers:
             block.attn_gate.fill_(0.5)
             block.ff_gate.fill_(0.5)
     return model, tokenizer
+
+
+def scramble_trainable(model: FlamingoForConditionalGeneration, seed: int = 1) -> None:
+    """Change every weight the trainer trains (resampler, cross-attention, input embeddings), the same way on every
+    process, so that a resumed run must take them all from its checkpoint."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in [model.perceiver, *model.gated_cross_attn_layers, model.get_input_embeddings()]:
+            for p in module.parameters():
+                p.add_(0.1 * torch.randn(p.shape, generator=generator))
 
 
 def batches(tokenizer, n: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
