@@ -842,3 +842,102 @@ def test_shards_at_fsspec_urls(tmp_path, tokenizer, image_processor):
             ours.build_laion_loader("memory://flamingo-test/laion-{00005..00006}.tar", **options)
     finally:
         memory.rm("/flamingo-test", recursive=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One bad sample must not end a run
+
+
+def _hostile_mmc4_documents() -> dict[str, tuple[bytes | dict, dict[str, int]]]:
+    """Documents in the real MMC4 layout that each used to end a run or be read as something else, and what they
+    are counted as."""
+    valid = random_mmc4_document(40, num_images=2, num_sentences=3)
+    header = b'{"text_list": ["A cat."], "image_info": [], "similarity_matrix": [[0.3]], '
+    return {
+        # json.loads raises RecursionError (not a ValueError) beyond ~1000 levels.
+        "nested": (header + b'"url": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", {"bad_document": 1}),
+        # Python refuses to convert integers of more than 4300 digits (a plain ValueError).
+        "huge integer": (header + b'"url": ' + b"1" * 5000 + b"}", {"bad_document": 1}),
+        "not an object": (b"[1, 2, 3]", {"bad_document": 1}),
+        # The original drops these (it indexes and joins text_list); read leniently they became other documents.
+        "text_list a string": ({**valid, "text_list": "A cat sits."}, {"bad_document": 1}),
+        "text_list of numbers": ({**valid, "text_list": [1, 2, 3]}, {"bad_document": 1}),
+        "image_info an object": ({**valid, "image_info": {"image_base64": "x"}}, {"bad_document": 1}),
+        "similarity of strings": ({**valid, "similarity_matrix": [["a", "b", "c"]] * 2}, {"bad_document": 1}),
+        "similarity of objects": ({**valid, "similarity_matrix": [{"a": 1}] * 2}, {"bad_document": 1}),
+        "similarity NaN": ({**valid, "similarity_matrix": [[float("nan")] * 3] * 2}, {"bad_document": 1}),
+        "image_base64 a list": (
+            {**valid, "image_info": [{"image_base64": [1]}, {"image_base64": {"a": 1}}]},
+            {"undecodable_image": 2, "no_usable_image": 1},
+        ),
+    }
+
+
+def test_mmc4_hostile_documents_are_skipped_and_counted_without_changing_the_batches(
+    tmp_path, tokenizer, image_processor
+):
+    documents = [random_mmc4_document(seed, num_images=3, num_sentences=6) for seed in range(6)]
+    hostile = _hostile_mmc4_documents()
+    write_mmc4_shard(tmp_path / "clean-0.tar", documents)
+    # The hostile documents first: they are all read before the first batch is made.
+    write_mmc4_shard(tmp_path / "mixed-0.tar", [document for document, _ in hostile.values()] + documents)
+    options = dict(tokenizer=tokenizer, image_processor=image_processor, batch_size=2, num_samples=4, workers=0)
+    clean = list(ours.build_mmc4_loader(str(tmp_path / "clean-0.tar"), shuffle_buffer=1, **options).dataloader)
+    mixed = list(ours.build_mmc4_loader(str(tmp_path / "mixed-0.tar"), shuffle_buffer=1, **options).dataloader)
+    assert len(mixed) == len(clean) == 2
+    for one, other in zip(mixed, clean, strict=True):
+        assert all(torch.equal(one[key], other[key]) for key in ("pixel_values", "input_ids", "labels"))
+    expected = _totals(clean)
+    for _, counts in hostile.values():
+        for reason, count in counts.items():
+            expected[reason] = expected.get(reason, 0) + count
+    assert _totals(mixed) == expected
+
+
+def _failing_transform(transform, width: int, error: BaseException):
+    """A user's image transform (a callable PIL image -> (3, H, W) tensor) that raises `error` on images `width`
+    pixels wide."""
+
+    def apply(image):
+        if image.width == width:
+            raise error
+        return transform(image)
+
+    return apply
+
+
+def test_any_exception_of_one_sample_is_skipped_counted_and_logged(tmp_path, tokenizer, open_clip_transform, caplog):
+    # The image transform may be anyone's callable: whatever it raises on one image skips that sample, and only that.
+    samples = [(image_bytes(seed, width=40 + seed), f"c{seed}") for seed in range(4)]
+    write_laion_shard(tmp_path / "laion-0.tar", samples)
+    sentences = ["A cat.", "A dog.", "A ball."]
+    similarity = [[0.3, 0.1, 0.1], [0.1, 0.3, 0.1]]
+    good = mmc4_document(sentences, [image_bytes(1), image_bytes(2)], similarity)
+    bad = mmc4_document(sentences, [image_bytes(3), image_bytes(4, width=200)], similarity)
+    write_mmc4_shard(tmp_path / "mmc4-0.tar", [bad, good])
+    options = dict(tokenizer=tokenizer, batch_size=1, workers=0, flip=False, shuffle_buffer=1)
+    laion_transform = _failing_transform(open_clip_transform, 41, ZeroDivisionError("division by zero"))
+    mmc4_transform = _failing_transform(open_clip_transform, 200, AssertionError("a bug in a transform"))
+    with caplog.at_level("WARNING", logger=ours.__name__):
+        laion = ours.build_laion_loader(
+            str(tmp_path / "laion-0.tar"), image_processor=laion_transform, num_samples=3, **options
+        )
+        laion = list(laion.dataloader)
+        mmc4 = ours.build_mmc4_loader(
+            str(tmp_path / "mmc4-0.tar"), image_processor=mmc4_transform, num_samples=1, **options
+        )
+        mmc4 = list(mmc4.dataloader)
+    assert [tokenizer.decode(batch["input_ids"][0]) for batch in laion] == [
+        f"<image>c{seed}<|endofchunk|><|endoftext|>" for seed in (0, 2, 3)
+    ]
+    assert _totals(laion) == {"sample_error": 1}
+    assert len(mmc4) == 1 and _totals(mmc4) == {"sample_error": 1}
+    assert "Skipping sample '00001' of " in caplog.text and "ZeroDivisionError('division by zero')" in caplog.text
+    assert f"Skipping sample '{0:032x}' of " in caplog.text and "AssertionError('a bug in a transform')" in caplog.text
+    # Interrupts and exits are no sample's failure: they end the run as they should.
+    interrupted = _failing_transform(open_clip_transform, 40, KeyboardInterrupt())
+    loader = ours.build_laion_loader(
+        str(tmp_path / "laion-0.tar"), image_processor=interrupted, num_samples=1, **options
+    )
+    with pytest.raises(KeyboardInterrupt):
+        next(iter(loader.dataloader))

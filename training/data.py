@@ -50,7 +50,6 @@ import math
 import random
 import re
 import tarfile
-import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -86,12 +85,14 @@ SKIP_REASONS = {
     "incomplete_sample": "LAION: a sample without a caption or without a jpg/png/jpeg image",
     "undecodable_image": "an image that does not decode (LAION: the sample; MMC4: that image of the document)",
     "undecodable_text": "LAION: a caption that is not UTF-8",
-    "bad_document": "MMC4: a JSON member that does not parse or lacks/garbles text_list, image_info, similarity_matrix",
+    "bad_document": "MMC4: a JSON member that does not parse (also nested too deep, numbers of over 4300 digits) or "
+    "lacks/garbles text_list (a list of strings), image_info (a list), similarity_matrix",
     "unsupported_document": "MMC4: a ChatGPT-generated document (`is_gpt`), not supported",
     "no_usable_image": "MMC4: no image left after the size filter, decoding and the similarity threshold",
     "too_few_images": "MMC4: fewer than min_num_images `<image>` tokens left after truncation",
     "single_image_dropped": "MMC4: a single-image document dropped by the original's keep-half-of-them rule",
     "image_at_end": "MMC4: a single `<image>` as the last token (every label would be -100)",
+    "sample_error": "any other exception while reading one sample (logged with the sample's key): that sample only",
 }
 
 
@@ -269,7 +270,7 @@ def iter_tar_samples(url: str, skipped: Counter) -> Iterator[dict[str, Any]]:
                     sample = {"__key__": key, "__url__": url}
                 sample[extension] = data
             broken = getattr(archive, "broken_header", None)
-    except (tarfile.TarError, OSError, EOFError, zlib.error) as error:
+    except Exception as error:  # TarError, OSError, EOFError, zlib.error, or a remote filesystem's own errors
         broken = error
     if broken is not None:
         skipped["corrupt_tar"] += 1
@@ -362,7 +363,7 @@ def decode_laion_sample(sample: dict[str, Any]) -> tuple[PIL.Image.Image, str]:
 
 
 def preprocess_laion_batch(
-    images: list[PIL.Image.Image],
+    images: list[PIL.Image.Image] | torch.Tensor,
     captions: list[str],
     *,
     tokenizer: PreTrainedTokenizerBase,
@@ -373,11 +374,16 @@ def preprocess_laion_batch(
 ) -> dict[str, torch.Tensor]:
     """One LAION batch from decoded samples.
 
+    Args:
+        images: RGB images, or their pixel values (B, 3, H, W) already computed with `pixel_values_of`.
+
     Returns:
         `pixel_values` (B, 1, 1, 3, H, W) float32, `input_ids` / `attention_mask` / `labels` (B, L), L the longest
         tokenized text of the batch and at most `max_tokens`.
     """
-    pixel_values = _maybe_flip(pixel_values_of(images, image_processor), flip_generator)
+    if not isinstance(images, torch.Tensor):
+        images = pixel_values_of(images, image_processor)
+    pixel_values = _maybe_flip(images, flip_generator)
     texts = [f"{MEDIA_TOKEN}{caption.strip()}{EOC_TOKEN}{tokens.eos_token}" for caption in captions]
     encoding = tokenizer(
         texts,
@@ -446,11 +452,16 @@ def preprocess_mmc4_document(
     if "is_gpt" in document:
         raise SkipSample("unsupported_document", "ChatGPT-generated documents are not supported")
     try:
-        sentences = [str(sentence) for sentence in document["text_list"]]
-        image_info = list(document["image_info"])
+        sentences, image_info = document["text_list"], document["image_info"]
         similarity = np.asarray(document["similarity_matrix"], dtype=np.float64)
-    except (KeyError, TypeError, ValueError) as error:
+    except (KeyError, TypeError, ValueError, RecursionError) as error:
         raise SkipSample("bad_document", repr(error)) from None
+    # The original joins the sentences (a non-string fails there) and indexes both lists.
+    if not isinstance(sentences, list) or not all(isinstance(sentence, str) for sentence in sentences):
+        raise SkipSample("bad_document", "text_list is not a list of strings")
+    if not isinstance(image_info, list):
+        raise SkipSample("bad_document", "image_info is not a list")
+    sentences = list(sentences)
 
     images, rows = [], []
     for index, info in enumerate(image_info):
@@ -641,6 +652,14 @@ class _ShardPipeline(IterableDataset):
         )
 
 
+def _count_sample_error(sample: dict[str, Any], error: Exception, skipped: Counter) -> None:
+    """Count (`sample_error`) and log an unexpected exception raised while reading one sample.
+
+    `Exception` only: KeyboardInterrupt, SystemExit and GeneratorExit (a closed loader) still propagate."""
+    skipped["sample_error"] += 1
+    logger.warning("Skipping sample %r of %s: %r", sample.get("__key__"), sample.get("__url__"), error, exc_info=error)
+
+
 class LaionPipeline(_ShardPipeline):
     """LAION batches (`preprocess_laion_batch`) of one process; see `build_laion_loader`."""
 
@@ -652,25 +671,29 @@ class LaionPipeline(_ShardPipeline):
 
     def batches(self, samples, worker, sweep, skipped):
         flips = self._flip_generator(worker, sweep)
-        images, captions = [], []
+        pixel_values, captions = [], []
         for sample in samples:
             try:
                 image, caption = decode_laion_sample(sample)
+                # Transformed at once: a batch waits as B small tensors, not B full-size images.
+                pixel_values.append(pixel_values_of([image], self.image_processor)[0])
             except SkipSample as skip:
                 skipped[skip.reason] += 1
                 continue
-            images.append(image)
+            except Exception as error:  # a bug or an input nobody foresaw must not end a run of days
+                _count_sample_error(sample, error, skipped)
+                continue
             captions.append(caption)
-            if len(images) == self.batch_size:
+            if len(captions) == self.batch_size:
                 yield preprocess_laion_batch(
-                    images,
+                    torch.stack(pixel_values),
                     captions,
                     tokenizer=self.tokenizer,
                     image_processor=self.image_processor,
                     tokens=self.tokens,
                     flip_generator=flips,
                 )
-                images, captions = [], []
+                pixel_values, captions = [], []
 
 
 class Mmc4Pipeline(_ShardPipeline):
@@ -712,7 +735,7 @@ class Mmc4Pipeline(_ShardPipeline):
                     raise SkipSample("bad_document", "no json member")
                 try:
                     document = json.loads(sample["json"])
-                except (UnicodeDecodeError, json.JSONDecodeError) as error:
+                except (ValueError, RecursionError) as error:  # also too deep nesting, integers of > 4300 digits
                     raise SkipSample("bad_document", repr(error)) from None
                 if not isinstance(document, dict):
                     raise SkipSample("bad_document", "the JSON is not an object")
@@ -733,6 +756,9 @@ class Mmc4Pipeline(_ShardPipeline):
                 )
             except SkipSample as skip:
                 skipped[skip.reason] += 1
+                continue
+            except Exception as error:  # a bug or an input nobody foresaw must not end a run of days
+                _count_sample_error(sample, error, skipped)
                 continue
             if len(documents) == self.batch_size:
                 pixel_values, input_ids, attention_mask = (
