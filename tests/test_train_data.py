@@ -8,8 +8,10 @@ import itertools
 import json
 import os
 import random
+import resource
 import sys
 import tarfile
+import time
 from types import SimpleNamespace
 from unittest import mock
 
@@ -21,6 +23,7 @@ from train_data_helpers import (
     make_laion_shards,
     make_mmc4_shards,
     mmc4_document,
+    png_declaring,
     random_mmc4_document,
     sentence,
     write_laion_shard,
@@ -941,3 +944,80 @@ def test_any_exception_of_one_sample_is_skipped_counted_and_logged(tmp_path, tok
     )
     with pytest.raises(KeyboardInterrupt):
         next(iter(loader.dataloader))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One huge image must not exhaust memory
+
+
+def test_decompression_bombs_are_refused_from_their_header_fast_and_without_memory(
+    tmp_path, tokenizer, image_processor
+):
+    # Real PNGs of ~12 KB and ~110 KB declaring 100 MP (over the default bound, 50 MP) and 900 MP (also over PIL's
+    # own refusal, twice its 89 MP warning limit): decoded, 0.5 GB and 4.8 GB.
+    bombs = [png_declaring(10_000, 10_000, min_bytes=11_000), png_declaring(30_000, 30_000)]
+    assert all(len(bomb) < 200_000 for bomb in bombs)
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    for bomb in bombs:
+        start = time.perf_counter()
+        with pytest.raises(ours.SkipSample) as skip:
+            ours.decode_rgb_image(bomb)
+        assert skip.value.reason == "image_too_large" and time.perf_counter() - start < 1
+
+    # In a LAION shard: the same batches as without the bombs, and both counted.
+    good = [(image_bytes(seed, width=48, height=40, fmt="PNG"), f"good {seed}") for seed in range(3)]
+    write_laion_shard(tmp_path / "laion-clean.tar", good, ext="png")
+    with_bombs = [good[0], (bombs[0], "bomb"), good[1], (bombs[1], "bomb"), good[2]]
+    write_laion_shard(tmp_path / "laion-bombs.tar", with_bombs, ext="png")
+    options = dict(tokenizer=tokenizer, image_processor=image_processor, workers=0, flip=False, shuffle_buffer=1)
+    runs = {}
+    for name in ("clean", "bombs"):
+        loader = ours.build_laion_loader(str(tmp_path / f"laion-{name}.tar"), batch_size=3, num_samples=3, **options)
+        runs[name] = list(loader.dataloader)
+    assert len(runs["bombs"]) == len(runs["clean"]) == 1
+    assert all(torch.equal(runs["bombs"][0][key], runs["clean"][0][key]) for key in ("pixel_values", "input_ids"))
+    assert _totals(runs["bombs"]) == {"image_too_large": 2} and _totals(runs["clean"]) == {}
+
+    # In an MMC4 document: that image is dropped, as if it had failed to download.
+    sentences = [sentence(seed, 5) for seed in range(4)]
+    similarity = [[0.3 if column == row else 0.1 for column in range(4)] for row in range(4)]
+    images = [image_bytes(1), bombs[0], image_bytes(2), bombs[1]]
+    write_mmc4_shard(tmp_path / "mmc4-bombs.tar", [mmc4_document(sentences, images, similarity)])
+    missing = [images[0], None, images[2], None]
+    write_mmc4_shard(tmp_path / "mmc4-clean.tar", [mmc4_document(sentences, missing, similarity)])
+    for name in ("clean", "bombs"):
+        loader = ours.build_mmc4_loader(str(tmp_path / f"mmc4-{name}.tar"), batch_size=1, num_samples=1, **options)
+        runs[name] = list(loader.dataloader)
+    assert all(torch.equal(runs["bombs"][0][key], runs["clean"][0][key]) for key in ("pixel_values", "input_ids"))
+    assert _totals(runs["bombs"]) == {"image_too_large": 2} and _totals(runs["clean"]) == {}
+    # Nothing was decoded: the peak memory of this process grew by far less than one decoded bomb.
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before < 200_000
+
+
+def test_max_image_pixels_bounds_every_training_image(tmp_path, tokenizer, image_processor):
+    from modeling_flamingo.processing.image_loading import DEFAULT_MAX_IMAGE_PIXELS
+    from modeling_flamingo.training.cli import build_parser
+
+    # LAION images of 48x48, 49x48, 50x48, 51x48: a bound of 49 x 48 pixels keeps the first two (it is inclusive).
+    pattern = make_laion_shards(tmp_path / "laion", num_shards=1, samples_per_shard=4)
+    options = dict(tokenizer=tokenizer, image_processor=image_processor, workers=0, flip=False, shuffle_buffer=1)
+    loader = ours.build_laion_loader(pattern, batch_size=2, num_samples=2, max_image_pixels=49 * 48, **options)
+    batches = list(loader.dataloader)
+    assert len(batches) == 1 and batches[0]["pixel_values"].shape[0] == 2
+    # The skips after the batch are carried by the next batch of a longer run: here, one more pass.
+    loader = ours.build_laion_loader(pattern, batch_size=2, num_samples=4, max_image_pixels=49 * 48, **options)
+    assert _totals(list(loader.dataloader)) == {"image_too_large": 2}
+    with pytest.raises(ValueError, match="max_image_pixels must be a positive integer; got 0"):
+        ours.build_laion_loader(pattern, batch_size=2, num_samples=2, max_image_pixels=0, **options)
+    # The command line's --max_image_pixels reaches both loaders (default DEFAULT_MAX_IMAGE_PIXELS).
+    mmc4 = make_mmc4_shards(tmp_path / "mmc4", num_shards=1, documents_per_shard=2)
+    command = ["--model", "m", "--laion_shards", pattern, "--mmc4_shards", mmc4, "--workers", "0"]
+    command += ["--batch_size_laion", "1", "--train_num_samples_laion", "2"]
+    command += ["--batch_size_mmc4", "1", "--train_num_samples_mmc4", "2"]
+    assert build_parser().parse_args(command).max_image_pixels == DEFAULT_MAX_IMAGE_PIXELS
+    args = build_parser().parse_args([*command, "--max_image_pixels", "2352"])
+    loaders = ours.build_train_loaders(args, tokenizer, image_processor, epoch=0, rank=0, world_size=1)
+    assert {name: loader.dataloader.dataset.max_image_pixels for name, loader in loaders.items()} == {
+        "laion": 2352,
+        "mmc4": 2352,
+    }

@@ -42,7 +42,6 @@ import base64
 import binascii
 import glob
 import importlib
-import io
 import itertools
 import json
 import logging
@@ -62,6 +61,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from transformers.image_processing_utils import BaseImageProcessor
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from modeling_flamingo.processing.image_loading import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    ImageTooLargeError,
+    check_max_image_pixels,
+    open_image,
+)
 from modeling_flamingo.processing.processing_flamingo import EOC_TOKEN, MEDIA_TOKEN
 from modeling_flamingo.training.labels import mask_flamingo_labels
 
@@ -74,8 +79,6 @@ MMC4_MIN_IMAGE_KB = 10
 # Buffered shuffles of the original: shard list (seeded) and samples.
 SHARD_SHUFFLE_BUFFER, SHARD_SHUFFLE_INITIAL = 2000, 500
 SAMPLE_SHUFFLE_BUFFER, SAMPLE_SHUFFLE_INITIAL = 5000, 1000
-# The original raises PIL's decompression-bomb limit to this many pixels.
-MAX_IMAGE_PIXELS = 1_000_000_000
 # Image members of a LAION sample, in the order the original picks the first present one.
 LAION_IMAGE_EXTENSIONS = ("jpg", "png", "jpeg")
 
@@ -84,6 +87,8 @@ SKIP_REASONS = {
     "corrupt_tar": "a tar stream that broke off (bad header, truncated file): the rest of that shard is lost",
     "incomplete_sample": "LAION: a sample without a caption or without a jpg/png/jpeg image",
     "undecodable_image": "an image that does not decode (LAION: the sample; MMC4: that image of the document)",
+    "image_too_large": "an image declaring more than max_image_pixels pixels, refused from its header before decoding "
+    "(LAION: the sample; MMC4: that image of the document)",
     "undecodable_text": "LAION: a caption that is not UTF-8",
     "bad_document": "MMC4: a JSON member that does not parse (also nested too deep, numbers of over 4300 digits) or "
     "lacks/garbles text_list (a list of strings), image_info (a list), similarity_matrix",
@@ -284,19 +289,21 @@ def iter_tar_samples(url: str, skipped: Counter) -> Iterator[dict[str, Any]]:
 # Decoding and preprocessing (one sample at a time, no randomness except through the given generators)
 
 
-def decode_rgb_image(data: bytes) -> PIL.Image.Image:
-    """Decode image bytes into an RGB PIL image as the original does (`Image.open`, `load`, `convert("RGB")`, with its
-    1e9-pixel decompression-bomb limit). Raises `SkipSample("undecodable_image")`."""
-    previous = PIL.Image.MAX_IMAGE_PIXELS
-    PIL.Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+def decode_rgb_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> PIL.Image.Image:
+    """Decode image bytes into an RGB PIL image as the original does (`Image.open`, `load`, `convert("RGB")`), through
+    `open_image`: an image declaring more than `max_pixels` pixels is refused from its header, before decoding.
+
+    Raises:
+        SkipSample: `image_too_large` (also PIL's own refusal beyond twice `PIL.Image.MAX_IMAGE_PIXELS`, 179 MP by
+            default, whatever `max_pixels`), or `undecodable_image`.
+    """
     try:
-        with PIL.Image.open(io.BytesIO(data)) as image:
-            image.load()
+        with open_image(data, max_pixels) as image:
             return image.convert("RGB")
+    except (ImageTooLargeError, PIL.Image.DecompressionBombError) as error:
+        raise SkipSample("image_too_large", str(error)) from None
     except Exception as error:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ValueError...)
         raise SkipSample("undecodable_image", repr(error)) from None
-    finally:
-        PIL.Image.MAX_IMAGE_PIXELS = previous
 
 
 def pixel_values_of(images: list[PIL.Image.Image], image_processor: Any) -> torch.Tensor:
@@ -349,9 +356,11 @@ def check_flamingo_tokenizer(tokenizer: PreTrainedTokenizerBase) -> FlamingoToke
     return FlamingoTokens(ids[MEDIA_TOKEN], ids[EOC_TOKEN], tokenizer.pad_token_id, tokenizer.eos_token)
 
 
-def decode_laion_sample(sample: dict[str, Any]) -> tuple[PIL.Image.Image, str]:
+def decode_laion_sample(
+    sample: dict[str, Any], max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+) -> tuple[PIL.Image.Image, str]:
     """(RGB image, caption) of a LAION sample; raises `SkipSample` (`incomplete_sample`, `undecodable_image`,
-    `undecodable_text`)."""
+    `image_too_large`, `undecodable_text`)."""
     extension = next((ext for ext in LAION_IMAGE_EXTENSIONS if ext in sample), None)
     if "txt" not in sample or extension is None:
         raise SkipSample("incomplete_sample", sample.get("__key__", ""))
@@ -359,7 +368,7 @@ def decode_laion_sample(sample: dict[str, Any]) -> tuple[PIL.Image.Image, str]:
         caption = sample["txt"].decode("utf-8")
     except UnicodeDecodeError as error:
         raise SkipSample("undecodable_text", repr(error)) from None
-    return decode_rgb_image(sample[extension]), caption
+    return decode_rgb_image(sample[extension], max_pixels), caption
 
 
 def preprocess_laion_batch(
@@ -427,6 +436,7 @@ def preprocess_mmc4_document(
     rng: random.Random,
     flip_generator: torch.Generator | None = None,
     skipped: Counter | None = None,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Preprocess one MMC4 document as the original does (see the module docstring).
 
@@ -439,7 +449,9 @@ def preprocess_mmc4_document(
             every `<image>` gets its matched image.
         rng: draws the single-image drop (one `rng.random()` per document with exactly one `<image>` left).
         flip_generator: draws the flip of the document's images (one draw per document); `None` never flips.
-        skipped: counts images that do not decode (`undecodable_image`); the document goes on without them.
+        skipped: counts images that do not decode (`undecodable_image`) or declare more than `max_image_pixels`
+            pixels (`image_too_large`); the document goes on without them.
+        max_image_pixels: the bound of `decode_rgb_image`.
 
     Returns:
         pixel values (max_num_images, 3, H, W) float32 (zeros after the document's images), input ids and attention
@@ -476,7 +488,7 @@ def preprocess_mmc4_document(
         if len(raw) // 1000 <= MMC4_MIN_IMAGE_KB:
             continue
         try:
-            images.append(decode_rgb_image(raw))
+            images.append(decode_rgb_image(raw, max_image_pixels))
         except SkipSample as skip:
             if skipped is not None:
                 skipped[skip.reason] += 1
@@ -549,6 +561,7 @@ class _ShardPipeline(IterableDataset):
         flip: bool,
         shuffle_buffer: int,
         shuffle_initial: int,
+        max_image_pixels: int | None,
     ):
         super().__init__()
         self.urls = urls
@@ -560,6 +573,7 @@ class _ShardPipeline(IterableDataset):
         self.rank = rank
         self.world_size = world_size
         self.flip = flip
+        self.max_image_pixels = max_image_pixels
         self.shuffle_buffer = shuffle_buffer
         self.shuffle_initial = shuffle_initial
 
@@ -674,7 +688,7 @@ class LaionPipeline(_ShardPipeline):
         pixel_values, captions = [], []
         for sample in samples:
             try:
-                image, caption = decode_laion_sample(sample)
+                image, caption = decode_laion_sample(sample, self.max_image_pixels)
                 # Transformed at once: a batch waits as B small tensors, not B full-size images.
                 pixel_values.append(pixel_values_of([image], self.image_processor)[0])
             except SkipSample as skip:
@@ -748,6 +762,7 @@ class Mmc4Pipeline(_ShardPipeline):
                         textsim_threshold=self.textsim_threshold,
                         min_num_images=self.min_num_images,
                         max_num_images=self.max_num_images,
+                        max_image_pixels=self.max_image_pixels,
                         image_order=self.image_order,
                         rng=rng,
                         flip_generator=flips,
@@ -843,6 +858,7 @@ def _build_loader(
     flip: bool,
     shuffle_buffer: int,
     shuffle_initial: int,
+    max_image_pixels: int | None,
     **pipeline_kwargs,
 ) -> TrainLoader:
     _check_ints(batch_size=batch_size, num_samples=num_samples, workers=workers, seed=seed, epoch=epoch, rank=rank)
@@ -851,6 +867,7 @@ def _build_loader(
         raise ValueError(f"batch_size and num_samples must be positive, got {batch_size} and {num_samples}.")
     if workers < 0 or world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"Need workers >= 0 and 0 <= rank < world_size, got {workers}, {rank}, {world_size}.")
+    check_max_image_pixels(max_image_pixels)
     tokens = check_flamingo_tokenizer(tokenizer)
     urls = expand_shards(shards)
     if not resampled and len(urls) < max(1, workers) * world_size:
@@ -885,6 +902,7 @@ def _build_loader(
         flip=flip,
         shuffle_buffer=shuffle_buffer,
         shuffle_initial=shuffle_initial,
+        max_image_pixels=max_image_pixels,
         **pipeline_kwargs,
     )
     dataloader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers)
@@ -907,6 +925,7 @@ def build_laion_loader(
     flip: bool = True,
     shuffle_buffer: int = SAMPLE_SHUFFLE_BUFFER,
     shuffle_initial: int = SAMPLE_SHUFFLE_INITIAL,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> TrainLoader:
     """A loader of LAION-style image-text shards (img2dataset layout), preprocessed as the original.
 
@@ -922,12 +941,15 @@ def build_laion_loader(
         seed, epoch, rank, world_size: the batches are a function of these (and of `workers`) only.
         flip: random horizontal flips (one draw per batch, as the original); `False` for evaluation or parity.
         shuffle_buffer, shuffle_initial: the sample shuffle buffer (the original's 5000 and 1000; 1 keeps the order).
+        max_image_pixels: images declaring more pixels (`width * height`, read from the header, before decoding)
+            are skipped and counted as `image_too_large` (`--max_image_pixels`; None: no bound of ours, PIL still
+            refuses beyond 179 MP). The original allows 1e9, a 4 GB decode from a file of a few hundred KB.
 
     Each batch: `pixel_values` (B, 1, 1, 3, H, W), `input_ids`/`attention_mask`/`labels` (B, L <= 32), `skipped`.
 
     Raises:
         ValueError: a shard pattern that matches nothing or a missing shard, a tokenizer without the Flamingo tokens,
-            fewer shards than workers x processes without resampling, a non-positive size.
+            fewer shards than workers x processes without resampling, a non-positive size or `max_image_pixels`.
     """
     return _build_loader(
         LaionPipeline,
@@ -945,6 +967,7 @@ def build_laion_loader(
         flip=flip,
         shuffle_buffer=shuffle_buffer,
         shuffle_initial=shuffle_initial,
+        max_image_pixels=max_image_pixels,
     )
 
 
@@ -968,6 +991,7 @@ def build_mmc4_loader(
     image_order: str = "document",
     shuffle_buffer: int = SAMPLE_SHUFFLE_BUFFER,
     shuffle_initial: int = SAMPLE_SHUFFLE_INITIAL,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> TrainLoader:
     """A loader of MMC4 shards (one JSON document per sample, as `convert_mmc4_to_wds.py` writes them), preprocessed
     as the original (`preprocess_mmc4_document`).
@@ -1009,6 +1033,7 @@ def build_mmc4_loader(
         flip=flip,
         shuffle_buffer=shuffle_buffer,
         shuffle_initial=shuffle_initial,
+        max_image_pixels=max_image_pixels,
         textsim_threshold=textsim_threshold,
         max_num_images=max_num_images,
         min_num_images=min_num_images,
@@ -1030,7 +1055,8 @@ def build_train_loaders(
     Read from `args`: `laion_shards`, `batch_size_laion`, `train_num_samples_laion` (when `laion_shards` is set),
     `mmc4_shards`, `batch_size_mmc4`, `train_num_samples_mmc4` (when `mmc4_shards` is set), and optionally
     `dataset_resampled` (False), `workers` (1), `seed` (42), `mmc4_textsim_threshold` (0.24),
-    `mmc4_max_num_images` (6), `mmc4_min_num_images` (1), `mmc4_image_order` ("document"), `no_flip` (False).
+    `mmc4_max_num_images` (6), `mmc4_min_num_images` (1), `mmc4_image_order` ("document"), `no_flip` (False),
+    `max_image_pixels` (`DEFAULT_MAX_IMAGE_PIXELS`).
 
     Raises:
         ValueError: no dataset given, or the two datasets give different numbers of batches per epoch (the original
@@ -1046,6 +1072,7 @@ def build_train_loaders(
         "rank": rank,
         "world_size": world_size,
         "flip": not getattr(args, "no_flip", False),
+        "max_image_pixels": getattr(args, "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS),
     }
     loaders: dict[str, TrainLoader] = {}
     if getattr(args, "laion_shards", None):
