@@ -4,6 +4,7 @@ pipelines on tiny shards, bad data skipped and counted, errors at start, determi
 from __future__ import annotations
 
 import importlib
+import io
 import itertools
 import json
 import os
@@ -12,10 +13,12 @@ import resource
 import sys
 import tarfile
 import time
+from collections import Counter
 from types import SimpleNamespace
 from unittest import mock
 
 import open_clip
+import PIL.Image
 import pytest
 import torch
 from train_data_helpers import (
@@ -1021,3 +1024,53 @@ def test_max_image_pixels_bounds_every_training_image(tmp_path, tokenizer, image
         "laion": 2352,
         "mmc4": 2352,
     }
+
+
+def test_mmc4_decodes_only_matched_images_and_drops_bad_ones_from_the_assignment(
+    original, tokenizer, image_processor, open_clip_transform
+):
+    sentences = [sentence(index, 5) for index in range(4)]
+    a, b = image_bytes(21), image_bytes(22)
+    truncated = image_bytes(23, width=300, height=200)[:30_000]  # its header reads, its pixels do not decode
+    with pytest.raises(OSError, match="truncated"):
+        PIL.Image.open(io.BytesIO(truncated)).load()
+    bomb = png_declaring(10_000, 10_000, min_bytes=11_000)  # 100 MP, over the default bound
+    not_an_image = bytes(range(256)) * 50
+    large = png_declaring(7_000, 7_000, min_bytes=11_000)  # 49 MP, within the bound: 196 MB decoded to RGB
+    low = [0.05] * 4
+    images = [truncated, a, bomb, not_an_image, b, truncated, large, large, large, large]
+    similarity = [
+        [0.5, 0.1, 0.1, 0.1],  # the truncated image takes sentence 0, then fails to decode: A gets it instead
+        [0.35, 0.26, 0.1, 0.1],  # A: sentence 1 while the truncated image is matched, sentence 0 after
+        [0.1, 0.1, 0.9, 0.1],  # refused from its header: never matched
+        [0.1, 0.1, 0.1, 0.9],  # no image format: never matched
+        [0.1, 0.1, 0.3, 0.1],  # B: sentence 2
+        low,  # a second truncated image, matched below the threshold: never decoded, so never counted
+        *[low] * 4,  # four large images below the threshold: never decoded
+    ]
+    document = mmc4_document(sentences, images, similarity)
+    # The original, given the document without the images it cannot use (it would decode the bomb and fail on the
+    # others, dropping the document), takes each image's best sentence: here the assignment's result.
+    reference = mmc4_document(sentences, [None, a, None, None, b] + [None] * 5, similarity)
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    skipped = Counter()
+    ours.preprocess_mmc4_document(
+        document,
+        tokenizer=tokenizer,
+        image_processor=image_processor,
+        tokens=ours.check_flamingo_tokenizer(tokenizer),
+        rng=random.Random(0),
+        skipped=skipped,
+    )
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before < 150_000
+    assert skipped == {"image_too_large": 1, "undecodable_image": 2}
+    actual, expected = _preprocess_both(
+        original, document, tokenizer, image_processor, open_clip_transform, reference=reference
+    )
+    _assert_same_document(actual, expected)
+    text = tokenizer.decode(actual[1], skip_special_tokens=False).replace("<PAD>", "")
+    assert text == (
+        f"<image>{sentences[0]} {sentences[1]}<|endofchunk|><image>{sentences[2]} {sentences[3]}<|endofchunk|>"
+        "<|endoftext|>"
+    )
+    torch.testing.assert_close(actual[0][1], open_clip_transform(ours.decode_rgb_image(b)), atol=1e-5, rtol=0)

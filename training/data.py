@@ -32,6 +32,14 @@ Deliberate differences:
     - Bad data is skipped and counted in each batch's `"skipped"` dict (see `SKIP_REASONS`) instead of being logged
       and forgotten; an MMC4 image that does not decode drops that image, not the whole document. A worker whose
       shards yield no batch at all raises instead of ending the epoch early and silently.
+    - Images are bounded in pixels (`max_image_pixels`, read from the header before decoding; the original allows
+      1e9). An MMC4 document's images are checked from their headers (format identified, size bound), the
+      assignment is solved on those, and only the images it keeps are decoded, each straight to its pixel values;
+      one that then fails to decode leaves the assignment, which is solved again. This equals decoding every image
+      first whenever the images with a readable header decode. The one difference: an image whose header reads but
+      whose data is corrupt, and which the assignment pairs below the threshold or past `max_num_images`, is never
+      decoded, so it stays in the assignment (where decoding first would have removed it, which may give the other
+      images other sentences) and is not counted.
     - Only the image and text members are decoded (never pickles or other members).
 """
 
@@ -42,6 +50,7 @@ import base64
 import binascii
 import glob
 import importlib
+import io
 import itertools
 import json
 import logging
@@ -49,6 +58,7 @@ import math
 import random
 import re
 import tarfile
+import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -306,6 +316,24 @@ def decode_rgb_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIX
         raise SkipSample("undecodable_image", repr(error)) from None
 
 
+def _check_image_header(data: bytes, max_pixels: int | None) -> None:
+    """Check from its header, without decoding a pixel, that `data` is an image of a format PIL identifies and of at
+    most `max_pixels` pixels (the check `open_image` makes before decoding). Raises `SkipSample` (`image_too_large`,
+    `undecodable_image`)."""
+    try:
+        with warnings.catch_warnings():
+            # `max_pixels` decides, as in open_image.
+            warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
+            with PIL.Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+    except PIL.Image.DecompressionBombError as error:
+        raise SkipSample("image_too_large", str(error)) from None
+    except Exception as error:
+        raise SkipSample("undecodable_image", repr(error)) from None
+    if max_pixels is not None and width * height > max_pixels:
+        raise SkipSample("image_too_large", str(ImageTooLargeError(width, height, max_pixels)))
+
+
 def pixel_values_of(images: list[PIL.Image.Image], image_processor: Any) -> torch.Tensor:
     """(N, 3, H, W) float32 pixel values of RGB images, with a transformers image processor (e.g.
     `FlamingoImageProcessor`, batched) or a callable mapping one PIL image to a (3, H, W) tensor (e.g. open_clip's
@@ -475,42 +503,69 @@ def preprocess_mmc4_document(
         raise SkipSample("bad_document", "image_info is not a list")
     sentences = list(sentences)
 
-    images, rows = [], []
+    skipped = Counter() if skipped is None else skipped
+    # Only headers are read here: the similarity assignment decides which images are worth decoding.
+    candidates: dict[int, bytes] = {}  # image index -> encoded bytes of a plausible image
     for index, info in enumerate(image_info):
         if not isinstance(info, dict) or "image_base64" not in info:
             continue
         try:
             raw = base64.b64decode(info["image_base64"])
         except (binascii.Error, TypeError, ValueError):
-            if skipped is not None:
-                skipped["undecodable_image"] += 1
+            skipped["undecodable_image"] += 1
             continue
         if len(raw) // 1000 <= MMC4_MIN_IMAGE_KB:
             continue
         try:
-            images.append(decode_rgb_image(raw, max_image_pixels))
+            _check_image_header(raw, max_image_pixels)
         except SkipSample as skip:
-            if skipped is not None:
-                skipped[skip.reason] += 1
+            skipped[skip.reason] += 1
             continue
-        rows.append(index)
-    if not images:
-        raise SkipSample("no_usable_image", "no image of at least 11,000 bytes decodes")
+        candidates[index] = raw
+    if not candidates:
+        raise SkipSample("no_usable_image", "no image of at least 11,000 bytes has a readable header")
+    rows = list(candidates)
     if similarity.ndim != 2 or similarity.shape[1] != len(sentences) or similarity.shape[0] <= max(rows):
         raise SkipSample("bad_document", f"similarity_matrix of shape {similarity.shape}")
     if not np.isfinite(similarity[rows]).all():
         raise SkipSample("bad_document", "similarity_matrix has non-finite values")
-
-    pairs = _match_images_to_sentences(similarity[rows], textsim_threshold)
-    if image_order == "text":
-        pairs.sort(key=lambda pair: pair[1])
-    elif image_order != "document":
+    if image_order not in ("document", "text"):
         raise ValueError(f"image_order must be 'document' or 'text', got {image_order!r}.")
-    pairs = pairs[:max_num_images]
-    if not pairs:
-        raise SkipSample("no_usable_image", f"no image-sentence similarity reaches {textsim_threshold}")
 
-    pixel_values = _maybe_flip(pixel_values_of([images[row] for row, _ in pairs], image_processor), flip_generator)
+    # Decode the kept images only, each straight to its pixel values (one full-size image in memory at a time). One
+    # that fails to decode leaves the assignment, which is solved again without it: the result is the one of
+    # decoding every image first and matching the ones that decode (see the module docstring for the exception).
+    image_pixels: dict[int, torch.Tensor] = {}
+    while True:
+        pairs = [
+            (rows[position], sentence)
+            for position, sentence in _match_images_to_sentences(similarity[rows], textsim_threshold)
+        ]
+        if image_order == "text":
+            pairs.sort(key=lambda pair: pair[1])
+        pairs = pairs[:max_num_images]
+        if not pairs:
+            raise SkipSample("no_usable_image", f"no image-sentence similarity reaches {textsim_threshold}")
+        undecodable = None
+        for row, _ in pairs:
+            if row in image_pixels:
+                continue
+            try:
+                # The decoded image lives only for this call: one full-size image in memory at a time.
+                image_pixels[row] = pixel_values_of(
+                    [decode_rgb_image(candidates[row], max_image_pixels)], image_processor
+                )[0]
+            except SkipSample as skip:
+                skipped[skip.reason] += 1
+                undecodable = row
+                break
+        if undecodable is None:
+            break
+        rows.remove(undecodable)
+        if not rows:
+            raise SkipSample("no_usable_image", "no image of at least 11,000 bytes decodes")
+
+    pixel_values = _maybe_flip(torch.stack([image_pixels[row] for row, _ in pairs]), flip_generator)
     if len(pairs) < max_num_images:
         padding = pixel_values.new_zeros((max_num_images - len(pairs), *pixel_values.shape[1:]))
         pixel_values = torch.cat([pixel_values, padding])
