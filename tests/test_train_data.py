@@ -1074,3 +1074,28 @@ def test_mmc4_decodes_only_matched_images_and_drops_bad_ones_from_the_assignment
         "<|endoftext|>"
     )
     torch.testing.assert_close(actual[0][1], open_clip_transform(ours.decode_rgb_image(b)), atol=1e-5, rtol=0)
+
+
+def test_images_the_processor_would_blow_up_are_refused_before_the_resize(tmp_path, tokenizer):
+    # A 70-byte PNG of 4000x1 pixels is small, but resizing its shortest side to 224 gives 224x896,000 pixels
+    # (800 MB, seconds); 50000x1 would take 10 GB. The default bound (50 MP) applies to the resized image too.
+    image_processor = FlamingoImageProcessor()  # shortest side 224, as the released models
+    blow_up = png_declaring(4_000, 1)
+    assert len(blow_up) < 100
+    good = [(image_bytes(seed, width=48, height=40, fmt="PNG"), f"good {seed}") for seed in range(2)]
+    write_laion_shard(tmp_path / "laion-0.tar", [good[0], (blow_up, "wide"), good[1]], ext="png")
+    sentences = [sentence(seed, 5) for seed in range(3)]
+    similarity = [[0.3, 0.1, 0.1], [0.1, 0.9, 0.1], [0.1, 0.1, 0.3]]
+    images = [image_bytes(1), png_declaring(4_000, 1, min_bytes=11_000), image_bytes(2)]
+    write_mmc4_shard(tmp_path / "mmc4-0.tar", [mmc4_document(sentences, images, similarity)])
+    options = dict(tokenizer=tokenizer, image_processor=image_processor, workers=0, flip=False, shuffle_buffer=1)
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    laion = list(ours.build_laion_loader(str(tmp_path / "laion-0.tar"), batch_size=2, num_samples=2, **options))
+    mmc4 = list(ours.build_mmc4_loader(str(tmp_path / "mmc4-0.tar"), batch_size=1, num_samples=1, **options))
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before < 200_000
+    assert _totals(laion) == _totals(mmc4) == {"image_too_large": 1}
+    assert tokenizer.batch_decode(laion[0]["input_ids"]) == [
+        f"<image>good {seed}<|endofchunk|><|endoftext|>" for seed in range(2)
+    ]
+    media = tokenizer.convert_tokens_to_ids("<image>")
+    assert (mmc4[0]["input_ids"] == media).sum() == 2  # the first and third images, at their own sentences

@@ -33,7 +33,7 @@ Deliberate differences:
       and forgotten; an MMC4 image that does not decode drops that image, not the whole document. A worker whose
       shards yield no batch at all raises instead of ending the epoch early and silently.
     - Images are bounded in pixels (`max_image_pixels`, read from the header before decoding; the original allows
-      1e9). An MMC4 document's images are checked from their headers (format identified, size bound), the
+      1e9), and so is their size once the image processor resizes them (see `_check_resized_size`). An MMC4 document's images are checked from their headers (format identified, size bound), the
       assignment is solved on those, and only the images it keeps are decoded, each straight to its pixel values;
       one that then fails to decode leaves the assignment, which is solved again. This equals decoding every image
       first whenever the images with a readable header decode. The one difference: an image whose header reads but
@@ -97,8 +97,8 @@ SKIP_REASONS = {
     "corrupt_tar": "a tar stream that broke off (bad header, truncated file): the rest of that shard is lost",
     "incomplete_sample": "LAION: a sample without a caption or without a jpg/png/jpeg image",
     "undecodable_image": "an image that does not decode (LAION: the sample; MMC4: that image of the document)",
-    "image_too_large": "an image declaring more than max_image_pixels pixels, refused from its header before decoding "
-    "(LAION: the sample; MMC4: that image of the document)",
+    "image_too_large": "an image declaring more than max_image_pixels pixels, refused from its header before decoding, "
+    "or that the image processor would resize to more (LAION: the sample; MMC4: that image of the document)",
     "undecodable_text": "LAION: a caption that is not UTF-8",
     "bad_document": "MMC4: a JSON member that does not parse (also nested too deep, numbers of over 4300 digits) or "
     "lacks/garbles text_list (a list of strings), image_info (a list), similarity_matrix",
@@ -316,10 +316,34 @@ def decode_rgb_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIX
         raise SkipSample("undecodable_image", repr(error)) from None
 
 
-def _check_image_header(data: bytes, max_pixels: int | None) -> None:
-    """Check from its header, without decoding a pixel, that `data` is an image of a format PIL identifies and of at
-    most `max_pixels` pixels (the check `open_image` makes before decoding). Raises `SkipSample` (`image_too_large`,
-    `undecodable_image`)."""
+def _check_resized_size(width: int, height: int, max_pixels: int | None, image_processor: Any) -> None:
+    """Refuse (`SkipSample("image_too_large")`) an image that the image processor would resize to more than
+    `max_pixels` pixels.
+
+    Resizing the shortest side to 224 blows up images of extreme aspect ratio: a 100-byte PNG of 50000x1 pixels
+    would take 224x11,200,000 pixels (10 GB). Checked where the processor says how it resizes: a transformers image
+    processor with `size["shortest_edge"]` (`FlamingoImageProcessor`, `CLIPImageProcessor`); another callable's
+    resize is its own business."""
+    if max_pixels is None or not isinstance(image_processor, BaseImageProcessor) or not image_processor.do_resize:
+        return
+    size = image_processor.size
+    shortest = size.get("shortest_edge") if isinstance(size, dict) else getattr(size, "shortest_edge", None)
+    if not shortest or min(width, height) < 1:
+        return
+    short, long = sorted((width, height))
+    resized = shortest * int(shortest * long / short)  # as the processor (and torchvision) compute the long side
+    if resized > max_pixels:
+        raise SkipSample(
+            "image_too_large",
+            f"resizing the {width}x{height} image to a shortest side of {shortest} gives {resized:,} pixels, more "
+            f"than the limit of {max_pixels:,} (--max_image_pixels)",
+        )
+
+
+def _check_image_header(data: bytes, max_pixels: int | None, image_processor: Any) -> None:
+    """Check from its header, without decoding a pixel, that `data` is an image of a format PIL identifies, of at
+    most `max_pixels` pixels (the check `open_image` makes before decoding), and not resized by the image processor
+    to more (`_check_resized_size`). Raises `SkipSample` (`image_too_large`, `undecodable_image`)."""
     try:
         with warnings.catch_warnings():
             # `max_pixels` decides, as in open_image.
@@ -332,6 +356,7 @@ def _check_image_header(data: bytes, max_pixels: int | None) -> None:
         raise SkipSample("undecodable_image", repr(error)) from None
     if max_pixels is not None and width * height > max_pixels:
         raise SkipSample("image_too_large", str(ImageTooLargeError(width, height, max_pixels)))
+    _check_resized_size(width, height, max_pixels, image_processor)
 
 
 def pixel_values_of(images: list[PIL.Image.Image], image_processor: Any) -> torch.Tensor:
@@ -517,7 +542,7 @@ def preprocess_mmc4_document(
         if len(raw) // 1000 <= MMC4_MIN_IMAGE_KB:
             continue
         try:
-            _check_image_header(raw, max_image_pixels)
+            _check_image_header(raw, max_image_pixels, image_processor)
         except SkipSample as skip:
             skipped[skip.reason] += 1
             continue
@@ -744,6 +769,7 @@ class LaionPipeline(_ShardPipeline):
         for sample in samples:
             try:
                 image, caption = decode_laion_sample(sample, self.max_image_pixels)
+                _check_resized_size(*image.size, self.max_image_pixels, self.image_processor)
                 # Transformed at once: a batch waits as B small tensors, not B full-size images.
                 pixel_values.append(pixel_values_of([image], self.image_processor)[0])
             except SkipSample as skip:
