@@ -1099,3 +1099,25 @@ def test_images_the_processor_would_blow_up_are_refused_before_the_resize(tmp_pa
     ]
     media = tokenizer.convert_tokens_to_ids("<image>")
     assert (mmc4[0]["input_ids"] == media).sum() == 2  # the first and third images, at their own sentences
+
+
+def test_texts_containing_the_image_token_are_skipped(tmp_path, tokenizer, image_processor):
+    # Web text may contain "<image>" itself: it tokenizes to the media token, one more than the sample's images, and
+    # the model's forward raises on it ("Sample 0 has 2 <image> tokens but only 1 images were given"), ending the run.
+    good = [(image_bytes(seed, width=48, height=40), f"good {seed}") for seed in range(2)]
+    write_laion_shard(tmp_path / "laion-0.tar", [good[0], (image_bytes(7, width=48), "An <image> tag"), good[1]])
+    sentences = ["A cat.", "A <image> tag in the page.", "A dog."]
+    similarity = [[0.3, 0.1, 0.1], [0.1, 0.1, 0.3]]
+    documents = [mmc4_document(sentences, [image_bytes(1), image_bytes(2)], similarity)]
+    documents.append(
+        mmc4_document([sentences[0], "No tag.", sentences[2]], [image_bytes(1), image_bytes(2)], similarity)
+    )
+    write_mmc4_shard(tmp_path / "mmc4-0.tar", documents)
+    options = dict(tokenizer=tokenizer, image_processor=image_processor, workers=0, flip=False, shuffle_buffer=1)
+    laion = list(ours.build_laion_loader(str(tmp_path / "laion-0.tar"), batch_size=2, num_samples=2, **options))
+    mmc4 = list(ours.build_mmc4_loader(str(tmp_path / "mmc4-0.tar"), batch_size=1, num_samples=1, **options))
+    assert _totals(laion) == _totals(mmc4) == {"image_token_in_text": 1}
+    media = tokenizer.convert_tokens_to_ids("<image>")
+    for batch in laion + mmc4:
+        images = batch["pixel_values"].flatten(2).abs().sum(-1).gt(0).sum(1)
+        assert torch.equal((batch["input_ids"] == media).sum(1), images)

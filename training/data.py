@@ -100,6 +100,8 @@ SKIP_REASONS = {
     "image_too_large": "an image declaring more than max_image_pixels pixels, refused from its header before decoding, "
     "or that the image processor would resize to more (LAION: the sample; MMC4: that image of the document)",
     "undecodable_text": "LAION: a caption that is not UTF-8",
+    "image_token_in_text": "a caption or MMC4 sentence containing the text `<image>`: it would tokenize to more "
+    "`<image>` tokens than the sample has images, which the model refuses (ending the run)",
     "bad_document": "MMC4: a JSON member that does not parse (also nested too deep, numbers of over 4300 digits) or "
     "lacks/garbles text_list (a list of strings), image_info (a list), similarity_matrix",
     "unsupported_document": "MMC4: a ChatGPT-generated document (`is_gpt`), not supported",
@@ -413,7 +415,7 @@ def decode_laion_sample(
     sample: dict[str, Any], max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
 ) -> tuple[PIL.Image.Image, str]:
     """(RGB image, caption) of a LAION sample; raises `SkipSample` (`incomplete_sample`, `undecodable_image`,
-    `image_too_large`, `undecodable_text`)."""
+    `image_too_large`, `undecodable_text`, `image_token_in_text`)."""
     extension = next((ext for ext in LAION_IMAGE_EXTENSIONS if ext in sample), None)
     if "txt" not in sample or extension is None:
         raise SkipSample("incomplete_sample", sample.get("__key__", ""))
@@ -421,6 +423,8 @@ def decode_laion_sample(
         caption = sample["txt"].decode("utf-8")
     except UnicodeDecodeError as error:
         raise SkipSample("undecodable_text", repr(error)) from None
+    if MEDIA_TOKEN in caption:
+        raise SkipSample("image_token_in_text", sample.get("__key__", ""))
     return decode_rgb_image(sample[extension], max_pixels), caption
 
 
@@ -511,8 +515,8 @@ def preprocess_mmc4_document(
         mask (max_tokens,).
 
     Raises:
-        SkipSample: the document is dropped (`bad_document`, `unsupported_document`, `no_usable_image`,
-            `too_few_images`, `single_image_dropped`, `image_at_end`).
+        SkipSample: the document is dropped (`bad_document`, `unsupported_document`, `image_token_in_text`,
+            `no_usable_image`, `too_few_images`, `single_image_dropped`, `image_at_end`).
     """
     if "is_gpt" in document:
         raise SkipSample("unsupported_document", "ChatGPT-generated documents are not supported")
@@ -526,6 +530,8 @@ def preprocess_mmc4_document(
         raise SkipSample("bad_document", "text_list is not a list of strings")
     if not isinstance(image_info, list):
         raise SkipSample("bad_document", "image_info is not a list")
+    if any(MEDIA_TOKEN in sentence for sentence in sentences):
+        raise SkipSample("image_token_in_text", "a sentence contains the text <image>")
     sentences = list(sentences)
 
     skipped = Counter() if skipped is None else skipped
