@@ -33,9 +33,10 @@ Deliberate differences:
       and forgotten; an MMC4 image that does not decode drops that image, not the whole document. A worker whose
       shards yield no batch at all raises instead of ending the epoch early and silently.
     - Images are bounded in pixels (`max_image_pixels`, read from the header before decoding; the original allows
-      1e9), and so is their size once the image processor resizes them (see `_check_resized_size`). An MMC4 document's images are checked from their headers (format identified, size bound), the
-      assignment is solved on those, and only the images it keeps are decoded, each straight to its pixel values;
-      one that then fails to decode leaves the assignment, which is solved again. This equals decoding every image
+      1e9), and so is their size once the image processor resizes them (see `_check_resized_size`). An MMC4
+      document's images are checked from their headers (format identified, size bound), the assignment is solved
+      on those, and only the images it keeps are decoded, each straight to its pixel values; one that then fails to
+      decode leaves the assignment, which is solved again. This equals decoding every image
       first whenever the images with a readable header decode. The one difference: an image whose header reads but
       whose data is corrupt, and which the assignment pairs below the threshold or past `max_num_images`, is never
       decoded, so it stays in the assignment (where decoding first would have removed it, which may give the other
@@ -97,8 +98,8 @@ SKIP_REASONS = {
     "corrupt_tar": "a tar stream that broke off (bad header, truncated file): the rest of that shard is lost",
     "incomplete_sample": "LAION: a sample without a caption or without a jpg/png/jpeg image",
     "undecodable_image": "an image that does not decode (LAION: the sample; MMC4: that image of the document)",
-    "image_too_large": "an image declaring more than max_image_pixels pixels, refused from its header before decoding, "
-    "or that the image processor would resize to more (LAION: the sample; MMC4: that image of the document)",
+    "image_too_large": "an image declaring more than max_image_pixels pixels, refused from its header before decoding "
+    "(or that the image processor would resize to more): LAION: the sample; MMC4: that image of the document",
     "undecodable_text": "LAION: a caption that is not UTF-8",
     "image_token_in_text": "a caption or MMC4 sentence containing the text `<image>`: it would tokenize to more "
     "`<image>` tokens than the sample has images, which the model refuses (ending the run)",
@@ -757,7 +758,7 @@ def _count_sample_error(sample: dict[str, Any], error: Exception, skipped: Count
 
     `Exception` only: KeyboardInterrupt, SystemExit and GeneratorExit (a closed loader) still propagate."""
     skipped["sample_error"] += 1
-    logger.warning("Skipping sample %r of %s: %r", sample.get("__key__"), sample.get("__url__"), error, exc_info=error)
+    logger.warning("Skipping sample %r of %s: %r", sample.get("__key__"), sample.get("__url__"), error)
 
 
 class LaionPipeline(_ShardPipeline):
