@@ -1121,3 +1121,20 @@ def test_texts_containing_the_image_token_are_skipped(tmp_path, tokenizer, image
     for batch in laion + mmc4:
         images = batch["pixel_values"].flatten(2).abs().sum(-1).gt(0).sum(1)
         assert torch.equal((batch["input_ids"] == media).sum(1), images)
+
+
+def test_samples_with_huge_tar_members_are_skipped_unread(tmp_path, tokenizer, image_processor):
+    # The bound (1 GiB) lowered to 20 KB: sample 1's image and sample 2's caption exceed it. Each such sample is
+    # skipped whole, whichever of its members is the large one, and counted once.
+    samples = [(image_bytes(seed, width=48, height=40), f"good {seed}") for seed in range(5)]
+    samples[1] = (image_bytes(1, width=160, height=120), "large image")
+    samples[2] = (samples[2][0], "large caption " + "x" * 30_000)
+    assert len(samples[1][0]) > 20_000 and all(len(image) < 20_000 for image, _ in samples[2:])
+    write_laion_shard(tmp_path / "laion-0.tar", samples)
+    options = dict(tokenizer=tokenizer, image_processor=image_processor, workers=0, flip=False, shuffle_buffer=1)
+    with mock.patch.object(ours, "MAX_TAR_MEMBER_BYTES", 20_000):
+        batches = list(ours.build_laion_loader(str(tmp_path / "laion-0.tar"), batch_size=3, num_samples=3, **options))
+    assert tokenizer.batch_decode(batches[0]["input_ids"]) == [
+        f"<image>good {seed}<|endofchunk|><|endoftext|>" for seed in (0, 3, 4)
+    ]
+    assert _totals(batches) == {"member_too_large": 2}

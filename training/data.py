@@ -90,12 +90,16 @@ MMC4_MIN_IMAGE_KB = 10
 # Buffered shuffles of the original: shard list (seeded) and samples.
 SHARD_SHUFFLE_BUFFER, SHARD_SHUFFLE_INITIAL = 2000, 500
 SAMPLE_SHUFFLE_BUFFER, SAMPLE_SHUFFLE_INITIAL = 5000, 1000
+# Tar members larger than this are not read (their sample is skipped): far above a LAION image or an MMC4 document
+# (a few MB with its base64 images), far below what a worker can hold.
+MAX_TAR_MEMBER_BYTES = 1 << 30
 # Image members of a LAION sample, in the order the original picks the first present one.
 LAION_IMAGE_EXTENSIONS = ("jpg", "png", "jpeg")
 
 SKIP_REASONS = {
     "unreadable_shard": "a shard that could not be opened (counted once per shard pass)",
     "corrupt_tar": "a tar stream that broke off (bad header, truncated file): the rest of that shard is lost",
+    "member_too_large": "a sample with a tar member of more than MAX_TAR_MEMBER_BYTES (1 GiB), skipped unread",
     "incomplete_sample": "LAION: a sample without a caption or without a jpg/png/jpeg image",
     "undecodable_image": "an image that does not decode (LAION: the sample; MMC4: that image of the document)",
     "image_too_large": "an image declaring more than max_image_pixels pixels, refused from its header before decoding "
@@ -260,7 +264,8 @@ def iter_tar_samples(url: str, skipped: Counter) -> Iterator[dict[str, Any]]:
     Consecutive members sharing a key form a sample (a repeated extension starts a new one, as the original's
     non-throwing grouping does); `__*__` metadata members are ignored. A shard that cannot be opened counts
     `unreadable_shard`; one that breaks off (truncated, garbled header, no end-of-archive marker) counts
-    `corrupt_tar`, and the samples read before the break are kept.
+    `corrupt_tar`, and the samples read before the break are kept. A sample with a member larger than
+    `MAX_TAR_MEMBER_BYTES` is skipped without reading it (`member_too_large`).
     """
     fsspec = _require("fsspec")
     try:
@@ -270,6 +275,7 @@ def iter_tar_samples(url: str, skipped: Counter) -> Iterator[dict[str, Any]]:
         logger.warning("Skipping shard %s: it cannot be opened (%r).", url, error)
         return
     sample: dict[str, Any] | None = None
+    dropped_key: str | None = None  # the key of a sample with a member too large to read
     broken: BaseException | None = None
     try:
         with fileobj, tarfile.open(fileobj=fileobj, mode="r|*", tarinfo=_CheckedTarInfo) as archive:
@@ -279,6 +285,18 @@ def iter_tar_samples(url: str, skipped: Counter) -> Iterator[dict[str, Any]]:
                 key, extension = _split_member_name(member.name)
                 if key is None or re.match(r"__[^/]*__($|/)", member.name):
                     continue
+                if member.size > MAX_TAR_MEMBER_BYTES:  # the stream skips over it by reading in small blocks
+                    skipped["member_too_large"] += 1
+                    logger.warning(
+                        "Skipping sample %r of %s: its member %s has %d bytes.", key, url, member.name, member.size
+                    )
+                    if sample is not None and sample["__key__"] != key:
+                        yield sample
+                    sample, dropped_key = None, key
+                    continue
+                if key == dropped_key:
+                    continue
+                dropped_key = None
                 data = archive.extractfile(member).read()
                 archive.members = []  # a streamed tar would otherwise keep every header in memory
                 extension = extension.lower()
