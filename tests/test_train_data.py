@@ -4,16 +4,21 @@ pipelines on tiny shards, bad data skipped and counted, errors at start, determi
 from __future__ import annotations
 
 import importlib
+import io
 import itertools
 import json
 import os
 import random
+import resource
 import sys
 import tarfile
+import time
+from collections import Counter
 from types import SimpleNamespace
 from unittest import mock
 
 import open_clip
+import PIL.Image
 import pytest
 import torch
 from train_data_helpers import (
@@ -21,6 +26,7 @@ from train_data_helpers import (
     make_laion_shards,
     make_mmc4_shards,
     mmc4_document,
+    png_declaring,
     random_mmc4_document,
     sentence,
     write_laion_shard,
@@ -842,3 +848,293 @@ def test_shards_at_fsspec_urls(tmp_path, tokenizer, image_processor):
             ours.build_laion_loader("memory://flamingo-test/laion-{00005..00006}.tar", **options)
     finally:
         memory.rm("/flamingo-test", recursive=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One bad sample must not end a run
+
+
+def _hostile_mmc4_documents() -> dict[str, tuple[bytes | dict, dict[str, int]]]:
+    """Documents in the real MMC4 layout that each used to end a run or be read as something else, and what they
+    are counted as."""
+    valid = random_mmc4_document(40, num_images=2, num_sentences=3)
+    header = b'{"text_list": ["A cat."], "image_info": [], "similarity_matrix": [[0.3]], '
+    return {
+        # json.loads raises RecursionError (not a ValueError) beyond ~1000 levels.
+        "nested": (header + b'"url": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", {"bad_document": 1}),
+        # Python refuses to convert integers of more than 4300 digits (a plain ValueError).
+        "huge integer": (header + b'"url": ' + b"1" * 5000 + b"}", {"bad_document": 1}),
+        "not an object": (b"[1, 2, 3]", {"bad_document": 1}),
+        # The original drops these (it indexes and joins text_list); read leniently they became other documents.
+        "text_list a string": ({**valid, "text_list": "A cat sits."}, {"bad_document": 1}),
+        "text_list of numbers": ({**valid, "text_list": [1, 2, 3]}, {"bad_document": 1}),
+        "image_info an object": ({**valid, "image_info": {"image_base64": "x"}}, {"bad_document": 1}),
+        "similarity of strings": ({**valid, "similarity_matrix": [["a", "b", "c"]] * 2}, {"bad_document": 1}),
+        "similarity of objects": ({**valid, "similarity_matrix": [{"a": 1}] * 2}, {"bad_document": 1}),
+        "similarity NaN": ({**valid, "similarity_matrix": [[float("nan")] * 3] * 2}, {"bad_document": 1}),
+        "image_base64 a list": (
+            {**valid, "image_info": [{"image_base64": [1]}, {"image_base64": {"a": 1}}]},
+            {"undecodable_image": 2, "no_usable_image": 1},
+        ),
+    }
+
+
+def test_mmc4_hostile_documents_are_skipped_and_counted_without_changing_the_batches(
+    tmp_path, tokenizer, image_processor
+):
+    documents = [random_mmc4_document(seed, num_images=3, num_sentences=6) for seed in range(6)]
+    hostile = _hostile_mmc4_documents()
+    write_mmc4_shard(tmp_path / "clean-0.tar", documents)
+    # The hostile documents first: they are all read before the first batch is made.
+    write_mmc4_shard(tmp_path / "mixed-0.tar", [document for document, _ in hostile.values()] + documents)
+    options = dict(tokenizer=tokenizer, image_processor=image_processor, batch_size=2, num_samples=4, workers=0)
+    clean = list(ours.build_mmc4_loader(str(tmp_path / "clean-0.tar"), shuffle_buffer=1, **options).dataloader)
+    mixed = list(ours.build_mmc4_loader(str(tmp_path / "mixed-0.tar"), shuffle_buffer=1, **options).dataloader)
+    assert len(mixed) == len(clean) == 2
+    for one, other in zip(mixed, clean, strict=True):
+        assert all(torch.equal(one[key], other[key]) for key in ("pixel_values", "input_ids", "labels"))
+    expected = _totals(clean)
+    for _, counts in hostile.values():
+        for reason, count in counts.items():
+            expected[reason] = expected.get(reason, 0) + count
+    assert _totals(mixed) == expected
+
+
+def _failing_transform(transform, width: int, error: BaseException):
+    """A user's image transform (a callable PIL image -> (3, H, W) tensor) that raises `error` on images `width`
+    pixels wide."""
+
+    def apply(image):
+        if image.width == width:
+            raise error
+        return transform(image)
+
+    return apply
+
+
+def test_any_exception_of_one_sample_is_skipped_counted_and_logged(tmp_path, tokenizer, open_clip_transform, caplog):
+    # The image transform may be anyone's callable: whatever it raises on one image skips that sample, and only that.
+    samples = [(image_bytes(seed, width=40 + seed), f"c{seed}") for seed in range(4)]
+    write_laion_shard(tmp_path / "laion-0.tar", samples)
+    sentences = ["A cat.", "A dog.", "A ball."]
+    similarity = [[0.3, 0.1, 0.1], [0.1, 0.3, 0.1]]
+    good = mmc4_document(sentences, [image_bytes(1), image_bytes(2)], similarity)
+    bad = mmc4_document(sentences, [image_bytes(3), image_bytes(4, width=200)], similarity)
+    write_mmc4_shard(tmp_path / "mmc4-0.tar", [bad, good])
+    options = dict(tokenizer=tokenizer, batch_size=1, workers=0, flip=False, shuffle_buffer=1)
+    laion_transform = _failing_transform(open_clip_transform, 41, ZeroDivisionError("division by zero"))
+    mmc4_transform = _failing_transform(open_clip_transform, 200, AssertionError("a bug in a transform"))
+    with caplog.at_level("WARNING", logger=ours.__name__):
+        laion = ours.build_laion_loader(
+            str(tmp_path / "laion-0.tar"), image_processor=laion_transform, num_samples=3, **options
+        )
+        laion = list(laion.dataloader)
+        mmc4 = ours.build_mmc4_loader(
+            str(tmp_path / "mmc4-0.tar"), image_processor=mmc4_transform, num_samples=1, **options
+        )
+        mmc4 = list(mmc4.dataloader)
+    assert [tokenizer.decode(batch["input_ids"][0]) for batch in laion] == [
+        f"<image>c{seed}<|endofchunk|><|endoftext|>" for seed in (0, 2, 3)
+    ]
+    assert _totals(laion) == {"sample_error": 1}
+    assert len(mmc4) == 1 and _totals(mmc4) == {"sample_error": 1}
+    assert "Skipping sample '00001' of " in caplog.text and "ZeroDivisionError('division by zero')" in caplog.text
+    assert f"Skipping sample '{0:032x}' of " in caplog.text and "AssertionError('a bug in a transform')" in caplog.text
+    # Interrupts and exits are no sample's failure: they end the run as they should.
+    interrupted = _failing_transform(open_clip_transform, 40, KeyboardInterrupt())
+    loader = ours.build_laion_loader(
+        str(tmp_path / "laion-0.tar"), image_processor=interrupted, num_samples=1, **options
+    )
+    with pytest.raises(KeyboardInterrupt):
+        next(iter(loader.dataloader))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One huge image must not exhaust memory
+
+
+def test_decompression_bombs_are_refused_from_their_header_fast_and_without_memory(
+    tmp_path, tokenizer, image_processor
+):
+    # Real PNGs of ~12 KB and ~110 KB declaring 100 MP (over the default bound, 50 MP) and 900 MP (also over PIL's
+    # own refusal, twice its 89 MP warning limit): decoded, 0.5 GB and 4.8 GB.
+    bombs = [png_declaring(10_000, 10_000, min_bytes=11_000), png_declaring(30_000, 30_000)]
+    assert all(len(bomb) < 200_000 for bomb in bombs)
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    for bomb in bombs:
+        start = time.perf_counter()
+        with pytest.raises(ours.SkipSample) as skip:
+            ours.decode_rgb_image(bomb)
+        assert skip.value.reason == "image_too_large" and time.perf_counter() - start < 1
+
+    # In a LAION shard: the same batches as without the bombs, and both counted.
+    good = [(image_bytes(seed, width=48, height=40, fmt="PNG"), f"good {seed}") for seed in range(3)]
+    write_laion_shard(tmp_path / "laion-clean.tar", good, ext="png")
+    with_bombs = [good[0], (bombs[0], "bomb"), good[1], (bombs[1], "bomb"), good[2]]
+    write_laion_shard(tmp_path / "laion-bombs.tar", with_bombs, ext="png")
+    options = dict(tokenizer=tokenizer, image_processor=image_processor, workers=0, flip=False, shuffle_buffer=1)
+    runs = {}
+    for name in ("clean", "bombs"):
+        loader = ours.build_laion_loader(str(tmp_path / f"laion-{name}.tar"), batch_size=3, num_samples=3, **options)
+        runs[name] = list(loader.dataloader)
+    assert len(runs["bombs"]) == len(runs["clean"]) == 1
+    assert all(torch.equal(runs["bombs"][0][key], runs["clean"][0][key]) for key in ("pixel_values", "input_ids"))
+    assert _totals(runs["bombs"]) == {"image_too_large": 2} and _totals(runs["clean"]) == {}
+
+    # In an MMC4 document: that image is dropped, as if it had failed to download.
+    sentences = [sentence(seed, 5) for seed in range(4)]
+    similarity = [[0.3 if column == row else 0.1 for column in range(4)] for row in range(4)]
+    images = [image_bytes(1), bombs[0], image_bytes(2), bombs[1]]
+    write_mmc4_shard(tmp_path / "mmc4-bombs.tar", [mmc4_document(sentences, images, similarity)])
+    missing = [images[0], None, images[2], None]
+    write_mmc4_shard(tmp_path / "mmc4-clean.tar", [mmc4_document(sentences, missing, similarity)])
+    for name in ("clean", "bombs"):
+        loader = ours.build_mmc4_loader(str(tmp_path / f"mmc4-{name}.tar"), batch_size=1, num_samples=1, **options)
+        runs[name] = list(loader.dataloader)
+    assert all(torch.equal(runs["bombs"][0][key], runs["clean"][0][key]) for key in ("pixel_values", "input_ids"))
+    assert _totals(runs["bombs"]) == {"image_too_large": 2} and _totals(runs["clean"]) == {}
+    # Nothing was decoded: the peak memory of this process grew by far less than one decoded bomb.
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before < 200_000
+
+
+def test_max_image_pixels_bounds_every_training_image(tmp_path, tokenizer, image_processor):
+    from modeling_flamingo.processing.image_loading import DEFAULT_MAX_IMAGE_PIXELS
+    from modeling_flamingo.training.cli import build_parser
+
+    # LAION images of 48x48, 49x48, 50x48, 51x48: a bound of 49 x 48 pixels keeps the first two (it is inclusive).
+    pattern = make_laion_shards(tmp_path / "laion", num_shards=1, samples_per_shard=4)
+    options = dict(tokenizer=tokenizer, image_processor=image_processor, workers=0, flip=False, shuffle_buffer=1)
+    loader = ours.build_laion_loader(pattern, batch_size=2, num_samples=2, max_image_pixels=49 * 48, **options)
+    batches = list(loader.dataloader)
+    assert len(batches) == 1 and batches[0]["pixel_values"].shape[0] == 2
+    # The skips after the batch are carried by the next batch of a longer run: here, one more pass.
+    loader = ours.build_laion_loader(pattern, batch_size=2, num_samples=4, max_image_pixels=49 * 48, **options)
+    assert _totals(list(loader.dataloader)) == {"image_too_large": 2}
+    with pytest.raises(ValueError, match="max_image_pixels must be a positive integer; got 0"):
+        ours.build_laion_loader(pattern, batch_size=2, num_samples=2, max_image_pixels=0, **options)
+    # The command line's --max_image_pixels reaches both loaders (default DEFAULT_MAX_IMAGE_PIXELS).
+    mmc4 = make_mmc4_shards(tmp_path / "mmc4", num_shards=1, documents_per_shard=2)
+    command = ["--model", "m", "--laion_shards", pattern, "--mmc4_shards", mmc4, "--workers", "0"]
+    command += ["--batch_size_laion", "1", "--train_num_samples_laion", "2"]
+    command += ["--batch_size_mmc4", "1", "--train_num_samples_mmc4", "2"]
+    assert build_parser().parse_args(command).max_image_pixels == DEFAULT_MAX_IMAGE_PIXELS
+    args = build_parser().parse_args([*command, "--max_image_pixels", "2352"])
+    loaders = ours.build_train_loaders(args, tokenizer, image_processor, epoch=0, rank=0, world_size=1)
+    assert {name: loader.dataloader.dataset.max_image_pixels for name, loader in loaders.items()} == {
+        "laion": 2352,
+        "mmc4": 2352,
+    }
+
+
+def test_mmc4_decodes_only_matched_images_and_drops_bad_ones_from_the_assignment(
+    original, tokenizer, image_processor, open_clip_transform
+):
+    sentences = [sentence(index, 5) for index in range(4)]
+    a, b = image_bytes(21), image_bytes(22)
+    truncated = image_bytes(23, width=300, height=200)[:30_000]  # its header reads, its pixels do not decode
+    with pytest.raises(OSError, match="truncated"):
+        PIL.Image.open(io.BytesIO(truncated)).load()
+    bomb = png_declaring(10_000, 10_000, min_bytes=11_000)  # 100 MP, over the default bound
+    not_an_image = bytes(range(256)) * 50
+    large = png_declaring(7_000, 7_000, min_bytes=11_000)  # 49 MP, within the bound: 196 MB decoded to RGB
+    low = [0.05] * 4
+    images = [truncated, a, bomb, not_an_image, b, truncated, large, large, large, large]
+    similarity = [
+        [0.5, 0.1, 0.1, 0.1],  # the truncated image takes sentence 0, then fails to decode: A gets it instead
+        [0.35, 0.26, 0.1, 0.1],  # A: sentence 1 while the truncated image is matched, sentence 0 after
+        [0.1, 0.1, 0.9, 0.1],  # refused from its header: never matched
+        [0.1, 0.1, 0.1, 0.9],  # no image format: never matched
+        [0.1, 0.1, 0.3, 0.1],  # B: sentence 2
+        low,  # a second truncated image, matched below the threshold: never decoded, so never counted
+        *[low] * 4,  # four large images below the threshold: never decoded
+    ]
+    document = mmc4_document(sentences, images, similarity)
+    # The original, given the document without the images it cannot use (it would decode the bomb and fail on the
+    # others, dropping the document), takes each image's best sentence: here the assignment's result.
+    reference = mmc4_document(sentences, [None, a, None, None, b] + [None] * 5, similarity)
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    skipped = Counter()
+    ours.preprocess_mmc4_document(
+        document,
+        tokenizer=tokenizer,
+        image_processor=image_processor,
+        tokens=ours.check_flamingo_tokenizer(tokenizer),
+        rng=random.Random(0),
+        skipped=skipped,
+    )
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before < 150_000
+    assert skipped == {"image_too_large": 1, "undecodable_image": 2}
+    actual, expected = _preprocess_both(
+        original, document, tokenizer, image_processor, open_clip_transform, reference=reference
+    )
+    _assert_same_document(actual, expected)
+    text = tokenizer.decode(actual[1], skip_special_tokens=False).replace("<PAD>", "")
+    assert text == (
+        f"<image>{sentences[0]} {sentences[1]}<|endofchunk|><image>{sentences[2]} {sentences[3]}<|endofchunk|>"
+        "<|endoftext|>"
+    )
+    torch.testing.assert_close(actual[0][1], open_clip_transform(ours.decode_rgb_image(b)), atol=1e-5, rtol=0)
+
+
+def test_images_the_processor_would_blow_up_are_refused_before_the_resize(tmp_path, tokenizer):
+    # A 70-byte PNG of 4000x1 pixels is small, but resizing its shortest side to 224 gives 224x896,000 pixels
+    # (800 MB, seconds); 50000x1 would take 10 GB. The default bound (50 MP) applies to the resized image too.
+    image_processor = FlamingoImageProcessor()  # shortest side 224, as the released models
+    blow_up = png_declaring(4_000, 1)
+    assert len(blow_up) < 100
+    good = [(image_bytes(seed, width=48, height=40, fmt="PNG"), f"good {seed}") for seed in range(2)]
+    write_laion_shard(tmp_path / "laion-0.tar", [good[0], (blow_up, "wide"), good[1]], ext="png")
+    sentences = [sentence(seed, 5) for seed in range(3)]
+    similarity = [[0.3, 0.1, 0.1], [0.1, 0.9, 0.1], [0.1, 0.1, 0.3]]
+    images = [image_bytes(1), png_declaring(4_000, 1, min_bytes=11_000), image_bytes(2)]
+    write_mmc4_shard(tmp_path / "mmc4-0.tar", [mmc4_document(sentences, images, similarity)])
+    options = dict(tokenizer=tokenizer, image_processor=image_processor, workers=0, flip=False, shuffle_buffer=1)
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    laion = list(ours.build_laion_loader(str(tmp_path / "laion-0.tar"), batch_size=2, num_samples=2, **options))
+    mmc4 = list(ours.build_mmc4_loader(str(tmp_path / "mmc4-0.tar"), batch_size=1, num_samples=1, **options))
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before < 200_000
+    assert _totals(laion) == _totals(mmc4) == {"image_too_large": 1}
+    assert tokenizer.batch_decode(laion[0]["input_ids"]) == [
+        f"<image>good {seed}<|endofchunk|><|endoftext|>" for seed in range(2)
+    ]
+    media = tokenizer.convert_tokens_to_ids("<image>")
+    assert (mmc4[0]["input_ids"] == media).sum() == 2  # the first and third images, at their own sentences
+
+
+def test_texts_containing_the_image_token_are_skipped(tmp_path, tokenizer, image_processor):
+    # Web text may contain "<image>" itself: it tokenizes to the media token, one more than the sample's images, and
+    # the model's forward raises on it ("Sample 0 has 2 <image> tokens but only 1 images were given"), ending the run.
+    good = [(image_bytes(seed, width=48, height=40), f"good {seed}") for seed in range(2)]
+    write_laion_shard(tmp_path / "laion-0.tar", [good[0], (image_bytes(7, width=48), "An <image> tag"), good[1]])
+    sentences = ["A cat.", "A <image> tag in the page.", "A dog."]
+    similarity = [[0.3, 0.1, 0.1], [0.1, 0.1, 0.3]]
+    documents = [mmc4_document(sentences, [image_bytes(1), image_bytes(2)], similarity)]
+    documents.append(
+        mmc4_document([sentences[0], "No tag.", sentences[2]], [image_bytes(1), image_bytes(2)], similarity)
+    )
+    write_mmc4_shard(tmp_path / "mmc4-0.tar", documents)
+    options = dict(tokenizer=tokenizer, image_processor=image_processor, workers=0, flip=False, shuffle_buffer=1)
+    laion = list(ours.build_laion_loader(str(tmp_path / "laion-0.tar"), batch_size=2, num_samples=2, **options))
+    mmc4 = list(ours.build_mmc4_loader(str(tmp_path / "mmc4-0.tar"), batch_size=1, num_samples=1, **options))
+    assert _totals(laion) == _totals(mmc4) == {"image_token_in_text": 1}
+    media = tokenizer.convert_tokens_to_ids("<image>")
+    for batch in laion + mmc4:
+        images = batch["pixel_values"].flatten(2).abs().sum(-1).gt(0).sum(1)
+        assert torch.equal((batch["input_ids"] == media).sum(1), images)
+
+
+def test_samples_with_huge_tar_members_are_skipped_unread(tmp_path, tokenizer, image_processor):
+    # The bound (1 GiB) lowered to 20 KB: sample 1's image and sample 2's caption exceed it. Each such sample is
+    # skipped whole, whichever of its members is the large one, and counted once.
+    samples = [(image_bytes(seed, width=48, height=40), f"good {seed}") for seed in range(5)]
+    samples[1] = (image_bytes(1, width=160, height=120), "large image")
+    samples[2] = (samples[2][0], "large caption " + "x" * 30_000)
+    assert len(samples[1][0]) > 20_000 and all(len(image) < 20_000 for image, _ in samples[2:])
+    write_laion_shard(tmp_path / "laion-0.tar", samples)
+    options = dict(tokenizer=tokenizer, image_processor=image_processor, workers=0, flip=False, shuffle_buffer=1)
+    with mock.patch.object(ours, "MAX_TAR_MEMBER_BYTES", 20_000):
+        batches = list(ours.build_laion_loader(str(tmp_path / "laion-0.tar"), batch_size=3, num_samples=3, **options))
+    assert tokenizer.batch_decode(batches[0]["input_ids"]) == [
+        f"<image>good {seed}<|endofchunk|><|endoftext|>" for seed in (0, 3, 4)
+    ]
+    assert _totals(batches) == {"member_too_large": 2}

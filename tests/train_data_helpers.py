@@ -3,6 +3,7 @@
 Everything is written with PIL and `tarfile`, deterministically from seeds:
 
     image = image_bytes(seed=3, noisy=True)                  # ~15 KB JPEG; noisy=False gives ~2 KB
+    bomb = png_declaring(30_000, 30_000)                     # ~110 KB PNG, 900 MP decoded
     write_laion_shard(path, [(image, "a caption"), ...])     # 00000.jpg, 00000.txt, 00000.json, 00001.jpg, ...
     pattern = make_laion_shards(tmp_path, num_shards=4, samples_per_shard=6)   # ".../laion-{00000..00003}.tar"
 
@@ -20,7 +21,9 @@ import base64
 import io
 import json
 import random
+import struct
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +44,25 @@ def image_bytes(seed: int = 0, width: int = 128, height: int = 96, noisy: bool =
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
     return buffer.getvalue()
+
+
+def png_declaring(width: int, height: int, min_bytes: int = 0) -> bytes:
+    """A valid 1-bit black PNG of `width` x `height` pixels, written row block by row block (never held decoded).
+
+    Its all-zero rows compress about 1000:1: 30000 x 30000 takes ~110 KB on disk and 900 MP once decoded (3.6 GB as
+    RGB), a decompression bomb. `min_bytes`: zero bytes appended after the end chunk (decoders stop there) up to this
+    length, to pass MMC4's size filter."""
+    row = b"\0" * (1 + (width + 7) // 8)  # filter byte "none", then the packed pixels
+    compressor = zlib.compressobj(9)
+    data = b"".join(compressor.compress(row * min(1000, height - start)) for start in range(0, height, 1000))
+    data += compressor.flush()
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # bit depth 1, greyscale, no interlace
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+    return png + b"\0" * max(0, min_bytes - len(png))
 
 
 def sentence(seed: int, num_words: int = 6) -> str:

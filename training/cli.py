@@ -13,6 +13,7 @@ import os
 import sys
 from pathlib import Path
 
+from modeling_flamingo.processing.image_loading import DEFAULT_MAX_IMAGE_PIXELS
 from modeling_flamingo.training.optim import LR_SCHEDULERS
 from modeling_flamingo.training.trainer import PRECISIONS
 
@@ -46,6 +47,17 @@ def _add(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
     if dashed != name:
         names.append(dashed)
     parser.add_argument(*names, **kwargs)
+
+
+def _positive_int(text: str) -> int:
+    """argparse type of counts and bounds: `error: argument --flag: expected a positive integer, got '0'`."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,6 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="MMC4 images in document order (the original) or each at its matched sentence (docs/training_data.md)",
     )
     _add(data, "--no_flip", action="store_true", help="no random horizontal flips (the original always flips)")
+    _add(
+        data,
+        "--max_image_pixels",
+        type=_positive_int,
+        default=DEFAULT_MAX_IMAGE_PIXELS,
+        help="skip (and count) training images declaring more pixels, read from the header before decoding "
+        "(default: %(default)s; the original allows 1e9)",
+    )
     return parser
 
 

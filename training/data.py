@@ -32,6 +32,15 @@ Deliberate differences:
     - Bad data is skipped and counted in each batch's `"skipped"` dict (see `SKIP_REASONS`) instead of being logged
       and forgotten; an MMC4 image that does not decode drops that image, not the whole document. A worker whose
       shards yield no batch at all raises instead of ending the epoch early and silently.
+    - Images are bounded in pixels (`max_image_pixels`, read from the header before decoding; the original allows
+      1e9), and so is their size once the image processor resizes them (see `_check_resized_size`). An MMC4
+      document's images are checked from their headers (format identified, size bound), the assignment is solved
+      on those, and only the images it keeps are decoded, each straight to its pixel values; one that then fails to
+      decode leaves the assignment, which is solved again. This equals decoding every image
+      first whenever the images with a readable header decode. The one difference: an image whose header reads but
+      whose data is corrupt, and which the assignment pairs below the threshold or past `max_num_images`, is never
+      decoded, so it stays in the assignment (where decoding first would have removed it, which may give the other
+      images other sentences) and is not counted.
     - Only the image and text members are decoded (never pickles or other members).
 """
 
@@ -50,7 +59,7 @@ import math
 import random
 import re
 import tarfile
-import zlib
+import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -63,6 +72,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from transformers.image_processing_utils import BaseImageProcessor
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from modeling_flamingo.processing.image_loading import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    ImageTooLargeError,
+    check_max_image_pixels,
+    open_image,
+)
 from modeling_flamingo.processing.processing_flamingo import EOC_TOKEN, MEDIA_TOKEN
 from modeling_flamingo.training.labels import mask_flamingo_labels
 
@@ -75,23 +90,31 @@ MMC4_MIN_IMAGE_KB = 10
 # Buffered shuffles of the original: shard list (seeded) and samples.
 SHARD_SHUFFLE_BUFFER, SHARD_SHUFFLE_INITIAL = 2000, 500
 SAMPLE_SHUFFLE_BUFFER, SAMPLE_SHUFFLE_INITIAL = 5000, 1000
-# The original raises PIL's decompression-bomb limit to this many pixels.
-MAX_IMAGE_PIXELS = 1_000_000_000
+# Tar members larger than this are not read (their sample is skipped): far above a LAION image or an MMC4 document
+# (a few MB with its base64 images), far below what a worker can hold.
+MAX_TAR_MEMBER_BYTES = 1 << 30
 # Image members of a LAION sample, in the order the original picks the first present one.
 LAION_IMAGE_EXTENSIONS = ("jpg", "png", "jpeg")
 
 SKIP_REASONS = {
     "unreadable_shard": "a shard that could not be opened (counted once per shard pass)",
     "corrupt_tar": "a tar stream that broke off (bad header, truncated file): the rest of that shard is lost",
+    "member_too_large": "a sample with a tar member of more than MAX_TAR_MEMBER_BYTES (1 GiB), skipped unread",
     "incomplete_sample": "LAION: a sample without a caption or without a jpg/png/jpeg image",
     "undecodable_image": "an image that does not decode (LAION: the sample; MMC4: that image of the document)",
+    "image_too_large": "an image declaring more than max_image_pixels pixels, refused from its header before decoding "
+    "(or that the image processor would resize to more): LAION: the sample; MMC4: that image of the document",
     "undecodable_text": "LAION: a caption that is not UTF-8",
-    "bad_document": "MMC4: a JSON member that does not parse or lacks/garbles text_list, image_info, similarity_matrix",
+    "image_token_in_text": "a caption or MMC4 sentence containing the text `<image>`: it would tokenize to more "
+    "`<image>` tokens than the sample has images, which the model refuses (ending the run)",
+    "bad_document": "MMC4: a JSON member that does not parse (also nested too deep, numbers of over 4300 digits) or "
+    "lacks/garbles text_list (a list of strings), image_info (a list), similarity_matrix",
     "unsupported_document": "MMC4: a ChatGPT-generated document (`is_gpt`), not supported",
     "no_usable_image": "MMC4: no image left after the size filter, decoding and the similarity threshold",
     "too_few_images": "MMC4: fewer than min_num_images `<image>` tokens left after truncation",
     "single_image_dropped": "MMC4: a single-image document dropped by the original's keep-half-of-them rule",
     "image_at_end": "MMC4: a single `<image>` as the last token (every label would be -100)",
+    "sample_error": "any other exception while reading one sample (logged with the sample's key): that sample only",
 }
 
 
@@ -241,7 +264,8 @@ def iter_tar_samples(url: str, skipped: Counter) -> Iterator[dict[str, Any]]:
     Consecutive members sharing a key form a sample (a repeated extension starts a new one, as the original's
     non-throwing grouping does); `__*__` metadata members are ignored. A shard that cannot be opened counts
     `unreadable_shard`; one that breaks off (truncated, garbled header, no end-of-archive marker) counts
-    `corrupt_tar`, and the samples read before the break are kept.
+    `corrupt_tar`, and the samples read before the break are kept. A sample with a member larger than
+    `MAX_TAR_MEMBER_BYTES` is skipped without reading it (`member_too_large`).
     """
     fsspec = _require("fsspec")
     try:
@@ -251,6 +275,7 @@ def iter_tar_samples(url: str, skipped: Counter) -> Iterator[dict[str, Any]]:
         logger.warning("Skipping shard %s: it cannot be opened (%r).", url, error)
         return
     sample: dict[str, Any] | None = None
+    dropped_key: str | None = None  # the key of a sample with a member too large to read
     broken: BaseException | None = None
     try:
         with fileobj, tarfile.open(fileobj=fileobj, mode="r|*", tarinfo=_CheckedTarInfo) as archive:
@@ -260,6 +285,18 @@ def iter_tar_samples(url: str, skipped: Counter) -> Iterator[dict[str, Any]]:
                 key, extension = _split_member_name(member.name)
                 if key is None or re.match(r"__[^/]*__($|/)", member.name):
                     continue
+                if member.size > MAX_TAR_MEMBER_BYTES:  # the stream skips over it by reading in small blocks
+                    skipped["member_too_large"] += 1
+                    logger.warning(
+                        "Skipping sample %r of %s: its member %s has %d bytes.", key, url, member.name, member.size
+                    )
+                    if sample is not None and sample["__key__"] != key:
+                        yield sample
+                    sample, dropped_key = None, key
+                    continue
+                if key == dropped_key:
+                    continue
+                dropped_key = None
                 data = archive.extractfile(member).read()
                 archive.members = []  # a streamed tar would otherwise keep every header in memory
                 extension = extension.lower()
@@ -269,7 +306,7 @@ def iter_tar_samples(url: str, skipped: Counter) -> Iterator[dict[str, Any]]:
                     sample = {"__key__": key, "__url__": url}
                 sample[extension] = data
             broken = getattr(archive, "broken_header", None)
-    except (tarfile.TarError, OSError, EOFError, zlib.error) as error:
+    except Exception as error:  # TarError, OSError, EOFError, zlib.error, or a remote filesystem's own errors
         broken = error
     if broken is not None:
         skipped["corrupt_tar"] += 1
@@ -283,19 +320,64 @@ def iter_tar_samples(url: str, skipped: Counter) -> Iterator[dict[str, Any]]:
 # Decoding and preprocessing (one sample at a time, no randomness except through the given generators)
 
 
-def decode_rgb_image(data: bytes) -> PIL.Image.Image:
-    """Decode image bytes into an RGB PIL image as the original does (`Image.open`, `load`, `convert("RGB")`, with its
-    1e9-pixel decompression-bomb limit). Raises `SkipSample("undecodable_image")`."""
-    previous = PIL.Image.MAX_IMAGE_PIXELS
-    PIL.Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+def decode_rgb_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> PIL.Image.Image:
+    """Decode image bytes into an RGB PIL image as the original does (`Image.open`, `load`, `convert("RGB")`), through
+    `open_image`: an image declaring more than `max_pixels` pixels is refused from its header, before decoding.
+
+    Raises:
+        SkipSample: `image_too_large` (also PIL's own refusal beyond twice `PIL.Image.MAX_IMAGE_PIXELS`, 179 MP by
+            default, whatever `max_pixels`), or `undecodable_image`.
+    """
     try:
-        with PIL.Image.open(io.BytesIO(data)) as image:
-            image.load()
+        with open_image(data, max_pixels) as image:
             return image.convert("RGB")
+    except (ImageTooLargeError, PIL.Image.DecompressionBombError) as error:
+        raise SkipSample("image_too_large", str(error)) from None
     except Exception as error:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ValueError...)
         raise SkipSample("undecodable_image", repr(error)) from None
-    finally:
-        PIL.Image.MAX_IMAGE_PIXELS = previous
+
+
+def _check_resized_size(width: int, height: int, max_pixels: int | None, image_processor: Any) -> None:
+    """Refuse (`SkipSample("image_too_large")`) an image that the image processor would resize to more than
+    `max_pixels` pixels.
+
+    Resizing the shortest side to 224 blows up images of extreme aspect ratio: a 100-byte PNG of 50000x1 pixels
+    would take 224x11,200,000 pixels (10 GB). Checked where the processor says how it resizes: a transformers image
+    processor with `size["shortest_edge"]` (`FlamingoImageProcessor`, `CLIPImageProcessor`); another callable's
+    resize is its own business."""
+    if max_pixels is None or not isinstance(image_processor, BaseImageProcessor) or not image_processor.do_resize:
+        return
+    size = image_processor.size
+    shortest = size.get("shortest_edge") if isinstance(size, dict) else getattr(size, "shortest_edge", None)
+    if not shortest or min(width, height) < 1:
+        return
+    short, long = sorted((width, height))
+    resized = shortest * int(shortest * long / short)  # as the processor (and torchvision) compute the long side
+    if resized > max_pixels:
+        raise SkipSample(
+            "image_too_large",
+            f"resizing the {width}x{height} image to a shortest side of {shortest} gives {resized:,} pixels, more "
+            f"than the limit of {max_pixels:,} (--max_image_pixels)",
+        )
+
+
+def _check_image_header(data: bytes, max_pixels: int | None, image_processor: Any) -> None:
+    """Check from its header, without decoding a pixel, that `data` is an image of a format PIL identifies, of at
+    most `max_pixels` pixels (the check `open_image` makes before decoding), and not resized by the image processor
+    to more (`_check_resized_size`). Raises `SkipSample` (`image_too_large`, `undecodable_image`)."""
+    try:
+        with warnings.catch_warnings():
+            # `max_pixels` decides, as in open_image.
+            warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
+            with PIL.Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+    except PIL.Image.DecompressionBombError as error:
+        raise SkipSample("image_too_large", str(error)) from None
+    except Exception as error:
+        raise SkipSample("undecodable_image", repr(error)) from None
+    if max_pixels is not None and width * height > max_pixels:
+        raise SkipSample("image_too_large", str(ImageTooLargeError(width, height, max_pixels)))
+    _check_resized_size(width, height, max_pixels, image_processor)
 
 
 def pixel_values_of(images: list[PIL.Image.Image], image_processor: Any) -> torch.Tensor:
@@ -348,9 +430,11 @@ def check_flamingo_tokenizer(tokenizer: PreTrainedTokenizerBase) -> FlamingoToke
     return FlamingoTokens(ids[MEDIA_TOKEN], ids[EOC_TOKEN], tokenizer.pad_token_id, tokenizer.eos_token)
 
 
-def decode_laion_sample(sample: dict[str, Any]) -> tuple[PIL.Image.Image, str]:
+def decode_laion_sample(
+    sample: dict[str, Any], max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+) -> tuple[PIL.Image.Image, str]:
     """(RGB image, caption) of a LAION sample; raises `SkipSample` (`incomplete_sample`, `undecodable_image`,
-    `undecodable_text`)."""
+    `image_too_large`, `undecodable_text`, `image_token_in_text`)."""
     extension = next((ext for ext in LAION_IMAGE_EXTENSIONS if ext in sample), None)
     if "txt" not in sample or extension is None:
         raise SkipSample("incomplete_sample", sample.get("__key__", ""))
@@ -358,11 +442,13 @@ def decode_laion_sample(sample: dict[str, Any]) -> tuple[PIL.Image.Image, str]:
         caption = sample["txt"].decode("utf-8")
     except UnicodeDecodeError as error:
         raise SkipSample("undecodable_text", repr(error)) from None
-    return decode_rgb_image(sample[extension]), caption
+    if MEDIA_TOKEN in caption:
+        raise SkipSample("image_token_in_text", sample.get("__key__", ""))
+    return decode_rgb_image(sample[extension], max_pixels), caption
 
 
 def preprocess_laion_batch(
-    images: list[PIL.Image.Image],
+    images: list[PIL.Image.Image] | torch.Tensor,
     captions: list[str],
     *,
     tokenizer: PreTrainedTokenizerBase,
@@ -373,11 +459,16 @@ def preprocess_laion_batch(
 ) -> dict[str, torch.Tensor]:
     """One LAION batch from decoded samples.
 
+    Args:
+        images: RGB images, or their pixel values (B, 3, H, W) already computed with `pixel_values_of`.
+
     Returns:
         `pixel_values` (B, 1, 1, 3, H, W) float32, `input_ids` / `attention_mask` / `labels` (B, L), L the longest
         tokenized text of the batch and at most `max_tokens`.
     """
-    pixel_values = _maybe_flip(pixel_values_of(images, image_processor), flip_generator)
+    if not isinstance(images, torch.Tensor):
+        images = pixel_values_of(images, image_processor)
+    pixel_values = _maybe_flip(images, flip_generator)
     texts = [f"{MEDIA_TOKEN}{caption.strip()}{EOC_TOKEN}{tokens.eos_token}" for caption in captions]
     encoding = tokenizer(
         texts,
@@ -421,6 +512,7 @@ def preprocess_mmc4_document(
     rng: random.Random,
     flip_generator: torch.Generator | None = None,
     skipped: Counter | None = None,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Preprocess one MMC4 document as the original does (see the module docstring).
 
@@ -433,61 +525,97 @@ def preprocess_mmc4_document(
             every `<image>` gets its matched image.
         rng: draws the single-image drop (one `rng.random()` per document with exactly one `<image>` left).
         flip_generator: draws the flip of the document's images (one draw per document); `None` never flips.
-        skipped: counts images that do not decode (`undecodable_image`); the document goes on without them.
+        skipped: counts images that do not decode (`undecodable_image`) or declare more than `max_image_pixels`
+            pixels (`image_too_large`); the document goes on without them.
+        max_image_pixels: the bound of `decode_rgb_image`.
 
     Returns:
         pixel values (max_num_images, 3, H, W) float32 (zeros after the document's images), input ids and attention
         mask (max_tokens,).
 
     Raises:
-        SkipSample: the document is dropped (`bad_document`, `unsupported_document`, `no_usable_image`,
-            `too_few_images`, `single_image_dropped`, `image_at_end`).
+        SkipSample: the document is dropped (`bad_document`, `unsupported_document`, `image_token_in_text`,
+            `no_usable_image`, `too_few_images`, `single_image_dropped`, `image_at_end`).
     """
     if "is_gpt" in document:
         raise SkipSample("unsupported_document", "ChatGPT-generated documents are not supported")
     try:
-        sentences = [str(sentence) for sentence in document["text_list"]]
-        image_info = list(document["image_info"])
+        sentences, image_info = document["text_list"], document["image_info"]
         similarity = np.asarray(document["similarity_matrix"], dtype=np.float64)
-    except (KeyError, TypeError, ValueError) as error:
+    except (KeyError, TypeError, ValueError, RecursionError) as error:
         raise SkipSample("bad_document", repr(error)) from None
+    # The original joins the sentences (a non-string fails there) and indexes both lists.
+    if not isinstance(sentences, list) or not all(isinstance(sentence, str) for sentence in sentences):
+        raise SkipSample("bad_document", "text_list is not a list of strings")
+    if not isinstance(image_info, list):
+        raise SkipSample("bad_document", "image_info is not a list")
+    if any(MEDIA_TOKEN in sentence for sentence in sentences):
+        raise SkipSample("image_token_in_text", "a sentence contains the text <image>")
+    sentences = list(sentences)
 
-    images, rows = [], []
+    skipped = Counter() if skipped is None else skipped
+    # Only headers are read here: the similarity assignment decides which images are worth decoding.
+    candidates: dict[int, bytes] = {}  # image index -> encoded bytes of a plausible image
     for index, info in enumerate(image_info):
         if not isinstance(info, dict) or "image_base64" not in info:
             continue
         try:
             raw = base64.b64decode(info["image_base64"])
         except (binascii.Error, TypeError, ValueError):
-            if skipped is not None:
-                skipped["undecodable_image"] += 1
+            skipped["undecodable_image"] += 1
             continue
         if len(raw) // 1000 <= MMC4_MIN_IMAGE_KB:
             continue
         try:
-            images.append(decode_rgb_image(raw))
+            _check_image_header(raw, max_image_pixels, image_processor)
         except SkipSample as skip:
-            if skipped is not None:
-                skipped[skip.reason] += 1
+            skipped[skip.reason] += 1
             continue
-        rows.append(index)
-    if not images:
-        raise SkipSample("no_usable_image", "no image of at least 11,000 bytes decodes")
+        candidates[index] = raw
+    if not candidates:
+        raise SkipSample("no_usable_image", "no image of at least 11,000 bytes has a readable header")
+    rows = list(candidates)
     if similarity.ndim != 2 or similarity.shape[1] != len(sentences) or similarity.shape[0] <= max(rows):
         raise SkipSample("bad_document", f"similarity_matrix of shape {similarity.shape}")
     if not np.isfinite(similarity[rows]).all():
         raise SkipSample("bad_document", "similarity_matrix has non-finite values")
-
-    pairs = _match_images_to_sentences(similarity[rows], textsim_threshold)
-    if image_order == "text":
-        pairs.sort(key=lambda pair: pair[1])
-    elif image_order != "document":
+    if image_order not in ("document", "text"):
         raise ValueError(f"image_order must be 'document' or 'text', got {image_order!r}.")
-    pairs = pairs[:max_num_images]
-    if not pairs:
-        raise SkipSample("no_usable_image", f"no image-sentence similarity reaches {textsim_threshold}")
 
-    pixel_values = _maybe_flip(pixel_values_of([images[row] for row, _ in pairs], image_processor), flip_generator)
+    # Decode the kept images only, each straight to its pixel values (one full-size image in memory at a time). One
+    # that fails to decode leaves the assignment, which is solved again without it: the result is the one of
+    # decoding every image first and matching the ones that decode (see the module docstring for the exception).
+    image_pixels: dict[int, torch.Tensor] = {}
+    while True:
+        pairs = [
+            (rows[position], sentence)
+            for position, sentence in _match_images_to_sentences(similarity[rows], textsim_threshold)
+        ]
+        if image_order == "text":
+            pairs.sort(key=lambda pair: pair[1])
+        pairs = pairs[:max_num_images]
+        if not pairs:
+            raise SkipSample("no_usable_image", f"no image-sentence similarity reaches {textsim_threshold}")
+        undecodable = None
+        for row, _ in pairs:
+            if row in image_pixels:
+                continue
+            try:
+                # The decoded image lives only for this call: one full-size image in memory at a time.
+                image_pixels[row] = pixel_values_of(
+                    [decode_rgb_image(candidates[row], max_image_pixels)], image_processor
+                )[0]
+            except SkipSample as skip:
+                skipped[skip.reason] += 1
+                undecodable = row
+                break
+        if undecodable is None:
+            break
+        rows.remove(undecodable)
+        if not rows:
+            raise SkipSample("no_usable_image", "no image of at least 11,000 bytes decodes")
+
+    pixel_values = _maybe_flip(torch.stack([image_pixels[row] for row, _ in pairs]), flip_generator)
     if len(pairs) < max_num_images:
         padding = pixel_values.new_zeros((max_num_images - len(pairs), *pixel_values.shape[1:]))
         pixel_values = torch.cat([pixel_values, padding])
@@ -538,6 +666,7 @@ class _ShardPipeline(IterableDataset):
         flip: bool,
         shuffle_buffer: int,
         shuffle_initial: int,
+        max_image_pixels: int | None,
     ):
         super().__init__()
         self.urls = urls
@@ -549,6 +678,7 @@ class _ShardPipeline(IterableDataset):
         self.rank = rank
         self.world_size = world_size
         self.flip = flip
+        self.max_image_pixels = max_image_pixels
         self.shuffle_buffer = shuffle_buffer
         self.shuffle_initial = shuffle_initial
 
@@ -641,6 +771,14 @@ class _ShardPipeline(IterableDataset):
         )
 
 
+def _count_sample_error(sample: dict[str, Any], error: Exception, skipped: Counter) -> None:
+    """Count (`sample_error`) and log an unexpected exception raised while reading one sample.
+
+    `Exception` only: KeyboardInterrupt, SystemExit and GeneratorExit (a closed loader) still propagate."""
+    skipped["sample_error"] += 1
+    logger.warning("Skipping sample %r of %s: %r", sample.get("__key__"), sample.get("__url__"), error)
+
+
 class LaionPipeline(_ShardPipeline):
     """LAION batches (`preprocess_laion_batch`) of one process; see `build_laion_loader`."""
 
@@ -652,25 +790,30 @@ class LaionPipeline(_ShardPipeline):
 
     def batches(self, samples, worker, sweep, skipped):
         flips = self._flip_generator(worker, sweep)
-        images, captions = [], []
+        pixel_values, captions = [], []
         for sample in samples:
             try:
-                image, caption = decode_laion_sample(sample)
+                image, caption = decode_laion_sample(sample, self.max_image_pixels)
+                _check_resized_size(*image.size, self.max_image_pixels, self.image_processor)
+                # Transformed at once: a batch waits as B small tensors, not B full-size images.
+                pixel_values.append(pixel_values_of([image], self.image_processor)[0])
             except SkipSample as skip:
                 skipped[skip.reason] += 1
                 continue
-            images.append(image)
+            except Exception as error:  # a bug or an input nobody foresaw must not end a run of days
+                _count_sample_error(sample, error, skipped)
+                continue
             captions.append(caption)
-            if len(images) == self.batch_size:
+            if len(captions) == self.batch_size:
                 yield preprocess_laion_batch(
-                    images,
+                    torch.stack(pixel_values),
                     captions,
                     tokenizer=self.tokenizer,
                     image_processor=self.image_processor,
                     tokens=self.tokens,
                     flip_generator=flips,
                 )
-                images, captions = [], []
+                pixel_values, captions = [], []
 
 
 class Mmc4Pipeline(_ShardPipeline):
@@ -712,7 +855,7 @@ class Mmc4Pipeline(_ShardPipeline):
                     raise SkipSample("bad_document", "no json member")
                 try:
                     document = json.loads(sample["json"])
-                except (UnicodeDecodeError, json.JSONDecodeError) as error:
+                except (ValueError, RecursionError) as error:  # also too deep nesting, integers of > 4300 digits
                     raise SkipSample("bad_document", repr(error)) from None
                 if not isinstance(document, dict):
                     raise SkipSample("bad_document", "the JSON is not an object")
@@ -725,6 +868,7 @@ class Mmc4Pipeline(_ShardPipeline):
                         textsim_threshold=self.textsim_threshold,
                         min_num_images=self.min_num_images,
                         max_num_images=self.max_num_images,
+                        max_image_pixels=self.max_image_pixels,
                         image_order=self.image_order,
                         rng=rng,
                         flip_generator=flips,
@@ -733,6 +877,9 @@ class Mmc4Pipeline(_ShardPipeline):
                 )
             except SkipSample as skip:
                 skipped[skip.reason] += 1
+                continue
+            except Exception as error:  # a bug or an input nobody foresaw must not end a run of days
+                _count_sample_error(sample, error, skipped)
                 continue
             if len(documents) == self.batch_size:
                 pixel_values, input_ids, attention_mask = (
@@ -817,6 +964,7 @@ def _build_loader(
     flip: bool,
     shuffle_buffer: int,
     shuffle_initial: int,
+    max_image_pixels: int | None,
     **pipeline_kwargs,
 ) -> TrainLoader:
     _check_ints(batch_size=batch_size, num_samples=num_samples, workers=workers, seed=seed, epoch=epoch, rank=rank)
@@ -825,6 +973,7 @@ def _build_loader(
         raise ValueError(f"batch_size and num_samples must be positive, got {batch_size} and {num_samples}.")
     if workers < 0 or world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"Need workers >= 0 and 0 <= rank < world_size, got {workers}, {rank}, {world_size}.")
+    check_max_image_pixels(max_image_pixels)
     tokens = check_flamingo_tokenizer(tokenizer)
     urls = expand_shards(shards)
     if not resampled and len(urls) < max(1, workers) * world_size:
@@ -859,6 +1008,7 @@ def _build_loader(
         flip=flip,
         shuffle_buffer=shuffle_buffer,
         shuffle_initial=shuffle_initial,
+        max_image_pixels=max_image_pixels,
         **pipeline_kwargs,
     )
     dataloader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers)
@@ -881,6 +1031,7 @@ def build_laion_loader(
     flip: bool = True,
     shuffle_buffer: int = SAMPLE_SHUFFLE_BUFFER,
     shuffle_initial: int = SAMPLE_SHUFFLE_INITIAL,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> TrainLoader:
     """A loader of LAION-style image-text shards (img2dataset layout), preprocessed as the original.
 
@@ -896,12 +1047,15 @@ def build_laion_loader(
         seed, epoch, rank, world_size: the batches are a function of these (and of `workers`) only.
         flip: random horizontal flips (one draw per batch, as the original); `False` for evaluation or parity.
         shuffle_buffer, shuffle_initial: the sample shuffle buffer (the original's 5000 and 1000; 1 keeps the order).
+        max_image_pixels: images declaring more pixels (`width * height`, read from the header, before decoding)
+            are skipped and counted as `image_too_large` (`--max_image_pixels`; None: no bound of ours, PIL still
+            refuses beyond 179 MP). The original allows 1e9, a 4 GB decode from a file of a few hundred KB.
 
     Each batch: `pixel_values` (B, 1, 1, 3, H, W), `input_ids`/`attention_mask`/`labels` (B, L <= 32), `skipped`.
 
     Raises:
         ValueError: a shard pattern that matches nothing or a missing shard, a tokenizer without the Flamingo tokens,
-            fewer shards than workers x processes without resampling, a non-positive size.
+            fewer shards than workers x processes without resampling, a non-positive size or `max_image_pixels`.
     """
     return _build_loader(
         LaionPipeline,
@@ -919,6 +1073,7 @@ def build_laion_loader(
         flip=flip,
         shuffle_buffer=shuffle_buffer,
         shuffle_initial=shuffle_initial,
+        max_image_pixels=max_image_pixels,
     )
 
 
@@ -942,6 +1097,7 @@ def build_mmc4_loader(
     image_order: str = "document",
     shuffle_buffer: int = SAMPLE_SHUFFLE_BUFFER,
     shuffle_initial: int = SAMPLE_SHUFFLE_INITIAL,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> TrainLoader:
     """A loader of MMC4 shards (one JSON document per sample, as `convert_mmc4_to_wds.py` writes them), preprocessed
     as the original (`preprocess_mmc4_document`).
@@ -983,6 +1139,7 @@ def build_mmc4_loader(
         flip=flip,
         shuffle_buffer=shuffle_buffer,
         shuffle_initial=shuffle_initial,
+        max_image_pixels=max_image_pixels,
         textsim_threshold=textsim_threshold,
         max_num_images=max_num_images,
         min_num_images=min_num_images,
@@ -1004,7 +1161,8 @@ def build_train_loaders(
     Read from `args`: `laion_shards`, `batch_size_laion`, `train_num_samples_laion` (when `laion_shards` is set),
     `mmc4_shards`, `batch_size_mmc4`, `train_num_samples_mmc4` (when `mmc4_shards` is set), and optionally
     `dataset_resampled` (False), `workers` (1), `seed` (42), `mmc4_textsim_threshold` (0.24),
-    `mmc4_max_num_images` (6), `mmc4_min_num_images` (1), `mmc4_image_order` ("document"), `no_flip` (False).
+    `mmc4_max_num_images` (6), `mmc4_min_num_images` (1), `mmc4_image_order` ("document"), `no_flip` (False),
+    `max_image_pixels` (`DEFAULT_MAX_IMAGE_PIXELS`).
 
     Raises:
         ValueError: no dataset given, or the two datasets give different numbers of batches per epoch (the original
@@ -1020,6 +1178,7 @@ def build_train_loaders(
         "rank": rank,
         "world_size": world_size,
         "flip": not getattr(args, "no_flip", False),
+        "max_image_pixels": getattr(args, "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS),
     }
     loaders: dict[str, TrainLoader] = {}
     if getattr(args, "laion_shards", None):
