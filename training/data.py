@@ -51,7 +51,6 @@ import base64
 import binascii
 import glob
 import importlib
-import io
 import itertools
 import json
 import logging
@@ -59,7 +58,6 @@ import math
 import random
 import re
 import tarfile
-import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -77,6 +75,7 @@ from modeling_flamingo.processing.image_loading import (
     ImageTooLargeError,
     check_max_image_pixels,
     open_image,
+    read_image_size,
 )
 from modeling_flamingo.processing.processing_flamingo import EOC_TOKEN, MEDIA_TOKEN
 from modeling_flamingo.training.labels import mask_flamingo_labels
@@ -331,7 +330,7 @@ def decode_rgb_image(data: bytes, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIX
     try:
         with open_image(data, max_pixels) as image:
             return image.convert("RGB")
-    except (ImageTooLargeError, PIL.Image.DecompressionBombError) as error:
+    except ImageTooLargeError as error:
         raise SkipSample("image_too_large", str(error)) from None
     except Exception as error:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ValueError...)
         raise SkipSample("undecodable_image", repr(error)) from None
@@ -366,17 +365,11 @@ def _check_image_header(data: bytes, max_pixels: int | None, image_processor: An
     most `max_pixels` pixels (the check `open_image` makes before decoding), and not resized by the image processor
     to more (`_check_resized_size`). Raises `SkipSample` (`image_too_large`, `undecodable_image`)."""
     try:
-        with warnings.catch_warnings():
-            # `max_pixels` decides, as in open_image.
-            warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
-            with PIL.Image.open(io.BytesIO(data)) as image:
-                width, height = image.size
-    except PIL.Image.DecompressionBombError as error:
+        width, height = read_image_size(data, max_pixels)
+    except ImageTooLargeError as error:
         raise SkipSample("image_too_large", str(error)) from None
     except Exception as error:
         raise SkipSample("undecodable_image", repr(error)) from None
-    if max_pixels is not None and width * height > max_pixels:
-        raise SkipSample("image_too_large", str(ImageTooLargeError(width, height, max_pixels)))
     _check_resized_size(width, height, max_pixels, image_processor)
 
 
