@@ -121,14 +121,22 @@ def _load_karpathy(name: str, args: argparse.Namespace) -> LoadedTask:
     dataset = "coco" if name == "coco" else "flickr"
     train = ds.read_karpathy_captions(karpathy, "train", dataset, train_dir, val_dir, flag)
     test = ds.read_karpathy_captions(karpathy, "test", dataset, train_dir, val_dir, flag)
-    references = ds.read_coco_style_references(getattr(args, coco_style), coco_style)
-    missing = [item.id for item in test if item.id not in references]
+    coco_style_path = getattr(args, coco_style)
+    references = ds.read_coco_style_references(coco_style_path, coco_style)
+    # Items are keyed as the original keys them: COCO by the integer `cocoid`, Flickr30K by the file name stem, a
+    # string ("1000092795", as in the released dataset_flickr30k_coco_style.json). A COCO-style file may spell the
+    # same id as a number or as a string: match them by their decimal text.
+    by_text: dict[str, list[str]] = {}
+    for image_id, captions in references.items():
+        by_text.setdefault(str(image_id), []).extend(captions)
+    missing = [item.id for item in test if str(item.id) not in by_text]
     if missing:
         raise ds.EvalInputError(
-            f"--{coco_style}: {getattr(args, coco_style)} has no captions for test image {missing[0]!r}"
-            + (f" (and {len(missing) - 1} more)." if len(missing) > 1 else ".")
+            f"--{coco_style}: {coco_style_path} has no captions for test image {missing[0]!r} of {karpathy}"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            + f"; its image ids look like {next(iter(references), None)!r}: are both files of the same dataset?"
         )
-    return LoadedTask(train, test, {item.id: references[item.id] for item in test})
+    return LoadedTask(train, test, {item.id: by_text[str(item.id)] for item in test})
 
 
 def _vqa_flags(name: str) -> dict[str, tuple[str, str, str]]:

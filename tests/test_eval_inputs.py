@@ -1,6 +1,6 @@
 """Annotation files as a careless download or a hostile file gives them: every reader refuses a field of the wrong
 type (or JSON nested too deeply) with one `error:` line naming the file, the item and the field, before the model is
-loaded."""
+loaded; Flickr30K's COCO-style ids are matched whether numbers or strings."""
 
 from __future__ import annotations
 
@@ -157,3 +157,49 @@ def test_deeply_nested_jsonl_line(tmp_path, capsys):
     assert run(tmp_path, "hateful_memes", paths) == 1
     line = one_error_line(capsys)
     assert str(path) in line and "line 11" in line and "nested too deeply" in line
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Flickr30K: the COCO-style file's image ids
+
+
+def _flickr_args(paths: dict[str, str]):
+    return build_parser().parse_args(["--model", "x", *cli_flags(paths)])
+
+
+@pytest.mark.parametrize("as_int", [False, True], ids=["string ids", "integer ids"])
+def test_flickr_coco_style_ids_of_either_type(tmp_path, as_int):
+    """The released file keys images by their file name stem, a string ("1000092795"): the original's results file
+    holds `filename.split(".")[0]` and pycocotools' `loadRes` asserts those ids are the file's. A file with the same
+    ids as numbers names the same images."""
+    paths = make_flickr(tmp_path)
+    coco_style = Path(paths["flickr_annotations_json_path"])
+    if as_int:
+
+        def to_int(data):
+            for image in data["images"]:
+                image["id"] = int(image["id"])
+            for annotation in data["annotations"]:
+                annotation["image_id"] = int(annotation["image_id"])
+
+        edit_json(str(coco_style), to_int)
+    annotations = json.loads(coco_style.read_text())["annotations"]
+    assert all(isinstance(a["image_id"], int) == as_int for a in annotations)
+    loaded = TASKS["flickr30"].load(_flickr_args(paths))
+    assert [item.id for item in loaded.test] == [str(4010 + i) for i in range(6)]  # the original's ids
+    for item in loaded.test:
+        expected = [a["caption"] for a in annotations if str(a["image_id"]) == item.id]
+        assert loaded.references[item.id] == expected == item.answers  # the Karpathy sentences are the same
+
+
+def test_flickr_ids_that_do_not_match_name_both_files(tmp_path):
+    paths = make_flickr(tmp_path)
+    edit_json(
+        paths["flickr_annotations_json_path"],
+        lambda data: [a.update(image_id=int(a["image_id"]) + 100000) for a in data["annotations"]],
+    )
+    with pytest.raises(EvalInputError) as raised:
+        TASKS["flickr30"].load(_flickr_args(paths))
+    message = str(raised.value)
+    assert paths["flickr_annotations_json_path"] in message and paths["flickr_karpathy_json_path"] in message
+    assert "'4010'" in message and "104010" in message and "(and 5 more)" in message
