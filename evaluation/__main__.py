@@ -14,6 +14,7 @@ from modeling_flamingo.evaluation.data_dir import DATA_DIR_LAYOUT
 from modeling_flamingo.evaluation.datasets import EvalInputError
 from modeling_flamingo.evaluation.metrics import MissingDependencyError
 from modeling_flamingo.evaluation.tasks import TASKS
+from modeling_flamingo.processing.image_loading import DEFAULT_MAX_IMAGE_PIXELS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -45,6 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="original",
         help="0-shot classification: pass the two demonstration images like the original (its query then attends "
         "to the first of them), or only the query image.",
+    )
+    p.add(
+        "max_image_pixels",
+        type=int,
+        default=DEFAULT_MAX_IMAGE_PIXELS,
+        help="Largest width x height of an evaluation image, read from its header before decoding; a larger image "
+        f"stops the run with an error naming it (items are never skipped; default {DEFAULT_MAX_IMAGE_PIXELS}).",
     )
 
     # Trials, as the original.

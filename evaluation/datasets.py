@@ -15,6 +15,8 @@ from typing import Any
 
 from PIL import Image
 
+from modeling_flamingo.processing.image_loading import DEFAULT_MAX_IMAGE_PIXELS, ImageTooLargeError, open_image
+
 # torchvision's ImageFolder extensions (the original reads ImageNet with ImageFolder).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -29,7 +31,8 @@ class EvalItem:
 
     `id` is what predictions and metrics are keyed by (COCO `cocoid`, Flickr file stem, VQA `question_id`, Hateful
     Memes `id`, ImageNet index in the folder listing). `answers` holds the reference captions or VQA answers;
-    `caption`/`answers[0]`/`class_name` fill a demonstration's answer slot.
+    `caption`/`answers[0]`/`class_name` fill a demonstration's answer slot. `source` ("coco (train split)") names
+    the item's task and split in errors; `max_pixels` bounds the image's declared size (`--max_image_pixels`).
     """
 
     id: Any
@@ -40,15 +43,24 @@ class EvalItem:
     class_name: str | None = None
     ocr: str | None = None
     convert_rgb: bool = False  # ImageFolder's loader converts to RGB; the other original datasets do not
+    source: str = ""
+    max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
 
     def load_image(self, context: str = "") -> Image.Image:
-        """Open and decode the image (raises `EvalInputError` naming the file and the item)."""
-        where = f"{context}item {self.id!r}"
+        """Open and decode the image, its declared size checked against `max_pixels` first (raises
+        `EvalInputError` naming the task, split, item and file; `context` stands in for a missing `source`)."""
+        where = f"{self.source} item {self.id!r}" if self.source else f"{context}item {self.id!r}"
         if not os.path.isfile(self.image_path):
             raise EvalInputError(f"{where}: image file {self.image_path} does not exist.")
         try:
-            image = Image.open(self.image_path)
-            image.load()
+            image = open_image(self.image_path, self.max_pixels)
+        except ImageTooLargeError as err:
+            # A benchmark item is never skipped: a score over fewer items would not be comparable.
+            raise EvalInputError(
+                f"{where}: image {self.image_path} is {err.width}x{err.height} = {err.width * err.height:,} pixels, "
+                f"more than --max_image_pixels {err.max_pixels:,}; it was not decoded. Raise --max_image_pixels to "
+                "evaluate it (items are never skipped)."
+            ) from err
         except Exception as err:  # PIL raises several unrelated types for undecodable files
             raise EvalInputError(f"{where}: cannot decode image {self.image_path}: {err}") from err
         return image.convert("RGB") if self.convert_rgb else image

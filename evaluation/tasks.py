@@ -14,6 +14,7 @@ from typing import Any
 from modeling_flamingo.evaluation import datasets as ds
 from modeling_flamingo.evaluation.classnames import HATEFUL_MEMES_CLASSNAMES, IMAGENET_CLASSNAMES
 from modeling_flamingo.evaluation.datasets import EvalItem
+from modeling_flamingo.processing.image_loading import DEFAULT_MAX_IMAGE_PIXELS
 
 IMAGE = "<image>"
 EOC = "<|endofchunk|>"
@@ -136,7 +137,18 @@ def _load_karpathy(name: str, args: argparse.Namespace) -> LoadedTask:
             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
             + f"; its image ids look like {next(iter(references), None)!r}: are both files of the same dataset?"
         )
-    return LoadedTask(train, test, {item.id: by_text[str(item.id)] for item in test})
+    return _loaded(name, train, test, {item.id: by_text[str(item.id)] for item in test}, args)
+
+
+def _loaded(
+    name: str, train: list[EvalItem], test: list[EvalItem], references: dict[Any, list[str]], args: argparse.Namespace
+) -> LoadedTask:
+    """The splits, every item told its task and split (for errors) and the image size bound."""
+    max_pixels = getattr(args, "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)
+    for split, items in (("train", train), ("test", test)):
+        for item in items:
+            item.source, item.max_pixels = f"{name} ({split} split)", max_pixels
+    return LoadedTask(train, test, references)
 
 
 def _vqa_flags(name: str) -> dict[str, tuple[str, str, str]]:
@@ -167,7 +179,7 @@ def _load_vqa(name: str, args: argparse.Namespace) -> LoadedTask:
     splits = {}
     for split, flags in _vqa_flags(name).items():
         splits[split] = ds.read_vqa(name, *(getattr(args, flag) for flag in flags), flags=flags)
-    return LoadedTask(splits["train"], splits["test"], {item.id: item.answers for item in splits["test"]})
+    return _loaded(name, splits["train"], splits["test"], {item.id: item.answers for item in splits["test"]}, args)
 
 
 def _load_imagenet(args: argparse.Namespace) -> LoadedTask:
@@ -176,7 +188,7 @@ def _load_imagenet(args: argparse.Namespace) -> LoadedTask:
     root = ds._require(args.imagenet_root, "imagenet_root")
     train = ds.read_image_folder(os.path.join(root, "train"), IMAGENET_CLASSNAMES)
     test = ds.read_image_folder(os.path.join(root, "val"), IMAGENET_CLASSNAMES)
-    return LoadedTask(train, test, {item.id: [item.class_name] for item in test})
+    return _loaded("imagenet", train, test, {item.id: [item.class_name] for item in test}, args)
 
 
 def _load_hateful_memes(args: argparse.Namespace) -> LoadedTask:
@@ -189,7 +201,7 @@ def _load_hateful_memes(args: argparse.Namespace) -> LoadedTask:
         image_dir, args.hateful_memes_test_annotations_json_path,
         ("hateful_memes_image_dir_path", "hateful_memes_test_annotations_json_path"),
     )  # fmt: skip
-    return LoadedTask(train, test, {item.id: [item.class_name] for item in test})
+    return _loaded("hateful_memes", train, test, {item.id: [item.class_name] for item in test}, args)
 
 
 def _postprocess_caption(text: str) -> str:

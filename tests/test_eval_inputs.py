@@ -1,15 +1,20 @@
-"""Annotation files as a careless download or a hostile file gives them: every reader refuses a field of the wrong
-type (or JSON nested too deeply) with one `error:` line naming the file, the item and the field, before the model is
-loaded; Flickr30K's COCO-style ids are matched whether numbers or strings."""
+"""Annotation files and images as a careless download or a hostile file gives them: every reader refuses a field of
+the wrong type (or JSON nested too deeply) with one `error:` line naming the file, the item and the field, before the
+model is loaded; Flickr30K's COCO-style ids are matched whether numbers or strings; an image declaring more pixels
+than `--max_image_pixels` is refused before it is decoded."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import PIL.Image
+import PIL.ImageFile
 import pytest
-from eval_data import cli_flags, make_coco, make_flickr, make_hateful_memes, make_vqa
+from eval_data import cli_flags, make_coco, make_flickr, make_hateful_memes, make_vqa, write_png_declaring
+from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
+from modeling_flamingo.evaluation import rices
 from modeling_flamingo.evaluation.__main__ import build_parser, main
 from modeling_flamingo.evaluation.datasets import EvalInputError
 from modeling_flamingo.evaluation.eval_model import FlamingoEvalModel
@@ -203,3 +208,72 @@ def test_flickr_ids_that_do_not_match_name_both_files(tmp_path):
     message = str(raised.value)
     assert paths["flickr_annotations_json_path"] in message and paths["flickr_karpathy_json_path"] in message
     assert "'4010'" in message and "104010" in message and "(and 5 more)" in message
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Images declaring more pixels than --max_image_pixels
+
+
+@pytest.fixture
+def decoded_sizes(monkeypatch):
+    """Sizes of the images PIL decodes (where the pixel memory is allocated)."""
+    sizes = []
+    load = PIL.ImageFile.ImageFile.load
+
+    def spy(self):
+        sizes.append(self.size)
+        return load(self)
+
+    monkeypatch.setattr(PIL.ImageFile.ImageFile, "load", spy)
+    return sizes
+
+
+def test_huge_image_is_refused_before_decoding(tmp_path, decoded_sizes):
+    """The issue's case: a 12000 x 12000 image (144 MP, under PIL's own 179 MP refusal) decoded to gigabytes."""
+    paths = make_vqa(tmp_path, "textvqa")
+    loaded = TASKS["textvqa"].load(build_parser().parse_args(["--model", "x", *cli_flags(paths)]))
+    item = loaded.test[2]
+    write_png_declaring(Path(item.image_path), 12000, 12000)
+    assert Path(item.image_path).stat().st_size < 100_000
+    with pytest.raises(EvalInputError) as raised:
+        item.load_image()
+    message = str(raised.value)
+    assert message.startswith(f"textvqa (test split) item {item.id!r}: image {item.image_path} is 12000x12000")
+    assert "144,000,000 pixels, more than --max_image_pixels 50,000,000" in message
+    assert "never skipped" in message
+    assert (12000, 12000) not in decoded_sizes  # refused from the header: no pixel buffer was allocated
+    assert loaded.train[0].load_image().size == header_size(loaded.train[0].image_path)  # small images still open
+
+
+def header_size(path: str) -> tuple[int, int]:
+    with PIL.Image.open(path) as image:
+        return image.size
+
+
+def test_max_image_pixels_flag_bounds_train_items(tmp_path):
+    """Demonstrations (and RICES, which opens the train split the same way) name their split."""
+    paths = make_vqa(tmp_path, "vizwiz")
+    args = build_parser().parse_args(["--model", "x", "--max_image_pixels", "1000", *cli_flags(paths)])
+    item = TASKS["vizwiz"].load(args).train[4]
+    width, height = header_size(item.image_path)  # 40 to 90 pixels a side: over 1000 pixels
+    with pytest.raises(
+        EvalInputError, match=rf"^vizwiz \(train split\) item {item.id!r}: image .* is {width}x{height}"
+    ):
+        item.load_image()
+
+
+def test_rices_cli_refuses_a_huge_image(tmp_path, capsys, decoded_sizes):
+    config = CLIPVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+        patch_size=16, projection_dim=8,
+    )  # fmt: skip
+    CLIPVisionModelWithProjection(config).save_pretrained(tmp_path / "clip")
+    image = tmp_path / "huge.png"
+    write_png_declaring(image, 12000, 12000)
+    (tmp_path / "images.txt").write_text(f"{image}\n")
+    argv = ["--images", str(tmp_path / "images.txt"), "--output", str(tmp_path / "f.pkl")]
+    assert rices.main([*argv, "--model", str(tmp_path / "clip"), "--device", "cpu"]) == 2
+    line = one_error_line(capsys)
+    assert str(image) in line and "12000x12000 = 144,000,000 pixels" in line and "--max_image_pixels" in line
+    assert (12000, 12000) not in decoded_sizes
+    assert not (tmp_path / "f.pkl").exists()
