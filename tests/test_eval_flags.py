@@ -1,0 +1,91 @@
+"""`openflamingo-eval`'s flags: every value is checked before the model is loaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from eval_data import cli_flags, make_coco, make_vqa
+
+from modeling_flamingo.evaluation.__main__ import main
+from modeling_flamingo.evaluation.eval_model import FlamingoEvalModel
+
+
+@pytest.fixture
+def model_loads(monkeypatch):
+    """Counts model loads; a load fails (the model path of these tests does not exist anyway)."""
+    calls = []
+
+    def record(*args, **kwargs):
+        calls.append(args)
+        raise OSError("model loading reached")
+
+    monkeypatch.setattr(FlamingoEvalModel, "from_pretrained", record)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def coco(tmp_path_factory):
+    root = tmp_path_factory.mktemp("coco")
+    return root, make_coco(root)  # 10 train and 6 test items
+
+
+def run(root: Path, paths: dict[str, str], *argv: str) -> int:
+    return main(
+        ["--model", str(root / "no-model"), "--results_file", str(root / "r.json"), "--eval_coco"]
+        + [*cli_flags(paths), "--query_set_size", "6", "--shots", "2", *argv]
+    )
+
+
+def one_error_line(capsys) -> str:
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(err) == 1, err
+    return err[0]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--shots", "0", "-1"], "--shots -1: a number of demonstrations is 0 or more."),
+        (["--batch_size", "0"], "--batch_size 0: must be 1 or more."),
+        (["--num_samples", "0"], "--num_samples 0: give the number of test items per trial (1 or more), or -1"),
+        (["--num_samples", "-2"], "--num_samples -2: give the number of test items per trial"),
+        (["--num_samples", "7"], "--num_samples 7 is larger than the coco test split (6 items)."),
+        (["--num_trials", "0"], "--num_trials 0: must be 1 or more."),
+        (["--query_set_size", "0"], "--query_set_size 0: must be 1 or more."),
+        (["--query_set_size", "11"], "--query_set_size 11 is larger than the coco train split (10 items)."),
+        (["--shots", "8"], "--shots: 8 demonstrations cannot be drawn from a query set of 6 (--query_set_size)"),
+        (["--rices", "--shots", "12"], "--shots: 12 demonstrations cannot be retrieved from the coco train split"),
+        (["--class_batch_size", "0"], "--class_batch_size 0: must be 1 or more."),
+        (["--latents_cache_mb", "-1"], "--latents_cache_mb -1: must be 0 (no cache) or more."),
+        (["--max_image_pixels", "0"], "--max_image_pixels 0: must be 1 or more."),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else "",
+)
+def test_bad_values_are_refused_before_the_model_loads(coco, capsys, model_loads, argv, message):
+    root, paths = coco
+    assert run(root, paths, *argv) == 1
+    assert one_error_line(capsys).startswith(f"error: {message}")
+    assert model_loads == []
+    assert not (root / "r.json").exists()
+
+
+def test_query_set_size_checked_for_every_selected_task(tmp_path, capsys, model_loads):
+    """The split sizes of all selected tasks are checked before any model load; the message names the task."""
+    coco_paths = make_coco(tmp_path)  # 10 train items
+    vqa_paths = make_vqa(tmp_path, "vqav2", num_train=5)
+    argv = ["--model", str(tmp_path / "no-model"), "--eval_coco", "--eval_vqav2", "--query_set_size", "8"]
+    argv += ["--shots", "4"]
+    assert main([*argv, *cli_flags(coco_paths), *cli_flags(vqa_paths)]) == 1
+    assert one_error_line(capsys) == "error: --query_set_size 8 is larger than the vqav2 train split (5 items)."
+    assert model_loads == []
+
+
+def test_valid_values_reach_the_model(coco, capsys, model_loads):
+    """The checks refuse nothing that is allowed: the boundary values go on to load the model."""
+    root, paths = coco
+    argv = ["--shots", "0", "2", "--batch_size", "1", "--num_samples", "-1", "--query_set_size", "10"]
+    argv += ["--class_batch_size", "1", "--latents_cache_mb", "0", "--max_image_pixels", "1"]
+    assert run(root, paths, *argv) == 1
+    assert "model loading reached" in one_error_line(capsys)
+    assert len(model_loads) == 1
