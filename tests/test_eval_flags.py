@@ -1,4 +1,4 @@
-"""`openflamingo-eval`'s flags: every value is checked before the model is loaded."""
+"""`openflamingo-eval`'s flags: every value is checked before the model is loaded, `--help` shows the defaults."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from eval_data import cli_flags, make_coco, make_vqa
 
-from modeling_flamingo.evaluation.__main__ import main
+from modeling_flamingo.evaluation.__main__ import build_parser, main
 from modeling_flamingo.evaluation.eval_model import FlamingoEvalModel
 
 
@@ -89,3 +89,33 @@ def test_valid_values_reach_the_model(coco, capsys, model_loads):
     assert run(root, paths, *argv) == 1
     assert "model loading reached" in one_error_line(capsys)
     assert len(model_loads) == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --help
+
+
+def test_help_shows_every_default(monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "1000")  # argparse wraps long words at hyphens
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["--help"])
+    assert exited.value.code == 0
+    options = capsys.readouterr().out.split("\noptions:\n")[1]
+    # One entry per flag: its spellings, then its help, wrapped over lines.
+    entries = {("-" + entry).split()[0].rstrip(","): " ".join(entry.split()) for entry in options.split("\n  -")}
+    for flag, default in {
+        "--shots": "[0, 4, 8, 16, 32]",
+        "--num_trials": "1",
+        "--trial_seeds": "[42]",
+        "--num_samples": "-1",
+        "--query_set_size": "2048",
+        "--batch_size": "8",
+        "--precision": "fp32",
+        "--latents_cache_mb": "2048",
+        "--class_batch_size": "64",
+        "--max_image_pixels": "50000000",
+        "--zero_shot_classification_images": "original",
+        "--rices_vision_encoder_path": "openai/clip-vit-large-patch14",
+    }.items():
+        assert entries[flag].endswith(f"(default: {default})"), entries[flag]
+    assert "default" not in entries["--rices"]  # a switch is off unless given
