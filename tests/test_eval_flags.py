@@ -1,7 +1,10 @@
-"""`openflamingo-eval`'s flags: every value is checked before the model is loaded, `--help` shows the defaults."""
+"""`openflamingo-eval`'s flags: every value is checked before the model is loaded, `--help` shows the defaults, and
+every flag of the original `evaluate.py` (2.0.1, read from the installed package) is accepted with its kind."""
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -119,3 +122,44 @@ def test_help_shows_every_default(monkeypatch, capsys):
     }.items():
         assert entries[flag].endswith(f"(default: {default})"), entries[flag]
     assert "default" not in entries["--rices"]  # a switch is off unless given
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The original's flags
+
+# Flags that mlfoundations/open_flamingo's main branch added to `open_flamingo/eval/evaluate.py` after 2.0.1: read at
+# the head commit 655f693fbfa04cd6e9a987d960654624d48917cf (2023-10-11). Between the 2.0.1 tag and that commit only
+# `open_flamingo/eval/rices.py` changed under `open_flamingo/eval/`; its `evaluate.py` is 2.0.1's, so none.
+HEAD_ADDED_FLAGS: dict[str, str] = {}
+
+
+def original_flags() -> dict[str, bool]:
+    """`{flag: takes_a_value}` of every `add_argument` call of the installed original's `eval/evaluate.py`."""
+    spec = importlib.util.find_spec("open_flamingo")
+    source = Path(spec.origin).parent / "eval" / "evaluate.py"
+    flags = {}
+    for node in ast.walk(ast.parse(source.read_text())):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "add_argument":
+            keywords = {keyword.arg: keyword.value for keyword in node.keywords}
+            action = keywords.get("action")
+            for name in node.args:
+                flags[name.value] = not (isinstance(action, ast.Constant) and action.value == "store_true")
+    return flags
+
+
+def test_every_flag_of_the_original_is_accepted_with_its_kind():
+    flags = original_flags()
+    assert len(flags) == 61 and flags["--shots"] and not flags["--rices"]  # the parse found 2.0.1's list
+    parser = build_parser()
+    actions = parser._option_string_actions
+    for flag, takes_value in {**flags, **dict.fromkeys(HEAD_ADDED_FLAGS, True)}.items():
+        assert flag in actions, f"{flag} of the original is not accepted"
+        action = actions[flag]
+        assert (action.nargs != 0) == takes_value, f"{flag}: a switch in one, a value in the other"
+        value = ["3"] if takes_value else []
+        if flag == "--model":  # the original's model family name; ours is the model itself
+            continue
+        args = parser.parse_args(["--model", "m", flag, *value])
+        expected = action.type("3") if action.type else "3"
+        parsed = getattr(args, action.dest)
+        assert parsed == ([expected] if action.nargs == "+" else expected if takes_value else True), flag
