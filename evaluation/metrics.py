@@ -140,17 +140,16 @@ _stderr_lock = threading.Lock()
 
 
 @contextmanager
-def _child_stderr_captured() -> Iterator[list[str]]:
-    """Point file descriptor 2 at a temporary file while inside, so that child processes (java) write there; the
-    yielded list receives the captured lines on exit. pycocoevalcap starts java without capturing its standard
-    error, so the descriptor it inherits is the only place to catch it."""
-    lines: list[str] = []
+def _child_stderr_captured(lines: list[str]) -> Iterator[None]:
+    """Point file descriptor 2 at a temporary file while inside, so that child processes (java) write there; `lines`
+    receives the captured lines on exit, also when the body raised. pycocoevalcap starts java without capturing its
+    standard error, so the descriptor it inherits is the only place to catch it."""
     with _stderr_lock, tempfile.TemporaryFile() as capture:
         sys.stderr.flush()
         saved = os.dup(2)
         os.dup2(capture.fileno(), 2)
         try:
-            yield lines
+            yield
         finally:
             os.dup2(saved, 2)
             os.close(saved)
@@ -162,11 +161,14 @@ def _tokenize_quietly(tokenizer: Any, captions: dict) -> tuple[dict, int]:
     """`tokenizer.tokenize(captions)` with java's messages captured: returns the tokens and the number of characters
     java deleted as untokenizable (0 if none). Lines that are not the tokenizer's usual messages (e.g. a java error)
     are passed on to standard error."""
-    with _child_stderr_captured() as lines:
-        tokens = tokenizer.tokenize(captions)
-    other = [line for line in lines if not _PTB_NOISE.match(line) and not line.startswith(_UNTOKENIZABLE)]
-    if other:
-        print("\n".join(other), file=sys.stderr)
+    lines: list[str] = []
+    try:
+        with _child_stderr_captured(lines):
+            tokens = tokenizer.tokenize(captions)
+    finally:  # a java error explains the failure that follows: never swallow it
+        other = [line for line in lines if not _PTB_NOISE.match(line) and not line.startswith(_UNTOKENIZABLE)]
+        if other:
+            print("\n".join(other), file=sys.stderr)
     if not any(line.startswith(_UNTOKENIZABLE) for line in lines):
         return tokens, 0
     return tokens, _count_untokenizable(captions)

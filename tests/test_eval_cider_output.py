@@ -4,6 +4,9 @@ characters it deletes as untokenizable in one warning line, without changing the
 from __future__ import annotations
 
 import logging
+import os
+
+import pytest
 
 from modeling_flamingo.evaluation.metrics import cider_scores
 
@@ -32,3 +35,27 @@ def test_untokenizable_characters_are_counted_once(capfd, caplog):
     assert len(messages) == 1, messages
     assert "deleted 3 character(s) it cannot tokenize (2 in the predictions, 1 in the references)" in messages[0]
     assert dirty == cider_scores(PREDICTIONS, REFERENCES)  # deleted, as when the score was java's alone
+
+
+def test_java_errors_are_still_printed(tmp_path, monkeypatch, capfd):
+    """Only the tokenizer's usual lines are held back: a failing java's message reaches the user."""
+    java = tmp_path / "java"
+    java.write_text("#!/bin/sh\necho 'Error: Could not find or load main class (a broken java)' >&2\nexit 1\n")
+    java.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    with pytest.raises(RuntimeError, match="different number of lines"):
+        cider_scores(PREDICTIONS, REFERENCES)
+    assert "Error: Could not find or load main class (a broken java)" in capfd.readouterr().err
+
+
+def test_java_output_is_printed_when_the_tokenizer_raises(monkeypatch, capfd):
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    def failing_tokenize(self, captions):
+        os.write(2, b"java: what went wrong\n")  # as the java child writes to the descriptor it inherits
+        raise OSError("the tokenizer failed")
+
+    monkeypatch.setattr(PTBTokenizer, "tokenize", failing_tokenize)
+    with pytest.raises(OSError, match="the tokenizer failed"):
+        cider_scores(PREDICTIONS, REFERENCES)
+    assert "java: what went wrong" in capfd.readouterr().err
