@@ -14,6 +14,16 @@ from modeling_flamingo.evaluation.data_dir import DATA_DIR_LAYOUT
 from modeling_flamingo.evaluation.datasets import EvalInputError
 from modeling_flamingo.evaluation.metrics import MissingDependencyError
 from modeling_flamingo.evaluation.tasks import TASKS
+from modeling_flamingo.processing.image_loading import DEFAULT_MAX_IMAGE_PIXELS
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show a flag's default after its help, except for switches and flags without one (False, None)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False:  # not `in`: a default of 0 is shown
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -24,20 +34,20 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="openflamingo-eval", description=__doc__.split("\n\n")[0])
+    p = _Parser(prog="openflamingo-eval", description=__doc__.split("\n\n")[0], formatter_class=_HelpFormatter)
     p.add("model", required=True, help="A converted model folder or an original OpenFlamingo hub id.")
-    p.add("precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="Weights dtype (default fp32).")
+    p.add("precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="Weights dtype.")
     p.add("device_map", default=None, help='e.g. "auto" to spread a large model over the available devices.')
     p.add("results_file", default=None, help="JSON results; a Markdown table and predictions/ go beside it.")
     p.add("resume", action="store_true", help="Continue an interrupted run from its predictions files.")
     p.add("data_dir", default=None, help="A folder (or hub dataset id) in the openflamingo/eval_benchmark layout.")
-    p.add("latents_cache_mb", type=int, default=2048, help="Memory for cached image latents (default 2048 MB).")
+    p.add("latents_cache_mb", type=int, default=2048, help="Memory (MB) for cached image latents; 0 disables it.")
     p.add(
         "class_batch_size",
         type=int,
         default=64,
         help="Rows (items x class names) per forward pass when ranking class names; each row holds a copy of its "
-        "prompt's cache, so lower it for large models and long prompts (default 64).",
+        "prompt's cache, so lower it for large models and long prompts.",
     )
     p.add(
         "zero_shot_classification_images",
@@ -46,20 +56,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="0-shot classification: pass the two demonstration images like the original (its query then attends "
         "to the first of them), or only the query image.",
     )
+    p.add(
+        "max_image_pixels",
+        type=int,
+        default=DEFAULT_MAX_IMAGE_PIXELS,
+        help="Largest width x height of an evaluation image, read from its header before decoding; a larger image "
+        "stops the run with an error naming it (items are never skipped).",
+    )
 
     # Trials, as the original.
-    p.add("shots", nargs="+", type=int, default=[0, 4, 8, 16, 32])
-    p.add("num_trials", type=int, default=1)
-    p.add("trial_seeds", nargs="+", type=int, default=[42])
-    p.add("num_samples", type=int, default=-1, help="Test items per trial (-1: all).")
-    p.add("query_set_size", type=int, default=2048)
-    p.add("batch_size", type=int, default=8)
-    p.add("no_caching_for_classification", action="store_true")
-    p.add("classification_prompt_ensembling", action="store_true")
-    p.add("rices", action="store_true")
-    p.add("rices_vision_encoder_path", default="openai/clip-vit-large-patch14")
+    p.add("shots", nargs="+", type=int, default=[0, 4, 8, 16, 32], help="Demonstrations per prompt.")
+    p.add("num_trials", type=int, default=1, help="Trials per shot count, one per --trial_seeds seed.")
+    p.add("trial_seeds", nargs="+", type=int, default=[42], help="Seed of each trial (demonstrations, test subset).")
+    p.add("num_samples", type=int, default=-1, help="Test items per trial (-1: the whole test split).")
+    p.add("query_set_size", type=int, default=2048, help="Train items the demonstrations are drawn from.")
+    p.add("batch_size", type=int, default=8, help="Test items per batch.")
+    p.add("no_caching_for_classification", action="store_true", help="Encode every class name with its prompt.")
+    p.add("classification_prompt_ensembling", action="store_true", help="Average over demonstration orders.")
+    p.add("rices", action="store_true", help="Choose demonstrations by CLIP image similarity (RICES).")
+    p.add("rices_vision_encoder_path", default="openai/clip-vit-large-patch14", help="CLIP model of RICES.")
     p.add("rices_vision_encoder_pretrained", default="openai", help="Accepted for compatibility; see docs.")
-    p.add("cached_demonstration_features", default=None)
+    p.add("cached_demonstration_features", default=None, help="Folder of RICES features (<task>.pkl).")
 
     for spec in TASKS.values():
         p.add(spec.flag, action="store_true")

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import reprlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from PIL import Image
+
+from modeling_flamingo.processing.image_loading import DEFAULT_MAX_IMAGE_PIXELS, ImageTooLargeError, open_image
 
 # torchvision's ImageFolder extensions (the original reads ImageNet with ImageFolder).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -28,7 +31,8 @@ class EvalItem:
 
     `id` is what predictions and metrics are keyed by (COCO `cocoid`, Flickr file stem, VQA `question_id`, Hateful
     Memes `id`, ImageNet index in the folder listing). `answers` holds the reference captions or VQA answers;
-    `caption`/`answers[0]`/`class_name` fill a demonstration's answer slot.
+    `caption`/`answers[0]`/`class_name` fill a demonstration's answer slot. `source` ("coco (train split)") names
+    the item's task and split in errors; `max_pixels` bounds the image's declared size (`--max_image_pixels`).
     """
 
     id: Any
@@ -39,15 +43,24 @@ class EvalItem:
     class_name: str | None = None
     ocr: str | None = None
     convert_rgb: bool = False  # ImageFolder's loader converts to RGB; the other original datasets do not
+    source: str = ""
+    max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
 
     def load_image(self, context: str = "") -> Image.Image:
-        """Open and decode the image (raises `EvalInputError` naming the file and the item)."""
-        where = f"{context}item {self.id!r}"
+        """Open and decode the image, its declared size checked against `max_pixels` first (raises
+        `EvalInputError` naming the task, split, item and file; `context` stands in for a missing `source`)."""
+        where = f"{self.source} item {self.id!r}" if self.source else f"{context}item {self.id!r}"
         if not os.path.isfile(self.image_path):
             raise EvalInputError(f"{where}: image file {self.image_path} does not exist.")
         try:
-            image = Image.open(self.image_path)
-            image.load()
+            image = open_image(self.image_path, self.max_pixels)
+        except ImageTooLargeError as err:
+            # A benchmark item is never skipped: a score over fewer items would not be comparable.
+            raise EvalInputError(
+                f"{where}: image {self.image_path} is {err.width}x{err.height} = {err.width * err.height:,} pixels, "
+                f"more than --max_image_pixels {err.max_pixels:,}; it was not decoded. Raise --max_image_pixels to "
+                "evaluate it (items are never skipped)."
+            ) from err
         except Exception as err:  # PIL raises several unrelated types for undecodable files
             raise EvalInputError(f"{where}: cannot decode image {self.image_path}: {err}") from err
         return image.convert("RGB") if self.convert_rgb else image
@@ -68,12 +81,47 @@ def _read_json(path: str, flag: str) -> Any:
             return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise EvalInputError(f"--{flag}: {path} is not valid JSON: {err}") from err
+    except RecursionError as err:  # json's parser recurses once per nesting level
+        raise EvalInputError(f"--{flag}: {path} is nested too deeply to be an annotation file.") from err
 
 
 def _field(record: Any, key: str, path: str, what: str) -> Any:
     if not isinstance(record, dict) or key not in record:
         raise EvalInputError(f"{path}: {what} has no {key!r} field.")
     return record[key]
+
+
+# What a field may hold, by the type names of the error messages. bool is excluded: JSON `true` is not an id.
+_STR = (str,)
+_INT = (int,)
+_ID = (int, str)
+_TYPE_NAMES = {_STR: "a string", _INT: "an integer", _ID: "an integer or a string"}
+_REPR = reprlib.Repr()
+_REPR.maxstring, _REPR.maxother, _REPR.maxlevel = 40, 40, 2  # a bad value is shown, never a whole file
+
+
+def _short_repr(value: Any) -> str:
+    return _REPR.repr(value)
+
+
+def _typed_field(record: Any, key: str, path: str, what: str, types: tuple[type, ...]) -> Any:
+    """`record[key]`, which must be an instance of `types`: a null, a list or a number where a string belongs
+    would otherwise become a wrong prompt (`Question:None`), a wrong file name or a crash after the generation."""
+    value = _field(record, key, path, what)
+    if isinstance(value, bool) or not isinstance(value, types):
+        raise EvalInputError(
+            f"{path}: {what} has {key!r} = {_short_repr(value)} ({type(value).__name__}); expected "
+            f"{_TYPE_NAMES[types]}."
+        )
+    return value
+
+
+def _strings(record: Any, key: str, item_key: str, path: str, what: str) -> list[str]:
+    """The `item_key` strings of the non-empty list `record[key]` of objects (Karpathy sentences, VQA answers)."""
+    entries = _field(record, key, path, what)
+    if not isinstance(entries, list) or not entries:
+        raise EvalInputError(f"{path}: {what} has {key!r} = {_short_repr(entries)}; expected a non-empty list.")
+    return [_typed_field(entry, item_key, path, f"{what}, {key}[{k}],", _STR) for k, entry in enumerate(entries)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -100,28 +148,22 @@ def read_karpathy_captions(
     items = []
     for position, record in enumerate(images):
         what = f"image entry {position}"
-        if _field(record, "split", karpathy_json, what) != split:
+        if _typed_field(record, "split", karpathy_json, what, _STR) != split:
             continue
-        filename = _field(record, "filename", karpathy_json, what)
-        sentences = _field(record, "sentences", karpathy_json, what)
-        if not sentences or not all(isinstance(s, dict) and "raw" in s for s in sentences):
-            raise EvalInputError(f"{karpathy_json}: {what} ({filename}) has no sentences with a 'raw' caption.")
+        filename = _typed_field(record, "filename", karpathy_json, what, _STR)
+        what = f"image entry {position} ({filename})"
+        captions = _strings(record, "sentences", "raw", karpathy_json, what)
         if dataset == "coco":
-            in_train = _field(record, "filepath", karpathy_json, what) == "train2014"
+            in_train = _typed_field(record, "filepath", karpathy_json, what, _STR) == "train2014"
             folder = train_image_dir if in_train else val_image_dir
-            item_id = _field(record, "cocoid", karpathy_json, what)
+            item_id = _typed_field(record, "cocoid", karpathy_json, what, _INT)
         else:
             folder = train_image_dir
             item_id = filename.split(".")[0]
         if folder is None:
-            raise EvalInputError(f"{karpathy_json}: {what} ({filename}) needs an image folder that was not given.")
+            raise EvalInputError(f"{karpathy_json}: {what} needs an image folder that was not given.")
         items.append(
-            EvalItem(
-                id=item_id,
-                image_path=os.path.join(folder, filename),
-                caption=sentences[0]["raw"],
-                answers=[s["raw"] for s in sentences],
-            )
+            EvalItem(id=item_id, image_path=os.path.join(folder, filename), caption=captions[0], answers=captions)
         )
     return items
 
@@ -135,10 +177,9 @@ def read_coco_style_references(annotations_json: str, flag: str) -> dict[Any, li
         raise EvalInputError(f"{annotations_json}: expected a COCO-style file with an 'annotations' list.")
     references: dict[Any, list[str]] = {}
     for position, record in enumerate(annotations):
-        image_id = _field(record, "image_id", annotations_json, f"annotation {position}")
-        references.setdefault(image_id, []).append(
-            _field(record, "caption", annotations_json, f"annotation {position}")
-        )
+        what = f"annotation {position}"
+        image_id = _typed_field(record, "image_id", annotations_json, what, _ID)
+        references.setdefault(image_id, []).append(_typed_field(record, "caption", annotations_json, what, _STR))
     return references
 
 
@@ -183,24 +224,26 @@ def read_vqa(
             f"{questions_json} has {len(questions)} questions but {annotations_json} has {len(annotations)} "
             "annotations; they are paired by position and must match."
         )
+    # What the image path is built from: COCO file names hold the number, VizWiz ids are file names.
+    image_id_types = {"vqav2": _INT, "ok_vqa": _INT, "vizwiz": _STR}.get(dataset, _ID)
     items = []
     for position, (question, annotation) in enumerate(zip(questions, annotations, strict=True)):
         what = f"question {position}"
-        question_id = _field(question, "question_id", questions_json, what)
-        answers = _field(annotation, "answers", annotations_json, f"annotation {position}")
-        if not answers or not all(isinstance(a, dict) and "answer" in a for a in answers):
-            raise EvalInputError(f"{annotations_json}: annotation {position} has no answers with an 'answer' field.")
+        question_id = _typed_field(question, "question_id", questions_json, what, _ID)
+        what = f"question {position} (question_id {question_id!r})"
+        answers = _strings(annotation, "answers", "answer", annotations_json, f"annotation {position}")
         if annotation.get("question_id", question_id) != question_id:
             raise EvalInputError(
-                f"{annotations_json}: annotation {position} is for question {annotation['question_id']} but "
-                f"{questions_json} has question {question_id} at that position."
+                f"{annotations_json}: annotation {position} is for question {_short_repr(annotation['question_id'])} "
+                f"but {questions_json} has question {question_id!r} at that position."
             )
+        image_id = _typed_field(question, "image_id", questions_json, what, image_id_types)
         items.append(
             EvalItem(
                 id=question_id,
-                image_path=vqa_image_path(dataset, image_dir, _field(question, "image_id", questions_json, what)),
-                question=_field(question, "question", questions_json, what),
-                answers=[a["answer"] for a in answers],
+                image_path=vqa_image_path(dataset, image_dir, image_id),
+                question=_typed_field(question, "question", questions_json, what, _STR),
+                answers=answers,
             )
         )
     return items
@@ -225,15 +268,17 @@ def read_hateful_memes(image_dir: str | None, annotations_jsonl: str | None, fla
                 record = json.loads(line)
             except json.JSONDecodeError as err:
                 raise EvalInputError(f"{path}: line {line_number} is not valid JSON: {err}") from err
+            except RecursionError as err:
+                raise EvalInputError(f"{path}: line {line_number} is nested too deeply to be an annotation.") from err
             what = f"line {line_number}"
-            label = _field(record, "label", path, what)
+            label = _typed_field(record, "label", path, what, _INT)
             if label not in (0, 1):
                 raise EvalInputError(f"{path}: {what} has label {label!r}; expected 0 or 1.")
             items.append(
                 EvalItem(
-                    id=_field(record, "id", path, what),
-                    image_path=os.path.join(image_dir, str(_field(record, "img", path, what)).split("/")[-1]),
-                    ocr=_field(record, "text", path, what),
+                    id=_typed_field(record, "id", path, what, _ID),
+                    image_path=os.path.join(image_dir, _typed_field(record, "img", path, what, _STR).split("/")[-1]),
+                    ocr=_typed_field(record, "text", path, what, _STR),
                     class_name="yes" if label == 1 else "no",
                 )
             )

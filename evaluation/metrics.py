@@ -23,11 +23,18 @@ import importlib
 import os
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 __all__ = [
     "MissingDependencyError",
@@ -124,6 +131,72 @@ def _reference_list(key: Hashable, refs: Any, what: str) -> list[str]:
     return list(refs)
 
 
+# Java's PTBTokenizer writes to the standard error it inherits: one "PTBTokenizer tokenized N tokens at ..." line per
+# run and, for the first character it cannot tokenize, a java.util.logging record (a date line, then "WARNING:
+# Untokenizable: ..."). Left alone they land inside the progress bars.
+_PTB_NOISE = re.compile(r"^(PTBTokenizer tokenized \d+ tokens|\w{3} \d{1,2}, \d{4} .*edu\.stanford\.nlp\.)")
+_UNTOKENIZABLE = "WARNING: Untokenizable:"
+_stderr_lock = threading.Lock()
+
+
+@contextmanager
+def _child_stderr_captured(lines: list[str]) -> Iterator[None]:
+    """Point file descriptor 2 at a temporary file while inside, so that child processes (java) write there; `lines`
+    receives the captured lines on exit, also when the body raised. pycocoevalcap starts java without capturing its
+    standard error, so the descriptor it inherits is the only place to catch it."""
+    with _stderr_lock, tempfile.TemporaryFile() as capture:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            lines.extend(capture.read().decode("utf-8", errors="replace").splitlines())
+
+
+def _tokenize_quietly(tokenizer: Any, captions: dict) -> tuple[dict, int]:
+    """`tokenizer.tokenize(captions)` with java's messages captured: returns the tokens and the number of characters
+    java deleted as untokenizable (0 if none). Lines that are not the tokenizer's usual messages (e.g. a java error)
+    are passed on to standard error."""
+    lines: list[str] = []
+    try:
+        with _child_stderr_captured(lines):
+            tokens = tokenizer.tokenize(captions)
+    finally:  # a java error explains the failure that follows: never swallow it
+        other = [line for line in lines if not _PTB_NOISE.match(line) and not line.startswith(_UNTOKENIZABLE)]
+        if other:
+            print("\n".join(other), file=sys.stderr)
+    if not any(line.startswith(_UNTOKENIZABLE) for line in lines):
+        return tokens, 0
+    return tokens, _count_untokenizable(captions)
+
+
+def _count_untokenizable(captions: dict) -> int:
+    """Characters java's PTBTokenizer deletes from `captions`. Its default (`untokenizable=firstDelete`, what
+    pycocoevalcap runs) warns about the first one only; the same lexer with `allDelete` deletes the same characters
+    and warns about each. Run only when a first warning was seen; the tokens scored are those of pycocoevalcap's run."""
+    import pycocoevalcap.tokenizer.ptbtokenizer as ptb
+
+    text = "\n".join(c["caption"].replace("\n", " ") for v in captions.values() for c in v)
+    jar_dir = os.path.dirname(os.path.abspath(ptb.__file__))
+    with tempfile.NamedTemporaryFile("w", encoding="utf-8", suffix=".txt", delete=False) as f:
+        f.write(text)
+    try:
+        result = subprocess.run(
+            ["java", "-cp", ptb.STANFORD_CORENLP_3_4_1_JAR, "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines"]
+            + ["-options", "untokenizable=allDelete", f.name],
+            cwd=jar_dir,
+            capture_output=True,
+        )
+    finally:
+        os.remove(f.name)
+    # If this run failed, the first run's warning still tells of one character at least.
+    return max(1, result.stderr.decode("utf-8", errors="replace").count(_UNTOKENIZABLE))
+
+
 def cider_scores(
     predictions: Mapping[Hashable, str], references: Mapping[Hashable, Sequence[str]]
 ) -> tuple[float, dict[Hashable, float]]:
@@ -153,8 +226,14 @@ def cider_scores(
     cider_module = _import("pycocoevalcap.cider.cider", "pycocoevalcap", "CIDEr")
     _check_java()
     tokenizer = ptb.PTBTokenizer()
-    gts_tokens = tokenizer.tokenize(gts)
-    res_tokens = tokenizer.tokenize(res)
+    gts_tokens, gts_dropped = _tokenize_quietly(tokenizer, gts)
+    res_tokens, res_dropped = _tokenize_quietly(tokenizer, res)
+    if gts_dropped or res_dropped:
+        logger.warning(
+            f"CIDEr: Java's PTB tokenizer deleted {gts_dropped + res_dropped} character(s) it cannot tokenize "
+            f"({res_dropped} in the predictions, {gts_dropped} in the references); the original's scores delete them "
+            "too."
+        )
     if list(gts_tokens) != ids or list(res_tokens) != ids:
         # The tokenizer maps output lines back to ids by position: a lost line would shift every later caption.
         raise RuntimeError("CIDEr: the PTB tokenizer returned a different number of lines than it was given")

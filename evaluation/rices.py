@@ -26,6 +26,13 @@ from pathlib import Path
 import PIL.Image
 import torch
 
+from modeling_flamingo.processing.image_loading import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    ImageTooLargeError,
+    check_max_image_pixels,
+    open_image,
+)
+
 __all__ = ["RICES", "ClipImageEncoder", "open_clip_to_hf_clip_vision"]
 
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
@@ -269,22 +276,31 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", default=DEFAULT_CLIP, help=f"CLIP checkpoint (default {DEFAULT_CLIP})")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default=None, help="e.g. cuda (default: cuda if available, else cpu)")
+    parser.add_argument(
+        "--max-image-pixels",
+        "--max_image_pixels",
+        type=int,
+        default=DEFAULT_MAX_IMAGE_PIXELS,
+        help=f"largest width x height of an image, checked before decoding (default {DEFAULT_MAX_IMAGE_PIXELS})",
+    )
     return parser.parse_args(argv)
 
 
 class _LazyImages(Sequence):
-    """Images opened from paths when indexed, without conversion (as the original's datasets open them)."""
+    """Images opened from paths when indexed, without conversion (as the original's datasets open them), each
+    refused before decoding if it declares more than `max_pixels` pixels."""
 
-    def __init__(self, paths: list[str]):
-        self.paths = paths
+    def __init__(self, paths: list[str], max_pixels: int):
+        self.paths, self.max_pixels = paths, max_pixels
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index):
-        image = PIL.Image.open(self.paths[index])
-        image.load()
-        return image
+        try:
+            return open_image(self.paths[index], self.max_pixels)
+        except ImageTooLargeError as err:
+            raise ValueError(f"{self.paths[index]}: {err}") from err
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -297,12 +313,14 @@ def main(argv: list[str] | None = None) -> int:
         paths = [line.strip() for line in lines if line.strip()]
         if not paths:
             raise ValueError(f"{args.images} lists no image")
+        check_max_image_pixels(args.max_image_pixels)
         missing = [p for p in paths if not os.path.isfile(p)]
         if missing:
             raise ValueError(f"{len(missing)} listed image(s) do not exist, e.g. {missing[0]}")
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         encoder = ClipImageEncoder(args.model, device=device)
-        rices = RICES.from_images(_LazyImages(paths), encoder, batch_size=args.batch_size, cache_file=output)
+        images = _LazyImages(paths, args.max_image_pixels)
+        rices = RICES.from_images(images, encoder, batch_size=args.batch_size, cache_file=output)
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

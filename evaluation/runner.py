@@ -324,7 +324,9 @@ def run_evaluation(args: argparse.Namespace, eval_model: FlamingoEvalModel | Non
     """Run every selected task, shot count and trial; write the results file (main process) and return the results
     (`{task: [{shots, trials, mean, stddev}]}`, empty on the other processes)."""
     from modeling_flamingo.evaluation.data_dir import apply_data_dir
+    from modeling_flamingo.evaluation.tasks import check_run_arguments, check_split_sizes
 
+    check_run_arguments(args)
     apply_data_dir(args)
     tasks = selected_tasks(args)
     if not tasks:
@@ -338,6 +340,7 @@ def run_evaluation(args: argparse.Namespace, eval_model: FlamingoEvalModel | Non
     # Read every annotation file, and check the OK-VQA stemmer's data, before loading the model: bad input fails in
     # seconds, not after an hour of generation.
     loaded = {spec.name: spec.load(args) for spec in tasks}
+    check_split_sizes(args, loaded)
     if any(spec.name == "ok_vqa" for spec in tasks):
         from modeling_flamingo.evaluation.metrics import check_okvqa_stemmer
 

@@ -13,7 +13,9 @@ from typing import Any
 
 from modeling_flamingo.evaluation import datasets as ds
 from modeling_flamingo.evaluation.classnames import HATEFUL_MEMES_CLASSNAMES, IMAGENET_CLASSNAMES
-from modeling_flamingo.evaluation.datasets import EvalItem
+from modeling_flamingo.evaluation.datasets import EvalInputError, EvalItem
+from modeling_flamingo.evaluation.sampling import effective_num_shots
+from modeling_flamingo.processing.image_loading import DEFAULT_MAX_IMAGE_PIXELS
 
 IMAGE = "<image>"
 EOC = "<|endofchunk|>"
@@ -121,14 +123,33 @@ def _load_karpathy(name: str, args: argparse.Namespace) -> LoadedTask:
     dataset = "coco" if name == "coco" else "flickr"
     train = ds.read_karpathy_captions(karpathy, "train", dataset, train_dir, val_dir, flag)
     test = ds.read_karpathy_captions(karpathy, "test", dataset, train_dir, val_dir, flag)
-    references = ds.read_coco_style_references(getattr(args, coco_style), coco_style)
-    missing = [item.id for item in test if item.id not in references]
+    coco_style_path = getattr(args, coco_style)
+    references = ds.read_coco_style_references(coco_style_path, coco_style)
+    # Items are keyed as the original keys them: COCO by the integer `cocoid`, Flickr30K by the file name stem, a
+    # string ("1000092795", as in the released dataset_flickr30k_coco_style.json). A COCO-style file may spell the
+    # same id as a number or as a string: match them by their decimal text.
+    by_text: dict[str, list[str]] = {}
+    for image_id, captions in references.items():
+        by_text.setdefault(str(image_id), []).extend(captions)
+    missing = [item.id for item in test if str(item.id) not in by_text]
     if missing:
         raise ds.EvalInputError(
-            f"--{coco_style}: {getattr(args, coco_style)} has no captions for test image {missing[0]!r}"
-            + (f" (and {len(missing) - 1} more)." if len(missing) > 1 else ".")
+            f"--{coco_style}: {coco_style_path} has no captions for test image {missing[0]!r} of {karpathy}"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            + f"; its image ids look like {next(iter(references), None)!r}: are both files of the same dataset?"
         )
-    return LoadedTask(train, test, {item.id: references[item.id] for item in test})
+    return _loaded(name, train, test, {item.id: by_text[str(item.id)] for item in test}, args)
+
+
+def _loaded(
+    name: str, train: list[EvalItem], test: list[EvalItem], references: dict[Any, list[str]], args: argparse.Namespace
+) -> LoadedTask:
+    """The splits, every item told its task and split (for errors) and the image size bound."""
+    max_pixels = getattr(args, "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)
+    for split, items in (("train", train), ("test", test)):
+        for item in items:
+            item.source, item.max_pixels = f"{name} ({split} split)", max_pixels
+    return LoadedTask(train, test, references)
 
 
 def _vqa_flags(name: str) -> dict[str, tuple[str, str, str]]:
@@ -159,7 +180,7 @@ def _load_vqa(name: str, args: argparse.Namespace) -> LoadedTask:
     splits = {}
     for split, flags in _vqa_flags(name).items():
         splits[split] = ds.read_vqa(name, *(getattr(args, flag) for flag in flags), flags=flags)
-    return LoadedTask(splits["train"], splits["test"], {item.id: item.answers for item in splits["test"]})
+    return _loaded(name, splits["train"], splits["test"], {item.id: item.answers for item in splits["test"]}, args)
 
 
 def _load_imagenet(args: argparse.Namespace) -> LoadedTask:
@@ -168,7 +189,7 @@ def _load_imagenet(args: argparse.Namespace) -> LoadedTask:
     root = ds._require(args.imagenet_root, "imagenet_root")
     train = ds.read_image_folder(os.path.join(root, "train"), IMAGENET_CLASSNAMES)
     test = ds.read_image_folder(os.path.join(root, "val"), IMAGENET_CLASSNAMES)
-    return LoadedTask(train, test, {item.id: [item.class_name] for item in test})
+    return _loaded("imagenet", train, test, {item.id: [item.class_name] for item in test}, args)
 
 
 def _load_hateful_memes(args: argparse.Namespace) -> LoadedTask:
@@ -181,7 +202,7 @@ def _load_hateful_memes(args: argparse.Namespace) -> LoadedTask:
         image_dir, args.hateful_memes_test_annotations_json_path,
         ("hateful_memes_image_dir_path", "hateful_memes_test_annotations_json_path"),
     )  # fmt: skip
-    return LoadedTask(train, test, {item.id: [item.class_name] for item in test})
+    return _loaded("hateful_memes", train, test, {item.id: [item.class_name] for item in test}, args)
 
 
 def _postprocess_caption(text: str) -> str:
@@ -284,3 +305,59 @@ TASKS: dict[str, TaskSpec] = {
     )
 }
 """In the original's order of evaluation (Flickr30K, COCO, OK-VQA, VQAv2, VizWiz, TextVQA, ImageNet, Hateful Memes)."""
+
+
+def check_run_arguments(args: argparse.Namespace) -> None:
+    """Refuse a numeric flag out of its range (raises `EvalInputError`), before any file is read or model loaded."""
+    bad_shots = [shots for shots in args.shots if shots < 0]
+    limits = (
+        (not bad_shots, f"--shots {bad_shots[0] if bad_shots else 0}: a number of demonstrations is 0 or more."),
+        (args.batch_size >= 1, f"--batch_size {args.batch_size}: must be 1 or more."),
+        (
+            args.num_samples == -1 or args.num_samples >= 1,
+            f"--num_samples {args.num_samples}: give the number of test items per trial (1 or more), or -1 for the "
+            "whole test split.",
+        ),
+        (args.num_trials >= 1, f"--num_trials {args.num_trials}: must be 1 or more."),
+        (args.query_set_size >= 1, f"--query_set_size {args.query_set_size}: must be 1 or more."),
+    )
+    optional = (  # flags a programmatic Namespace may leave out
+        ("class_batch_size", 1, "must be 1 or more"),
+        ("latents_cache_mb", 0, "must be 0 (no cache) or more"),
+        ("max_image_pixels", 1, "must be 1 or more"),
+    )
+    for ok, message in limits:
+        if not ok:
+            raise EvalInputError(message)
+    for flag, minimum, rule in optional:
+        value = getattr(args, flag, minimum)
+        if value < minimum:
+            raise EvalInputError(f"--{flag} {value}: {rule}.")
+
+
+def check_split_sizes(args: argparse.Namespace, loaded: Mapping[str, LoadedTask]) -> None:
+    """Refuse `--num_samples`, `--query_set_size` or `--shots` larger than a selected task's split can give, naming
+    the task and the split size (raises `EvalInputError`); called once the splits are read, before the model loads."""
+    most_shots = max(effective_num_shots(shots) for shots in args.shots)
+    for name, task in loaded.items():
+        num_test, num_train = len(task.test), len(task.train)
+        if args.num_samples > num_test:
+            raise EvalInputError(
+                f"--num_samples {args.num_samples} is larger than the {name} test split ({num_test} items)."
+            )
+        if args.rices:
+            if most_shots > num_train:
+                raise EvalInputError(
+                    f"--shots: {most_shots} demonstrations cannot be retrieved from the {name} train split "
+                    f"({num_train} items)."
+                )
+            continue  # RICES retrieves from the whole train split: no query set is drawn
+        if args.query_set_size > num_train:
+            raise EvalInputError(
+                f"--query_set_size {args.query_set_size} is larger than the {name} train split ({num_train} items)."
+            )
+        if most_shots > args.query_set_size:
+            raise EvalInputError(
+                f"--shots: {most_shots} demonstrations cannot be drawn from a query set of {args.query_set_size} "
+                f"(--query_set_size) for {name}."
+            )

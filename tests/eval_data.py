@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import random
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +47,19 @@ def write_image(path: Path, seed: int) -> None:
     if path.suffix.lower() == ".png":
         image = image.convert(["RGB", "L", "P"][seed % 3])
     image.save(path)
+
+
+def write_png_declaring(path: Path, width: int, height: int) -> None:
+    """A valid 1-bit black PNG of `width` x `height`: a few KB on disk, width * height bytes once PIL decodes it."""
+    row = b"\x00" * (1 + (width + 7) // 8)  # filter byte + packed bits
+    compressor = zlib.compressobj(9)
+    data = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+
+    def chunk(tag: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b""))
 
 
 def _path(root: Path, flag: str) -> Path:

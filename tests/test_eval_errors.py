@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
-from eval_data import cli_flags, make_coco, make_hateful_memes, make_vqa, tiny_model_folder
+from eval_data import cli_flags, make_coco, make_hateful_memes, make_vqa, tiny_model_folder, write_png_declaring
 
 from modeling_flamingo.evaluation.__main__ import main
 
@@ -116,3 +117,21 @@ def test_dash_spellings_are_accepted(model_folder, tmp_path, capsys):
     argv += ["--query-set-size", "6", "--results-file", str(tmp_path / "r.json")]
     assert main(argv) == 0
     assert json.loads((tmp_path / "r.json").read_text())["coco"][0]["shots"] == 0
+
+
+@pytest.mark.parametrize("split", ["test", "train"])
+def test_image_over_max_image_pixels_stops_the_run(model_folder, tmp_path, capsys, split):
+    """A benchmark item is never dropped: an image over the bound ends the run naming task, split, item, file, size
+    and flag, before it is decoded; no results file claims a score."""
+    paths = make_coco(tmp_path)
+    data = json.loads(open(paths["coco_karpathy_json_path"]).read())
+    for victim in [image for image in data["images"] if image["split"] == split]:  # each one is evaluated or drawn
+        # A PNG despite the .jpg name: PIL reads the format from the bytes.
+        write_png_declaring(tmp_path / "mscoco_karpathy" / victim["filepath"] / victim["filename"], 12000, 12000)
+    argv = ["--eval_coco", *cli_flags(paths), "--max_image_pixels", "100000000"]
+    assert run(model_folder, tmp_path / "r.json", *argv) == 1
+    line = one_error_line(capsys)
+    image = rf"{tmp_path}/mscoco_karpathy/(train|val)2014/COCO_\S+\.jpg"
+    assert re.match(rf"error: coco \({split} split\) item \d+: image {image} is 12000x12000", line), line
+    assert "144,000,000 pixels, more than --max_image_pixels 100,000,000" in line
+    assert not (tmp_path / "r.json").exists()
