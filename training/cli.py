@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from modeling_flamingo.training.optim import LR_SCHEDULERS
-from modeling_flamingo.training.trainer import PRECISIONS
+from modeling_flamingo.training.trainer import DEFAULT_MAX_CONSECUTIVE_SKIPPED_STEPS, PRECISIONS
 
 # Accelerate launch configurations shipped with the package (ddp, fsdp_full, fsdp_hybrid, deepspeed_zero2/3).
 CONFIGS_DIR = Path(__file__).parent / "configs"
@@ -90,6 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add(optim, "--warmup_steps", type=int, default=5000)
     _add(optim, "--weight_decay", type=float, default=0.1)
     _add(optim, "--max_grad_norm", type=float, default=1.0)
+    _add(
+        optim,
+        "--max_consecutive_skipped_steps",
+        type=int,
+        default=DEFAULT_MAX_CONSECUTIVE_SKIPPED_STEPS,
+        help="stop with an error when this many optimiser steps in a row were skipped for a NaN/inf loss or gradient "
+        "norm (0: never stop)",
+    )
     _add(optim, "--gradient_accumulation_steps", type=int, default=1)
     _add(
         optim, "--num_epochs", type=int, default=1, help="an epoch is train_num_samples_* samples, as in the original"
@@ -160,6 +168,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--max_steps must be >= 1; got {args.max_steps}")
     if args.checkpointing_steps is not None and args.checkpointing_steps < 1:
         parser.error(f"--checkpointing_steps must be >= 1; got {args.checkpointing_steps}")
+    if args.max_consecutive_skipped_steps < 0:
+        parser.error(f"--max_consecutive_skipped_steps must be >= 0; got {args.max_consecutive_skipped_steps}")
     if args.lora_r < 0:
         parser.error(f"--lora_r must be >= 0; got {args.lora_r}")
     if args.lora_r:
@@ -206,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from modeling_flamingo.convert.sources import ConversionError
     from modeling_flamingo.training.model_init import build_fresh_flamingo, load_flamingo
-    from modeling_flamingo.training.trainer import FlamingoTrainer, seed_everything
+    from modeling_flamingo.training.trainer import FlamingoTrainer, TrainingDivergedError, seed_everything
 
     try:
         seed_everything(args.seed)  # the same initial weights on every process, as the original
@@ -227,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         trainer = FlamingoTrainer(args, model, processor, factory, accelerator=trainer_accelerator)
         trainer.train()
-    except (ValueError, OSError, ConversionError) as exc:
+    except (ValueError, OSError, ConversionError, TrainingDivergedError) as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"error: {message}", file=sys.stderr)
         return 1
