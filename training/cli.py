@@ -1,9 +1,9 @@
 """Command line of the training loop: `accelerate launch -m modeling_flamingo.training ...` (or `python -m`, or the
 `openflamingo-train` console script).
 
-Every data, optimisation and run flag of the original `open_flamingo/train/train.py` keeps its name and meaning and is
-accepted with `_` or `-`. Distribution (DDP, FSDP, DeepSpeed, hybrid sharding) comes from the accelerate config
-(`accelerate launch --config_file training/configs/...`), not from flags; see docs/training.md.
+Every flag of the original `open_flamingo/train/train.py` keeps its name and meaning and is accepted with `_` or `-`,
+but its distribution flags (`_MOVED_FLAGS`): distribution (DDP, FSDP, DeepSpeed, hybrid sharding) comes from the
+accelerate config (`accelerate launch --config_file training/configs/...`); see docs/training.md.
 """
 
 from __future__ import annotations
@@ -30,6 +30,11 @@ _MOVED_FLAGS = {
     "--dist_backend": "the accelerate launcher (it picks nccl / gloo)",
     "--horovod": "nothing: horovod is not supported, use accelerate launch",
 }
+
+# The original's open_clip vision towers (`--vision_encoder_path`, `--vision_encoder_pretrained`) that have a
+# transformers CLIP with the same weights.
+_OPEN_CLIP_VISION_ENCODERS = {("ViT-L-14", "openai"): "openai/clip-vit-large-patch14"}
+_OPEN_CLIP_DEFAULT_PRETRAINED = "openai"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -61,7 +66,18 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="build a fresh Flamingo (closed gates) from --vision_encoder_path, --lm_path, --tokenizer_path",
     )
-    _add(model, "--vision_encoder_path", default="openai/clip-vit-large-patch14", help="HF CLIP folder or hub id")
+    _add(
+        model,
+        "--vision_encoder_path",
+        default="openai/clip-vit-large-patch14",
+        help="HF CLIP folder or hub id; the original's open_clip name ViT-L-14 means openai/clip-vit-large-patch14",
+    )
+    _add(
+        model,
+        "--vision_encoder_pretrained",
+        help="the original's open_clip weights tag for an open_clip --vision_encoder_path (default openai: the only "
+        "one with a transformers CLIP here); an HF CLIP brings its own weights",
+    )
     _add(model, "--lm_path", help="the language model (folder or hub id), for --init_from")
     _add(model, "--tokenizer_path", help="defaults to --lm_path")
     _add(model, "--cross_attn_every_n_layers", type=int, default=1)
@@ -82,6 +98,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add(run, "--report_to", nargs="*", default=[], choices=["tensorboard", "wandb"], help="accelerate trackers")
     _add(run, "--wandb_project")
     _add(run, "--wandb_entity")
+    _add(
+        run,
+        "--save_checkpoints_to_wandb",
+        action="store_true",
+        help="upload every checkpoint folder and checkpoint.pt into the W&B run's files (needs --report_to_wandb)",
+    )
+    run.add_argument(
+        "--no-set-device-rank",
+        "--no_set_device_rank",
+        action="store_true",
+        help="accepted as in the original: accelerate already uses GPU local_rank %% visible GPUs, so one visible GPU "
+        "per process (CUDA_VISIBLE_DEVICES) needs nothing more",
+    )
     _add(run, "--offline", action="store_true", help="no network (HF_HUB_OFFLINE=1, WANDB_MODE=offline)")
 
     optim = parser.add_argument_group("optimisation")
@@ -155,6 +184,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.report_to_wandb and "wandb" not in args.report_to:
         args.report_to.append("wandb")
+    if args.save_checkpoints_to_wandb and "wandb" not in args.report_to:
+        parser.error("--save_checkpoints_to_wandb needs --report_to_wandb (or --report_to wandb)")
+    args.vision_encoder_path = _vision_encoder(parser, args.vision_encoder_path, args.vision_encoder_pretrained)
     if (args.model is None) == (not args.init_from):
         parser.error("give exactly one of --model and --init_from")
     if args.init_from and not args.lm_path:
@@ -189,6 +221,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         except ImportError:
             parser.error(f"--report_to {tracker}: the {tracker} package is not installed")
     return args
+
+
+def _vision_encoder(parser: argparse.ArgumentParser, path: str, pretrained: str | None) -> str:
+    """The HF CLIP to load for `--vision_encoder_path` and the original's `--vision_encoder_pretrained`."""
+    open_clip_names = {name for name, _ in _OPEN_CLIP_VISION_ENCODERS}
+    if path in open_clip_names:
+        tag = pretrained or _OPEN_CLIP_DEFAULT_PRETRAINED
+        if (path, tag) not in _OPEN_CLIP_VISION_ENCODERS:
+            known = ", ".join(f"{n} {t} (= {hf})" for (n, t), hf in _OPEN_CLIP_VISION_ENCODERS.items())
+            parser.error(
+                f"--vision_encoder_path {path} --vision_encoder_pretrained {tag}: no transformers CLIP with these "
+                f"open_clip weights is known here ({known}); give an HF CLIP folder or hub id as --vision_encoder_path"
+            )
+        return _OPEN_CLIP_VISION_ENCODERS[path, tag]
+    if pretrained not in (None, _OPEN_CLIP_DEFAULT_PRETRAINED):
+        parser.error(
+            f"--vision_encoder_pretrained {pretrained} names open_clip weights, but --vision_encoder_path {path} is an "
+            "HF CLIP, which brings its own: give the HF folder or hub id of the weights you want"
+        )
+    return path
 
 
 def data_loader_factory(args: argparse.Namespace, processor, rank: int, world_size: int):

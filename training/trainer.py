@@ -478,11 +478,12 @@ class FlamingoTrainer:
                 finished = state.global_step >= self.total_steps
                 periodic = args.checkpointing_steps and state.global_step % args.checkpointing_steps == 0
                 if (periodic or end_of_epoch) and not finished:
-                    self.save_checkpoint()
+                    self._save_checkpoint_to_wandb(self.save_checkpoint())
                 if end_of_epoch or finished:
                     break
         progress.close()
-        self.save_checkpoint()
+        last = self.save_checkpoint()
+        self._save_checkpoint_to_wandb(last)
         acc.end_training()
         return state
 
@@ -504,6 +505,17 @@ class FlamingoTrainer:
             f"{self.args.learning_rate:g}) or check the data, then {restart} (--max_consecutive_skipped_steps {limit} "
             "set this limit)"
         )
+
+    def _save_checkpoint_to_wandb(self, folder: Path) -> None:
+        """`--save_checkpoints_to_wandb`: the checkpoint folder's files and `checkpoint.pt` into the W&B run's files,
+        named as in the run folder (the original `wandb.save`s its checkpoint file and final weights)."""
+        if not getattr(self.args, "save_checkpoints_to_wandb", False) or not self.accelerator.is_main_process:
+            return
+        run = self.accelerator.get_tracker("wandb", unwrap=True)
+        base = self.run_dir.resolve()
+        files = [*sorted(p for p in folder.rglob("*") if p.is_file()), self.run_dir / "checkpoint.pt"]
+        for path in files:
+            run.save(str(path.resolve()), base_path=str(base), policy="now")
 
     # ------------------------------------------------------------------------------------------------------------
     # logging
