@@ -1,7 +1,8 @@
 """The training command line against the original's: every flag of the installed `open_flamingo` 2.0.1
 `open_flamingo/train/train.py` (read with `ast`, never imported) and of the repository head is accepted with its kind
 and meaning, or refused with a message saying where its setting lives; `--vision_encoder_pretrained` picks the HF CLIP
-of the original's open_clip tower, and `--save_checkpoints_to_wandb` puts the checkpoints into the W&B run."""
+of the original's open_clip tower, and `--save_checkpoints_to_wandb` puts the checkpoints into the W&B run. Also what
+a run prints and records of itself: the epoch each step belongs to (log line and trainer_state.json)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ import ast
 import glob
 import importlib.metadata
 import importlib.util
+import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -20,9 +24,10 @@ from train_data_helpers import make_laion_shards
 
 from modeling_flamingo import FlamingoProcessor
 from modeling_flamingo.processing.image_processing_flamingo import FlamingoImageProcessor
+from modeling_flamingo.training import FlamingoTrainer, TrainerState
 from modeling_flamingo.training.cli import _MOVED_FLAGS, build_parser, parse_args
 
-from train_helpers import tiny_model
+from train_helpers import batches, fresh_accelerate_state, loader_factory, tiny_model, train_args
 
 
 def original_train_flags(source: str) -> dict[str, dict]:
@@ -193,3 +198,42 @@ def test_cli_saves_checkpoints_to_an_offline_wandb_run(tmp_path):
         for name in saved:
             assert (files / name).read_bytes() == (run / name).read_bytes(), name
     assert (files / "checkpoint.pt").read_bytes() == (run / "checkpoint.pt").read_bytes()
+
+
+def _train(run: Path, data, **overrides) -> FlamingoTrainer:
+    args = train_args(
+        **{"learning_rate": 1e-3, "warmup_steps": 0, "logging_steps": 1, "run_name": str(run), **overrides}
+    )
+    with fresh_accelerate_state():
+        trainer = FlamingoTrainer(args, tiny_model()[0], None, loader_factory(*data))
+        trainer.train()
+    return trainer
+
+
+def _logged_epochs(out: str) -> list[tuple[int, int]]:
+    return [(int(step), int(epoch)) for step, epoch in re.findall(r"^step (\d+)/\d+ \(epoch (\d+)\)", out, re.M)]
+
+
+def test_log_and_trainer_state_name_the_epoch_of_each_step(tmp_path, capsys):
+    _, tokenizer = tiny_model()
+    data = batches(tokenizer, 2)  # two steps per epoch
+    run = tmp_path / "run"
+    _train(run, data, num_epochs=2)
+    assert _logged_epochs(capsys.readouterr().out) == [(1, 0), (2, 0), (3, 1), (4, 1)]
+    # The end of epoch 0: its last step, and the data position already at the start of epoch 1.
+    state = json.loads((run / "checkpoint_2" / "trainer_state.json").read_text())
+    assert state == {
+        "epoch": 1, "batches_done": 0, "global_step": 2, "skipped_steps": 0, "last_step_epoch": 0,
+        "consecutive_skipped_steps": 0,
+    }  # fmt: skip
+
+    # A checkpoint written before the new fields (the first four only) resumes, with the epoch of its last step.
+    old = tmp_path / "old"
+    shutil.copytree(run / "checkpoint_2", old / "checkpoint_2")
+    legacy = {k: state[k] for k in ("epoch", "batches_done", "global_step", "skipped_steps")}
+    (old / "checkpoint_2" / "trainer_state.json").write_text(json.dumps(legacy, indent=2) + "\n")
+    resumed = _train(old, data, num_epochs=2, logging_steps=100)
+    assert resumed.state == TrainerState(
+        epoch=2, batches_done=0, global_step=4, skipped_steps=0, last_step_epoch=1, consecutive_skipped_steps=0
+    )
+    assert TrainerState.from_dict(legacy).last_step_epoch == 0

@@ -95,6 +95,7 @@ def test_every_fsdp_run_took_accelerates_fsdp2_path_on_both_processes(runs):
         "batches_done": 2,
         "global_step": 2,
         "skipped_steps": 0,
+        "last_step_epoch": 0,
         "consecutive_skipped_steps": 0,
     }
     assert sorted(p.name for p in (fsdp / "mosaic_gpt").iterdir()) == [

@@ -58,6 +58,7 @@ def test_resume_mid_epoch_equals_an_uninterrupted_run(tmp_path):
         "batches_done": 2,
         "global_step": 2,
         "skipped_steps": 0,
+        "last_step_epoch": 0,
         "consecutive_skipped_steps": 0,
     }
 

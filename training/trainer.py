@@ -72,11 +72,15 @@ class TrainingDivergedError(RuntimeError):
 class TrainerState:
     """Where training stands; saved as `trainer_state.json` in every checkpoint folder.
 
+    `epoch` and `batches_done` are where the data resumes; at the end of an epoch they already point at the next one,
+    so the epoch of the last step is `last_step_epoch`.
+
     Attributes:
-        epoch: the epoch in progress (0-based).
+        epoch: the epoch (0-based) of the next micro-batch to read; also the number of epochs completed.
         batches_done: micro-batches (per dataset) of that epoch already consumed.
         global_step: optimiser steps taken (including skipped non-finite ones).
         skipped_steps: optimiser steps skipped because a loss or the gradient norm was not finite.
+        last_step_epoch: the epoch (0-based) that step `global_step` belongs to, as the log names it.
         consecutive_skipped_steps: skipped steps in a row up to `global_step` (0 when that step moved the weights);
             training stops when it reaches `--max_consecutive_skipped_steps`.
     """
@@ -85,13 +89,16 @@ class TrainerState:
     batches_done: int = 0
     global_step: int = 0
     skipped_steps: int = 0
+    last_step_epoch: int = 0
     consecutive_skipped_steps: int = 0
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrainerState:
-        """The state of a `trainer_state.json`; `consecutive_skipped_steps`, added after the first four fields, may be
-        absent (folders written before it): it is then 0."""
+        """The state of a `trainer_state.json`. The fields added after the first four may be absent (folders written
+        before them): `last_step_epoch` then follows from the data position, `consecutive_skipped_steps` is 0."""
         values = {k: int(data[k]) for k in ("epoch", "batches_done", "global_step", "skipped_steps")}
+        step_epoch = values["epoch"] - 1 if values["batches_done"] == 0 and values["epoch"] > 0 else values["epoch"]
+        values["last_step_epoch"] = int(data.get("last_step_epoch", step_epoch))
         values["consecutive_skipped_steps"] = int(data.get("consecutive_skipped_steps", 0))
         return cls(**values)
 
@@ -465,6 +472,7 @@ class FlamingoTrainer:
                     continue
                 self.optimizer_step()
                 state.global_step += 1
+                state.last_step_epoch = state.epoch
                 progress.update(1)
                 if end_of_epoch:
                     state.epoch += 1
@@ -550,7 +558,7 @@ class FlamingoTrainer:
                 total_skipped[key] += value
         if acc.is_main_process:
             text = " ".join(f"{k}={v:.4g}" for k, v in logs.items())
-            progress.write(f"step {state.global_step}/{self.total_steps} (epoch {state.epoch}) {text}")
+            progress.write(f"step {state.global_step}/{self.total_steps} (epoch {state.last_step_epoch}) {text}")
             short = {"samples_per_second": "samples/s", "tokens_per_second": "tokens/s"}
             progress.set_postfix({short.get(k, k): v for k, v in logs.items() if k != "skipped_steps"}, refresh=False)
             if total_skipped:
