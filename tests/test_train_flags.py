@@ -2,7 +2,8 @@
 `open_flamingo/train/train.py` (read with `ast`, never imported) and of the repository head is accepted with its kind
 and meaning, or refused with a message saying where its setting lives; `--vision_encoder_pretrained` picks the HF CLIP
 of the original's open_clip tower, and `--save_checkpoints_to_wandb` puts the checkpoints into the W&B run. Also what
-a run prints and records of itself: the epoch each step belongs to (log line and trainer_state.json)."""
+a run prints and records of itself: the epoch each step belongs to (log line and trainer_state.json), and a last line
+with where its exports and last checkpoint are."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import importlib.util
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -20,9 +22,10 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 from train_data_helpers import make_laion_shards
 
-from modeling_flamingo import FlamingoProcessor
+from modeling_flamingo import FlamingoForConditionalGeneration, FlamingoProcessor
 from modeling_flamingo.processing.image_processing_flamingo import FlamingoImageProcessor
 from modeling_flamingo.training import FlamingoTrainer, TrainerState
 from modeling_flamingo.training.cli import _MOVED_FLAGS, build_parser, parse_args
@@ -237,3 +240,19 @@ def test_log_and_trainer_state_name_the_epoch_of_each_step(tmp_path, capsys):
         epoch=2, batches_done=0, global_step=4, skipped_steps=0, last_step_epoch=1, consecutive_skipped_steps=0
     )
     assert TrainerState.from_dict(legacy).last_step_epoch == 0
+
+
+def test_the_last_line_says_where_the_exports_and_the_last_checkpoint_are(tmp_path, capsys, monkeypatch):
+    _, tokenizer = tiny_model()
+    monkeypatch.chdir(tmp_path)
+    _train(Path("my run"), batches(tokenizer, 2), logging_steps=0)  # a relative --run_name with a space
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    match = re.fullmatch(r"Training done at step 2: model (.+)  original checkpoint (.+)  last checkpoint (.+)", last)
+    assert match, last
+    # As a shell reads them when pasted: one absolute path each.
+    (model,), (checkpoint,), (state,) = (shlex.split(group) for group in match.groups())
+    run = tmp_path / "my run"
+    assert (Path(model), Path(checkpoint), Path(state)) == (run / "model", run / "checkpoint.pt", run / "checkpoint_2")
+    assert isinstance(FlamingoForConditionalGeneration.from_pretrained(model), FlamingoForConditionalGeneration)
+    assert "perceiver.latents" in torch.load(checkpoint, weights_only=True)
+    assert json.loads((Path(state) / "trainer_state.json").read_text())["global_step"] == 2

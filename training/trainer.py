@@ -16,6 +16,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import time
 from collections import defaultdict
@@ -492,6 +493,11 @@ class FlamingoTrainer:
         progress.close()
         last = self.save_checkpoint()
         self._save_checkpoint_to_wandb(last)
+        # One line to paste from: absolute paths, shell-quoted where needed, never followed by punctuation.
+        acc.print(
+            f"Training done at step {state.global_step}: model {_shell_path(self.run_dir / 'model')}  "
+            f"original checkpoint {_shell_path(self.run_dir / 'checkpoint.pt')}  last checkpoint {_shell_path(last)}"
+        )
         acc.end_training()
         return state
 
@@ -651,6 +657,11 @@ def _deepspeed_on_cpu() -> bool:
 
 def _input_embedding_weight(model) -> torch.nn.Parameter:
     return model.get_input_embeddings().weight
+
+
+def _shell_path(path: Path) -> str:
+    """`path` made absolute, quoted only where a shell needs it: pasted as is into a later command."""
+    return shlex.quote(str(path.resolve()))
 
 
 def _loggable(value: Any) -> bool:
