@@ -133,6 +133,28 @@ class SourceTracker:
         self.current = None
 
 
+class NonFiniteWeightsError(ConversionError):
+    """Weights about to be written hold NaN or infinite values."""
+
+
+def check_finite(what: str, values: torch.Tensor, remedy: str) -> None:
+    """Raise `NonFiniteWeightsError` naming `what` and its NaN and inf counts when the floating-point `values` hold
+    any: the one check every writer of weights runs before writing (the converter on each slice it streams, the
+    training exports on each tensor), so no NaN or inf is ever saved without being asked for.
+
+    Args:
+        what: the tensor's name, for the message.
+        values: the tensor (or a slice of it), of any shape, on any device; non-floating tensors always pass.
+        remedy: what the user can do, appended to the message in parentheses.
+    """
+    if not values.is_floating_point() or bool(torch.isfinite(values).all()):
+        return
+    nan = int(torch.isnan(values).sum())
+    inf = int(torch.isinf(values).sum())
+    found = " and ".join(f"{n} {kind}" for n, kind in ((nan, "NaN"), (inf, "inf")) if n)
+    raise NonFiniteWeightsError(f"{what} holds non-finite values ({found}): corrupt or diverged weights? ({remedy})")
+
+
 def check_values(t: PlannedTensor, part: torch.Tensor, allow_non_finite: bool = False) -> torch.Tensor:
     """`part` (rows of `t` as stored) cast to `t.dtype`, or a ConversionError naming the tensor when the cast would
     change what it holds: a stored dtype that does not fit (integer, bool or complex values for a floating weight,
@@ -151,18 +173,11 @@ def check_values(t: PlannedTensor, part: torch.Tensor, allow_non_finite: bool = 
         raise ConversionError(f"{what} is stored as {stored} but {t.key} is {t.dtype}: refusing to cast it")
     if not t.dtype.is_floating_point:
         return part.to(t.dtype)
-    finite = torch.isfinite(part)
-    if not allow_non_finite and not bool(finite.all()):
-        nan = int(torch.isnan(part).sum())
-        inf = int((~finite).sum()) - nan
-        found = " and ".join(f"{n} {kind}" for n, kind in ((nan, "NaN"), (inf, "inf")) if n)
-        raise ConversionError(
-            f"{what} holds non-finite values ({found}): corrupt or diverged weights? (pass --allow-non-finite, or "
-            "allow_non_finite=True, to write them anyway)"
-        )
+    if not allow_non_finite:
+        check_finite(what, part, "pass --allow-non-finite, or allow_non_finite=True, to write them anyway")
     out = part.to(t.dtype)
     if stored != t.dtype:
-        overflow = finite & ~torch.isfinite(out)
+        overflow = torch.isfinite(part) & ~torch.isfinite(out)
         if bool(overflow.any()):
             largest = part[overflow].abs().max().item()
             raise ConversionError(

@@ -90,7 +90,14 @@ def test_every_fsdp_run_took_accelerates_fsdp2_path_on_both_processes(runs):
         assert sorted(p.name for p in (middle / folder).glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"], folder
     assert (middle / "random_states_0.pkl").is_file() and (middle / "random_states_1.pkl").is_file()
     state = json.loads((middle / "trainer_state.json").read_text())
-    assert state == {"epoch": 0, "batches_done": 2, "global_step": 2, "skipped_steps": 0}
+    assert state == {
+        "epoch": 0,
+        "batches_done": 2,
+        "global_step": 2,
+        "skipped_steps": 0,
+        "last_step_epoch": 0,
+        "consecutive_skipped_steps": 0,
+    }
     assert sorted(p.name for p in (fsdp / "mosaic_gpt").iterdir()) == [
         "checkpoint.pt", "checkpoint_2", "checkpoint_4", "model",
     ]  # fmt: skip

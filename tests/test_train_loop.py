@@ -53,7 +53,14 @@ def test_resume_mid_epoch_equals_an_uninterrupted_run(tmp_path):
     assert full.state.global_step == 4 and full.state.epoch == 1
     middle = tmp_path / "a" / "checkpoint_2"
     state = json.loads((middle / "trainer_state.json").read_text())
-    assert state == {"epoch": 0, "batches_done": 2, "global_step": 2, "skipped_steps": 0}
+    assert state == {
+        "epoch": 0,
+        "batches_done": 2,
+        "global_step": 2,
+        "skipped_steps": 0,
+        "last_step_epoch": 0,
+        "consecutive_skipped_steps": 0,
+    }
 
     # The checkpoint holds only what changes: trainable parameters (and the embeddings they include).
     with safe_open(str(middle / "model.safetensors"), "pt") as f:

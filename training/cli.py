@@ -1,9 +1,9 @@
 """Command line of the training loop: `accelerate launch -m modeling_flamingo.training ...` (or `python -m`, or the
 `openflamingo-train` console script).
 
-Every data, optimisation and run flag of the original `open_flamingo/train/train.py` keeps its name and meaning and is
-accepted with `_` or `-`. Distribution (DDP, FSDP, DeepSpeed, hybrid sharding) comes from the accelerate config
-(`accelerate launch --config_file training/configs/...`), not from flags; see docs/training.md.
+Every flag of the original `open_flamingo/train/train.py` keeps its name and meaning and is accepted with `_` or `-`,
+but its distribution flags (`_MOVED_FLAGS`): distribution (DDP, FSDP, DeepSpeed, hybrid sharding) comes from the
+accelerate config (`accelerate launch --config_file training/configs/...`); see docs/training.md.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from modeling_flamingo.processing.image_loading import DEFAULT_MAX_IMAGE_PIXELS
 from modeling_flamingo.training.optim import LR_SCHEDULERS
-from modeling_flamingo.training.trainer import PRECISIONS
+from modeling_flamingo.training.trainer import DEFAULT_MAX_CONSECUTIVE_SKIPPED_STEPS, PRECISIONS
 
 # Accelerate launch configurations shipped with the package (ddp, fsdp_full, fsdp_hybrid, deepspeed_zero2/3).
 CONFIGS_DIR = Path(__file__).parent / "configs"
@@ -31,6 +31,11 @@ _MOVED_FLAGS = {
     "--dist_backend": "the accelerate launcher (it picks nccl / gloo)",
     "--horovod": "nothing: horovod is not supported, use accelerate launch",
 }
+
+# The original's open_clip vision towers (`--vision_encoder_path`, `--vision_encoder_pretrained`) that have a
+# transformers CLIP with the same weights.
+_OPEN_CLIP_VISION_ENCODERS = {("ViT-L-14", "openai"): "openai/clip-vit-large-patch14"}
+_OPEN_CLIP_DEFAULT_PRETRAINED = "openai"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -73,7 +78,18 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="build a fresh Flamingo (closed gates) from --vision_encoder_path, --lm_path, --tokenizer_path",
     )
-    _add(model, "--vision_encoder_path", default="openai/clip-vit-large-patch14", help="HF CLIP folder or hub id")
+    _add(
+        model,
+        "--vision_encoder_path",
+        default="openai/clip-vit-large-patch14",
+        help="HF CLIP folder or hub id; the original's open_clip name ViT-L-14 means openai/clip-vit-large-patch14",
+    )
+    _add(
+        model,
+        "--vision_encoder_pretrained",
+        help="the original's open_clip weights tag for an open_clip --vision_encoder_path (default openai: the only "
+        "one with a transformers CLIP here); an HF CLIP brings its own weights",
+    )
     _add(model, "--lm_path", help="the language model (folder or hub id), for --init_from")
     _add(model, "--tokenizer_path", help="defaults to --lm_path")
     _add(model, "--cross_attn_every_n_layers", type=int, default=1)
@@ -94,6 +110,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add(run, "--report_to", nargs="*", default=[], choices=["tensorboard", "wandb"], help="accelerate trackers")
     _add(run, "--wandb_project")
     _add(run, "--wandb_entity")
+    _add(
+        run,
+        "--save_checkpoints_to_wandb",
+        action="store_true",
+        help="upload every checkpoint folder and checkpoint.pt into the W&B run's files (needs --report_to_wandb)",
+    )
+    run.add_argument(
+        "--no-set-device-rank",
+        "--no_set_device_rank",
+        action="store_true",
+        help="accepted as in the original: accelerate already uses GPU local_rank %% visible GPUs, so one visible GPU "
+        "per process (CUDA_VISIBLE_DEVICES) needs nothing more",
+    )
     _add(run, "--offline", action="store_true", help="no network (HF_HUB_OFFLINE=1, WANDB_MODE=offline)")
 
     optim = parser.add_argument_group("optimisation")
@@ -102,6 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add(optim, "--warmup_steps", type=int, default=5000)
     _add(optim, "--weight_decay", type=float, default=0.1)
     _add(optim, "--max_grad_norm", type=float, default=1.0)
+    _add(
+        optim,
+        "--max_consecutive_skipped_steps",
+        type=int,
+        default=DEFAULT_MAX_CONSECUTIVE_SKIPPED_STEPS,
+        help="stop with an error when this many optimiser steps in a row were skipped for a NaN/inf loss or gradient "
+        "norm (0: never stop)",
+    )
     _add(optim, "--gradient_accumulation_steps", type=int, default=1)
     _add(
         optim, "--num_epochs", type=int, default=1, help="an epoch is train_num_samples_* samples, as in the original"
@@ -167,6 +204,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.report_to_wandb and "wandb" not in args.report_to:
         args.report_to.append("wandb")
+    if args.save_checkpoints_to_wandb and "wandb" not in args.report_to:
+        parser.error("--save_checkpoints_to_wandb needs --report_to_wandb (or --report_to wandb)")
+    args.vision_encoder_path = _vision_encoder(parser, args.vision_encoder_path, args.vision_encoder_pretrained)
     if (args.model is None) == (not args.init_from):
         parser.error("give exactly one of --model and --init_from")
     if args.init_from and not args.lm_path:
@@ -180,6 +220,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--max_steps must be >= 1; got {args.max_steps}")
     if args.checkpointing_steps is not None and args.checkpointing_steps < 1:
         parser.error(f"--checkpointing_steps must be >= 1; got {args.checkpointing_steps}")
+    if args.max_consecutive_skipped_steps < 0:
+        parser.error(f"--max_consecutive_skipped_steps must be >= 0; got {args.max_consecutive_skipped_steps}")
     if args.lora_r < 0:
         parser.error(f"--lora_r must be >= 0; got {args.lora_r}")
     if args.lora_r:
@@ -199,6 +241,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         except ImportError:
             parser.error(f"--report_to {tracker}: the {tracker} package is not installed")
     return args
+
+
+def _vision_encoder(parser: argparse.ArgumentParser, path: str, pretrained: str | None) -> str:
+    """The HF CLIP to load for `--vision_encoder_path` and the original's `--vision_encoder_pretrained`."""
+    open_clip_names = {name for name, _ in _OPEN_CLIP_VISION_ENCODERS}
+    if path in open_clip_names:
+        tag = pretrained or _OPEN_CLIP_DEFAULT_PRETRAINED
+        if (path, tag) not in _OPEN_CLIP_VISION_ENCODERS:
+            known = ", ".join(f"{n} {t} (= {hf})" for (n, t), hf in _OPEN_CLIP_VISION_ENCODERS.items())
+            parser.error(
+                f"--vision_encoder_path {path} --vision_encoder_pretrained {tag}: no transformers CLIP with these "
+                f"open_clip weights is known here ({known}); give an HF CLIP folder or hub id as --vision_encoder_path"
+            )
+        return _OPEN_CLIP_VISION_ENCODERS[path, tag]
+    if pretrained not in (None, _OPEN_CLIP_DEFAULT_PRETRAINED):
+        parser.error(
+            f"--vision_encoder_pretrained {pretrained} names open_clip weights, but --vision_encoder_path {path} is an "
+            "HF CLIP, which brings its own: give the HF folder or hub id of the weights you want"
+        )
+    return path
 
 
 def data_loader_factory(args: argparse.Namespace, processor, rank: int, world_size: int):
@@ -226,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from modeling_flamingo.convert.sources import ConversionError
     from modeling_flamingo.training.model_init import build_fresh_flamingo, load_flamingo
-    from modeling_flamingo.training.trainer import FlamingoTrainer, seed_everything
+    from modeling_flamingo.training.trainer import FlamingoTrainer, TrainingDivergedError, seed_everything
 
     try:
         seed_everything(args.seed)  # the same initial weights on every process, as the original
@@ -247,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         trainer = FlamingoTrainer(args, model, processor, factory, accelerator=trainer_accelerator)
         trainer.train()
-    except (ValueError, OSError, ConversionError) as exc:
+    except (ValueError, OSError, ConversionError, TrainingDivergedError) as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"error: {message}", file=sys.stderr)
         return 1

@@ -4,6 +4,9 @@ The release layout is what `open_flamingo`'s `save_checkpoint` writes once its w
 evaluation code and our converter read: a flat state dict, under the original module names, of the trainable
 parameters (resampler, gated cross-attention, input embeddings) plus every language-model parameter whose original
 name contains "embed" (GPT-NeoX's `embed_out` head). No vision tower, no frozen decoder weights.
+
+Neither export writes NaN or infinite weights: they run the converter's check (`convert.writer.check_finite`) on every
+tensor before writing anything, so diverged weights never replace a good export.
 """
 
 from __future__ import annotations
@@ -11,11 +14,13 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
 from modeling_flamingo.convert.mapping import LM_KEY_RENAMES, original_key
+from modeling_flamingo.convert.writer import check_finite
 from modeling_flamingo.modeling_flamingo import FlamingoForConditionalGeneration
 
 
@@ -64,6 +69,12 @@ def original_checkpoint_state_dict(
     return out
 
 
+def _check_finite_weights(state_dict: Mapping[str, torch.Tensor], target: Path) -> None:
+    """`NonFiniteWeightsError` naming the first tensor of `state_dict` holding NaN or inf; `target` is untouched."""
+    for name, tensor in state_dict.items():
+        check_finite(name, tensor, f"{target} not written: what it holds is left as it was")
+
+
 def _atomic_target(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
@@ -77,11 +88,17 @@ def save_original_checkpoint(
     state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write `original_checkpoint_state_dict(model, state_dict)` to `path` with `torch.save` (tensors only, so it loads
-    with `weights_only=True`); written to a temporary file first and renamed, so a crash never leaves half a file."""
+    with `weights_only=True`); written to a temporary file first and renamed, so a crash never leaves half a file.
+
+    Raises:
+        NonFiniteWeightsError: a tensor holds NaN or inf (named in the message); nothing is written.
+    """
     path = Path(path)
+    state = original_checkpoint_state_dict(model, state_dict)
+    _check_finite_weights(state, path)
     tmp = _atomic_target(path)
     try:
-        torch.save(original_checkpoint_state_dict(model, state_dict), tmp)
+        torch.save(state, tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -96,8 +113,13 @@ def save_pretrained_folder(
     state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """`model.save_pretrained` (with `state_dict` when given) and `processor.save_pretrained` into `folder`, through a
-    temporary sibling folder that replaces `folder` only once complete."""
+    temporary sibling folder that replaces `folder` only once complete.
+
+    Raises:
+        NonFiniteWeightsError: a tensor holds NaN or inf (named in the message); nothing is written.
+    """
     folder = Path(folder)
+    _check_finite_weights(state_dict if state_dict is not None else model.state_dict(), folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
     try:

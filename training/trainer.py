@@ -16,6 +16,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import time
 from collections import defaultdict
@@ -47,6 +48,8 @@ PRECISIONS = {
 }
 
 TRAINER_STATE_NAME = "trainer_state.json"
+# Optimiser steps in a row skipped for a non-finite loss or gradient norm before training stops with an error.
+DEFAULT_MAX_CONSECUTIVE_SKIPPED_STEPS = 10
 CHECKPOINT_PREFIX = "checkpoint_"
 _CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 
@@ -62,21 +65,43 @@ class TrainLoaderLike(Protocol):
 LoaderFactory = Callable[[int], Mapping[str, TrainLoaderLike]]
 
 
+class TrainingDivergedError(RuntimeError):
+    """Too many optimiser steps in a row were skipped for a non-finite loss or gradient norm."""
+
+
 @dataclass
 class TrainerState:
     """Where training stands; saved as `trainer_state.json` in every checkpoint folder.
 
+    `epoch` and `batches_done` are where the data resumes; at the end of an epoch they already point at the next one,
+    so the epoch of the last step is `last_step_epoch`.
+
     Attributes:
-        epoch: the epoch in progress (0-based).
+        epoch: the epoch (0-based) of the next micro-batch to read; also the number of epochs completed.
         batches_done: micro-batches (per dataset) of that epoch already consumed.
         global_step: optimiser steps taken (including skipped non-finite ones).
         skipped_steps: optimiser steps skipped because a loss or the gradient norm was not finite.
+        last_step_epoch: the epoch (0-based) that step `global_step` belongs to, as the log names it.
+        consecutive_skipped_steps: skipped steps in a row up to `global_step` (0 when that step moved the weights);
+            training stops when it reaches `--max_consecutive_skipped_steps`.
     """
 
     epoch: int = 0
     batches_done: int = 0
     global_step: int = 0
     skipped_steps: int = 0
+    last_step_epoch: int = 0
+    consecutive_skipped_steps: int = 0
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainerState:
+        """The state of a `trainer_state.json`. The fields added after the first four may be absent (folders written
+        before them): `last_step_epoch` then follows from the data position, `consecutive_skipped_steps` is 0."""
+        values = {k: int(data[k]) for k in ("epoch", "batches_done", "global_step", "skipped_steps")}
+        step_epoch = values["epoch"] - 1 if values["batches_done"] == 0 and values["epoch"] > 0 else values["epoch"]
+        values["last_step_epoch"] = int(data.get("last_step_epoch", step_epoch))
+        values["consecutive_skipped_steps"] = int(data.get("consecutive_skipped_steps", 0))
+        return cls(**values)
 
 
 def find_latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
@@ -269,7 +294,7 @@ class FlamingoTrainer:
     def _read_state(folder: Path) -> TrainerState:
         try:
             data = json.loads((folder / TRAINER_STATE_NAME).read_text())
-            return TrainerState(**{k: int(data[k]) for k in asdict(TrainerState())})
+            return TrainerState.from_dict(data)
         except (ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"{folder / TRAINER_STATE_NAME} is not a valid trainer state: {exc}") from None
 
@@ -395,8 +420,11 @@ class FlamingoTrainer:
         if stepped and self.token_rows is not None:
             self.token_rows.sync_()
         self.optimizer.zero_grad(set_to_none=True)
-        if not stepped:
+        if stepped:
+            self.state.consecutive_skipped_steps = 0
+        else:
             self.state.skipped_steps += 1
+            self.state.consecutive_skipped_steps += 1
             acc.print(f"step {self.state.global_step + 1}: non-finite loss or gradient, step skipped on every process")
         self._window_bad = False
         return stepped
@@ -406,8 +434,14 @@ class FlamingoTrainer:
 
     def train(self) -> TrainerState:
         """Run `num_epochs` epochs (or `max_steps` optimiser steps), checkpointing every `checkpointing_steps` steps
-        and at the end of every epoch, and exporting at every checkpoint."""
+        and at the end of every epoch, and exporting at every checkpoint.
+
+        Raises:
+            TrainingDivergedError: `max_consecutive_skipped_steps` optimiser steps in a row were skipped (on every
+                process alike); nothing is saved after the last checkpoint.
+        """
         acc, args, state = self.accelerator, self.args, self.state
+        max_skipped = getattr(args, "max_consecutive_skipped_steps", DEFAULT_MAX_CONSECUTIVE_SKIPPED_STEPS)
         self.model.train()
         progress = _progress_bar(acc, self.total_steps, state.global_step)
         while state.global_step < self.total_steps and state.epoch < self.num_epochs:
@@ -439,22 +473,63 @@ class FlamingoTrainer:
                     continue
                 self.optimizer_step()
                 state.global_step += 1
+                state.last_step_epoch = state.epoch
                 progress.update(1)
                 if end_of_epoch:
                     state.epoch += 1
                     state.batches_done = 0
                 if args.logging_steps and state.global_step % args.logging_steps == 0:
                     self._log(progress)
+                if max_skipped and state.consecutive_skipped_steps >= max_skipped:
+                    progress.close()
+                    acc.end_training()
+                    raise TrainingDivergedError(self._diverged_message(max_skipped))
                 finished = state.global_step >= self.total_steps
                 periodic = args.checkpointing_steps and state.global_step % args.checkpointing_steps == 0
                 if (periodic or end_of_epoch) and not finished:
-                    self.save_checkpoint()
+                    self._save_checkpoint_to_wandb(self.save_checkpoint())
                 if end_of_epoch or finished:
                     break
         progress.close()
-        self.save_checkpoint()
+        last = self.save_checkpoint()
+        self._save_checkpoint_to_wandb(last)
+        # One line to paste from: absolute paths, shell-quoted where needed, never followed by punctuation.
+        acc.print(
+            f"Training done at step {state.global_step}: model {_shell_path(self.run_dir / 'model')}  "
+            f"original checkpoint {_shell_path(self.run_dir / 'checkpoint.pt')}  last checkpoint {_shell_path(last)}"
+        )
         acc.end_training()
         return state
+
+    def _diverged_message(self, limit: int) -> str:
+        """One line: which steps were skipped, which weights they point at, and a checkpoint from before those."""
+        state = self.state
+        last_moved = state.global_step - state.consecutive_skipped_steps
+        weights = f"the weights of step {last_moved}" if last_moved else "the starting weights"
+        earlier = [
+            (int(m[1]), p)
+            for p in (self.run_dir.iterdir() if self.run_dir.is_dir() else ())
+            if (m := _CHECKPOINT_RE.match(p.name)) and int(m[1]) < last_moved and (p / TRAINER_STATE_NAME).is_file()
+        ]
+        restart = f"resume from {max(earlier)[1]}" if earlier else "start again"
+        return (
+            f"training stopped at step {state.global_step}: steps {last_moved + 1} to {state.global_step} were all "
+            f"skipped because a loss or the gradient norm was not finite (NaN or inf), so {weights} (in every "
+            f"checkpoint saved since) diverged or the data is bad; lower --learning_rate (now "
+            f"{self.args.learning_rate:g}) or check the data, then {restart} (--max_consecutive_skipped_steps {limit} "
+            "set this limit)"
+        )
+
+    def _save_checkpoint_to_wandb(self, folder: Path) -> None:
+        """`--save_checkpoints_to_wandb`: the checkpoint folder's files and `checkpoint.pt` into the W&B run's files,
+        named as in the run folder (the original `wandb.save`s its checkpoint file and final weights)."""
+        if not getattr(self.args, "save_checkpoints_to_wandb", False) or not self.accelerator.is_main_process:
+            return
+        run = self.accelerator.get_tracker("wandb", unwrap=True)
+        base = self.run_dir.resolve()
+        files = [*sorted(p for p in folder.rglob("*") if p.is_file()), self.run_dir / "checkpoint.pt"]
+        for path in files:
+            run.save(str(path.resolve()), base_path=str(base), policy="now")
 
     # ------------------------------------------------------------------------------------------------------------
     # logging
@@ -489,7 +564,7 @@ class FlamingoTrainer:
                 total_skipped[key] += value
         if acc.is_main_process:
             text = " ".join(f"{k}={v:.4g}" for k, v in logs.items())
-            progress.write(f"step {state.global_step}/{self.total_steps} (epoch {state.epoch}) {text}")
+            progress.write(f"step {state.global_step}/{self.total_steps} (epoch {state.last_step_epoch}) {text}")
             short = {"samples_per_second": "samples/s", "tokens_per_second": "tokens/s"}
             progress.set_postfix({short.get(k, k): v for k, v in logs.items() if k != "skipped_steps"}, refresh=False)
             if total_skipped:
@@ -584,6 +659,11 @@ def _input_embedding_weight(model) -> torch.nn.Parameter:
     return model.get_input_embeddings().weight
 
 
+def _shell_path(path: Path) -> str:
+    """`path` made absolute, quoted only where a shell needs it: pasted as is into a later command."""
+    return shlex.quote(str(path.resolve()))
+
+
 def _loggable(value: Any) -> bool:
     return isinstance(value, (int, float, str, bool)) or value is None
 
@@ -616,11 +696,13 @@ def seed_everything(seed: int, rank: int = 0) -> None:
 
 
 __all__ = [
+    "DEFAULT_MAX_CONSECUTIVE_SKIPPED_STEPS",
     "PRECISIONS",
     "FlamingoTrainer",
     "LoaderFactory",
     "TrainLoaderLike",
     "TrainerState",
+    "TrainingDivergedError",
     "build_trackers",
     "find_latest_checkpoint",
     "fsdp_wrap_classes",
