@@ -1,12 +1,16 @@
 """Runs a researcher can trust: outputs never overwrite inputs, results of earlier runs are merged not dropped, a
-resume never mixes two models or settings, a full disk loses nothing."""
+resume never mixes two models or settings, Ctrl-C says how to continue, a full disk loses nothing."""
 
 from __future__ import annotations
 
 import errno
 import json
 import os
+import shlex
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -282,6 +286,55 @@ def test_fresh_run_into_another_runs_predictions_is_refused(env, finished, tmp_p
     assert main(argv(folder, paths, results, "--shots", "0", "--query_set_size", "8")) == 1
     line = one_error_line(capsys)
     assert "--query_set_size 6, this run uses 8" in line and "coco-2shot-seed42.jsonl" in line
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# item: Ctrl-C
+
+
+def test_ctrl_c_says_what_is_saved_and_how_to_continue(env, tmp_path):
+    root, folder, _, _ = env
+    paths = {"coco": make_coco(tmp_path / "data", num_test=16)}
+    results = tmp_path / "out" / "r.json"
+    run_argv = argv(folder, paths, results, "--shots", "0", "--num_samples", "16", "--batch_size", "1")
+    environment = {**os.environ, "HF_HOME": str(tmp_path / "hf_home")}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "modeling_flamingo.evaluation", *run_argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=environment,
+    )
+    stream = tmp_path / "out" / "r" / "predictions" / "coco-0shot-seed42.jsonl"
+    while not (stream.is_file() and stream.read_text().count("\n") >= 1):
+        try:
+            process.wait(timeout=0.1)
+        except subprocess.TimeoutExpired:
+            continue
+        pytest.fail(f"the run ended before it was interrupted: {process.stderr.read()}")
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "Traceback" not in err
+    saved = stream.read_text().count("\n")
+    assert 1 <= saved < 16
+    lines = err.strip().splitlines()
+    assert (
+        lines[-2]
+        == f"Interrupted: coco 0-shot seed 42: {saved} of 16 items saved in {stream} (earlier trials are complete). Continue with:"
+    )
+    command = shlex.split(lines[-1])
+    assert command == [sys.executable, "-m", "modeling_flamingo.evaluation", *run_argv, "--resume"]
+    assert not results.exists()
+
+    resumed = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"coco 0-shot seed 42: reused {saved} of 16 items" in resumed.stdout
+
+    reference = tmp_path / "reference.json"
+    assert main(argv(folder, paths, reference, "--shots", "0", "--num_samples", "16", "--batch_size", "1")) == 0
+    assert json.loads(results.read_text()) == json.loads(reference.read_text())
+    assert stream.read_text() == (tmp_path / "reference" / "predictions" / "coco-0shot-seed42.jsonl").read_text()
 
 
 # ---------------------------------------------------------------------------------------------------------------
