@@ -1,7 +1,7 @@
 """What a run's predictions depend on, and the checks that keep one run's outputs from overwriting its inputs or
 mixing with another run's.
 
-A run writes `run_record.json` beside its predictions: the model's identity (a content hash of every file of a local
+A run writes `run_record.json` beside its predictions folder: the model's identity (a content hash of every file of a local
 model folder, or the hub repo and its commit), the content hash of every annotation file it read, the flags that
 change a prediction and the package version. `--resume`, and a run writing into a results file or predictions folder
 that holds another run's outputs, compare it with this run's and refuse on a difference, naming it.
@@ -167,8 +167,10 @@ def model_identity(name_or_path: str) -> dict[str, Any]:
     from huggingface_hub import try_to_load_from_cache
     from huggingface_hub.errors import HFValidationError
 
-    try:
-        config = try_to_load_from_cache(name_or_path, "config.json")
+    from modeling_flamingo.convert.hub import hub_cache_dir
+
+    try:  # from_pretrained has just resolved the repo into the hub cache: its `main` ref is the commit loaded
+        config = try_to_load_from_cache(name_or_path, "config.json", cache_dir=hub_cache_dir())
     except HFValidationError:  # neither a folder nor a repo id: a model built in memory
         config = None
     return {"repo": name_or_path, "commit": Path(config).parent.name if isinstance(config, str) else None}
@@ -202,8 +204,13 @@ def build_record(args: argparse.Namespace, tasks: Sequence[Any]) -> dict[str, An
     return {"format": RECORD_FORMAT, "package_version": _package_version(), "settings": settings, "data": data}
 
 
+def record_path(predictions: Path) -> Path:
+    """The run record, beside the predictions folder (which then holds only predictions files)."""
+    return predictions.parent / RECORD_NAME
+
+
 def read_record(predictions: Path) -> dict[str, Any] | None:
-    path = predictions / RECORD_NAME
+    path = record_path(predictions)
     if not path.is_file():
         return None
     try:
@@ -268,7 +275,7 @@ def merged_record(previous: Mapping[str, Any] | None, current: Mapping[str, Any]
 
 
 def write_record(predictions: Path, record: Mapping[str, Any]) -> None:
-    atomic_write_text(predictions / RECORD_NAME, json.dumps(record, indent=2) + "\n")
+    atomic_write_text(record_path(predictions), json.dumps(record, indent=2) + "\n")
 
 
 def trial_file_name(task: str, shots: int, seed: int) -> str:
@@ -297,7 +304,8 @@ def check_previous_run(
     if args.resume:
         if previous is None and "model" not in record and any(predictions.glob("*.jsonl*")):
             print(
-                f"warning: --resume: {predictions} has no {RECORD_NAME} (written by an earlier version): its "
+                f"warning: --resume: {predictions} has no run record {record_path(predictions)} (written by an "
+                "earlier version): its "
                 "predictions are reused without checking the model and settings they were made with.",
                 file=sys.stderr,
             )
@@ -324,7 +332,7 @@ def check_previous_run(
     if not kept_files and not kept_results:
         return  # this run replaces everything an earlier run left
     if previous is None:
-        found = [f"settings that were not recorded (no {RECORD_NAME} in {predictions})"]
+        found = [f"settings that were not recorded (no {record_path(predictions)})"]
     if found:
         kept = []
         if kept_results:

@@ -73,7 +73,7 @@ def copy_run(finished, tmp_path) -> Path:
     results, _, predictions = finished
     shutil.copy(results, tmp_path / "r.json")
     shutil.copy(results.with_suffix(".md"), tmp_path / "r.md")
-    shutil.copytree(predictions, tmp_path / "r" / "predictions")
+    shutil.copytree(predictions.parent, tmp_path / "r")  # the predictions and their run record
     return tmp_path / "r.json"
 
 
@@ -172,7 +172,7 @@ def test_later_runs_merge_per_task_and_shot(env, finished, tmp_path, capsys):
     table = results.with_suffix(".md").read_text().splitlines()
     assert [line.split(" |")[0] for line in table[2:]] == ["| COCO (CIDEr)", "| VQAv2 (Accuracy)"]
 
-    record = json.loads((tmp_path / "r" / "predictions" / "run_record.json").read_text())
+    record = json.loads((tmp_path / "r" / "run_record.json").read_text())
     assert sorted(record["data"]) == ["coco", "vqav2"]
     vqav2 = merged["vqav2"]
     assert main(argv(folder, paths, results, "--shots", "2", "--resume")) == 0
@@ -276,6 +276,30 @@ def test_unchanged_files_are_hashed_once(tmp_path, monkeypatch):
     path.write_bytes(b"\1" * 1000)  # same size, modification time set back
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert run_record.file_hashes([path]) != first and hashed == [1]
+
+
+def test_hub_model_is_identified_by_its_commit(tmp_path, monkeypatch):
+    """A hub repo in transformers format: the commit its `main` ref resolved to in the hub cache (the files of that
+    commit are fixed), so a repo that moved to new weights is another model."""
+    from modeling_flamingo.evaluation import run_record
+
+    repo = tmp_path / "hub" / "models--someone--flamingo"
+    for commit in ("a" * 40, "b" * 40):
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        (repo / "snapshots" / commit / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    before = run_record.model_identity("someone/flamingo")
+    assert before == {"repo": "someone/flamingo", "commit": "a" * 40}
+    (repo / "refs" / "main").write_text("b" * 40)
+    record = {"settings": {}, "data": {}, "package_version": "1"}
+    found = run_record.differences(
+        {**record, "model": before}, {**record, "model": run_record.model_identity("someone/flamingo")}
+    )
+    assert found == [
+        f"--model someone/flamingo at commit {'a' * 40}, this run uses --model someone/flamingo at commit {'b' * 40}"
+    ]
 
 
 def test_fresh_run_into_another_runs_predictions_is_refused(env, finished, tmp_path, capsys, no_model_load):
