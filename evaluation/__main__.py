@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         if progress.trial is None:
-            print("Interrupted before any prediction was made; nothing to resume.", file=sys.stderr)
+            print("Interrupted before any trial started: this run saved no prediction.", file=sys.stderr)
         else:
             print(
                 f"Interrupted: {progress.trial}: {progress.saved()} of {progress.total} items saved in {progress.path} "

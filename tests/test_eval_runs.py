@@ -361,6 +361,18 @@ def test_ctrl_c_says_what_is_saved_and_how_to_continue(env, tmp_path):
     assert stream.read_text() == (tmp_path / "reference" / "predictions" / "coco-0shot-seed42.jsonl").read_text()
 
 
+def test_ctrl_c_before_any_trial(env, tmp_path, monkeypatch, capsys):
+    root, folder, paths, _ = env
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(FlamingoEvalModel, "from_pretrained", interrupted)
+    assert main(argv(folder, paths, tmp_path / "r.json", "--shots", "0")) == 130
+    err = capsys.readouterr().err
+    assert err == "Interrupted before any trial started: this run saved no prediction.\n"
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # item: a full disk
 
