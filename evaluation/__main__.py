@@ -2,12 +2,14 @@
 
 Every flag of the original keeps its name and meaning and is also accepted with `-` for `_`; only the model flags
 differ (`--model PATH_OR_ID`, `--precision`, `--device_map`). Bad input prints one `error: ...` line and exits 1
-without writing a results file.
+without writing a results file; Ctrl-C exits 130, saying what is saved and the command that continues the run.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import sys
 
 from modeling_flamingo.evaluation.data_dir import DATA_DIR_LAYOUT
@@ -94,17 +96,41 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def resume_command(argv: list[str]) -> str:
+    """The command line that continues a run started with `argv`: the same arguments plus `--resume`."""
+    if os.path.basename(sys.argv[0]) == "__main__.py":  # python -m modeling_flamingo.evaluation
+        program = [sys.executable, "-m", "modeling_flamingo.evaluation"]
+    else:
+        program = ["openflamingo-eval"]
+    resume = [] if "--resume" in argv else ["--resume"]
+    return shlex.join(program + list(argv) + resume)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the evaluation; returns the exit status: 0, 1 on bad input or an unwritable output (one `error:` line),
+    130 when interrupted (Ctrl-C), after saying what is saved and how to continue."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     if args.rices_vision_encoder_path == "ViT-L-14":  # the original's open_clip name for the same weights
         args.rices_vision_encoder_path = "openai/clip-vit-large-patch14"
-    try:
-        from modeling_flamingo.evaluation.runner import run_evaluation
+    from modeling_flamingo.evaluation.runner import RunProgress, run_evaluation
 
-        run_evaluation(args)  # applies --data_dir first
+    progress = RunProgress()
+    try:
+        run_evaluation(args, progress=progress)  # applies --data_dir first
     except (EvalInputError, MissingDependencyError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        if progress.trial is None:
+            print("Interrupted before any trial started: this run saved no prediction.", file=sys.stderr)
+        else:
+            print(
+                f"Interrupted: {progress.trial}: {progress.saved()} of {progress.total} items saved in {progress.path} "
+                "(earlier trials are complete). Continue with:\n" + resume_command(argv),
+                file=sys.stderr,
+            )
+        return 130
     return 0
 
 

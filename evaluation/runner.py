@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,25 @@ from tqdm.auto import tqdm
 
 from modeling_flamingo.evaluation.datasets import EvalInputError, EvalItem
 from modeling_flamingo.evaluation.eval_model import FlamingoEvalModel
-from modeling_flamingo.evaluation.results import atomic_write_text, shot_summary, write_results
+from modeling_flamingo.evaluation.results import (
+    OutputWriteError,
+    atomic_write_text,
+    merge_results,
+    read_results,
+    shot_summary,
+    write_results,
+)
+from modeling_flamingo.evaluation.run_record import (
+    build_record,
+    check_output_paths,
+    check_previous_run,
+    merged_record,
+    model_identity,
+    output_paths,
+    read_record,
+    trial_file_name,
+    write_record,
+)
 from modeling_flamingo.evaluation.sampling import PlannedItem, plan_trial, shard_batches
 from modeling_flamingo.evaluation.tasks import IMAGE, TASKS, LoadedTask, TaskSpec
 
@@ -53,10 +72,21 @@ def selected_tasks(args: argparse.Namespace) -> list[TaskSpec]:
 
 def predictions_dir(args: argparse.Namespace) -> Path:
     """`<results_file stem>/predictions` (next to the results file), or `./predictions` without a results file."""
-    if args.results_file:
-        results = Path(args.results_file)
-        return results.with_suffix("") / "predictions"
-    return Path("predictions")
+    return output_paths(args.results_file)[2]
+
+
+@dataclass
+class RunProgress:
+    """Where a run stands, for the message of an interrupted run: the trial being evaluated, the predictions file
+    this process writes and the trial's number of items."""
+
+    trial: str | None = None
+    path: Path | None = None
+    total: int = 0
+
+    def saved(self) -> int:
+        """The items whose predictions are complete in `path` (a line cut by the interruption does not count)."""
+        return len(_read_records(self.path)) if self.path is not None else 0
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -135,14 +165,16 @@ def evaluate_trial(
     args: argparse.Namespace,
     state=None,
     retrieve: Callable[[list[int], int], list[list[int]]] | None = None,
+    progress: RunProgress | None = None,
 ) -> float | None:
     """Evaluate one (task, shots, seed); returns the score on the main process (None elsewhere).
 
     Predictions stream to `<predictions dir>/<task>-<shots>shot-seed<seed>.jsonl` (one `.rank<r>` file per
     process when several run), are merged and scored at the end, and with `args.resume` finished items are read
-    back instead of recomputed.
+    back instead of recomputed. `progress` is kept up to date with what is saved.
     """
     state = state or _SingleProcess()
+    progress = progress or RunProgress()
     plan = plan_trial(
         len(loaded.test),
         len(loaded.train),
@@ -155,7 +187,7 @@ def evaluate_trial(
         retrieve=retrieve,
     )
     _check_images(spec, loaded, plan)
-    final = predictions_dir(args) / f"{spec.name}-{num_shots}shot-seed{seed}.jsonl"
+    final = predictions_dir(args) / trial_file_name(spec.name, num_shots, seed)
     final.parent.mkdir(parents=True, exist_ok=True)
     done = _existing_records(final) if args.resume else {}
     for planned in plan:
@@ -166,6 +198,10 @@ def evaluate_trial(
                 "written with different settings (seed, shots, num_samples, query_set_size, batch_size, rices). "
                 "Use another --results_file or remove that file."
             )
+    label = f"{spec.name} {num_shots}-shot seed {seed}"
+    reused = sum(_id_key(loaded.test[p.index].id) in done for p in plan)
+    if args.resume and state.is_main_process:
+        print(f"{label}: reused {reused} of {len(plan)} items from {final}", flush=True)
     state.wait_for_everyone()
     stream = final if state.num_processes == 1 else final.with_name(f"{final.name}.rank{state.process_index}")
     if not args.resume:
@@ -177,17 +213,23 @@ def evaluate_trial(
     batches = shard_batches(plan, args.batch_size, state.process_index, state.num_processes)
     new_records: list[dict] = []
     context = f"{spec.name} (test split) "
+    progress.trial, progress.path, progress.total = label, stream, len(plan)
     with open(stream, "a", encoding="utf-8") as out:
-        for batch in tqdm(
-            batches, desc=f"{spec.name} {num_shots}-shot seed {seed}", disable=not state.is_main_process, leave=False
-        ):
+        for batch in tqdm(batches, desc=label, disable=not state.is_main_process, leave=False):
             todo = [p for p in batch if _id_key(loaded.test[p.index].id) not in done]
             if not todo:
                 continue
-            for record in _run_batch(spec, loaded, eval_model, todo, num_shots, args, context):
-                out.write(json.dumps(record) + "\n")
-                new_records.append(record)
-            out.flush()
+            records = _run_batch(spec, loaded, eval_model, todo, num_shots, args, context)
+            try:
+                out.write("".join(json.dumps(record) + "\n" for record in records))
+                out.flush()
+            except OSError as err:
+                raise OutputWriteError(
+                    err.errno,
+                    f"cannot write {stream}: {err.strerror or err}; the {progress.saved()} items saved before are "
+                    "kept: make space and continue with --resume.",
+                ) from err
+            new_records.extend(records)
 
     gathered = _gather(state, new_records)
     if not state.is_main_process:
@@ -320,9 +362,14 @@ def rices_retriever(
     return lambda indices, k: rices.find([test_images[i] for i in indices], k)
 
 
-def run_evaluation(args: argparse.Namespace, eval_model: FlamingoEvalModel | None = None) -> dict[str, list[dict]]:
+def run_evaluation(
+    args: argparse.Namespace, eval_model: FlamingoEvalModel | None = None, progress: RunProgress | None = None
+) -> dict[str, list[dict]]:
     """Run every selected task, shot count and trial; write the results file (main process) and return the results
-    (`{task: [{shots, trials, mean, stddev}]}`, empty on the other processes)."""
+    (`{task: [{shots, trials, mean, stddev}]}` of this run, empty on the other processes).
+
+    The results file keeps the (task, shots) entries of an earlier run made with the same model and settings that
+    this run does not compute; `progress` follows the trial being evaluated (for an interruption's message)."""
     from modeling_flamingo.evaluation.data_dir import apply_data_dir
     from modeling_flamingo.evaluation.tasks import check_run_arguments, check_split_sizes
 
@@ -337,10 +384,17 @@ def run_evaluation(args: argparse.Namespace, eval_model: FlamingoEvalModel | Non
         raise EvalInputError(
             f"--num_trials is {args.num_trials} but {len(args.trial_seeds)} --trial_seeds were given; give one seed per trial."
         )
+    check_output_paths(args, tasks)
     # Read every annotation file, and check the OK-VQA stemmer's data, before loading the model: bad input fails in
     # seconds, not after an hour of generation.
     loaded = {spec.name: spec.load(args) for spec in tasks}
     check_split_sizes(args, loaded)
+    # So do the outputs of an earlier run this one would resume or sit beside (the model is compared once loaded).
+    predictions = predictions_dir(args)
+    record = build_record(args, tasks)
+    previous = read_record(predictions)
+    previous_results = read_results(args.results_file) if args.results_file else None
+    check_previous_run(args, tasks, record, previous, previous_results, predictions)
     if any(spec.name == "ok_vqa" for spec in tasks):
         from modeling_flamingo.evaluation.metrics import check_okvqa_stemmer
 
@@ -358,6 +412,15 @@ def run_evaluation(args: argparse.Namespace, eval_model: FlamingoEvalModel | Non
             latents_cache_bytes=int(args.latents_cache_mb) << 20,
             class_batch_size=getattr(args, "class_batch_size", 64),
         )
+    # The main process hashes a local model's files first; the others then find the hashes in the cache.
+    if not state.is_main_process:
+        state.wait_for_everyone()
+    record["model"] = model_identity(eval_model.model.name_or_path)
+    if state.is_main_process:
+        state.wait_for_everyone()
+    check_previous_run(args, tasks, record, previous, previous_results, predictions)
+    if state.is_main_process:
+        write_record(predictions, merged_record(previous, record))
 
     results: dict[str, list[dict]] = {}
     for spec in tasks:
@@ -366,7 +429,9 @@ def run_evaluation(args: argparse.Namespace, eval_model: FlamingoEvalModel | Non
         for num_shots in args.shots:
             trials = []
             for seed in args.trial_seeds:
-                score = evaluate_trial(spec, loaded[spec.name], eval_model, num_shots, seed, args, state, retrieve)
+                score = evaluate_trial(
+                    spec, loaded[spec.name], eval_model, num_shots, seed, args, state, retrieve, progress
+                )
                 if state.is_main_process:
                     print(f"{spec.name} {num_shots}-shot seed {seed}: {score:.4f}", flush=True)
                 trials.append(score)
@@ -375,6 +440,6 @@ def run_evaluation(args: argparse.Namespace, eval_model: FlamingoEvalModel | Non
         if state.is_main_process:
             results[spec.name] = entries
     if state.is_main_process and args.results_file:
-        write_results(args.results_file, results)
+        write_results(args.results_file, merge_results(previous_results, results))
     state.wait_for_everyone()
     return results
