@@ -57,7 +57,8 @@ class MosaicGPTConfig(PretrainedConfig):
 
     model_type = "mosaic_gpt"
     attribute_map = {"hidden_size": "d_model", "num_attention_heads": "n_heads", "num_hidden_layers": "n_layers"}
-    keys_to_ignore_at_inference = ["past_key_values"]
+    # The cache's output name before and from transformers 5.24 on (Trainer.predict leaves it out of the logits).
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
 
     d_model: int = 2048
     n_heads: int = 16

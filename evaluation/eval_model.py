@@ -20,6 +20,7 @@ import torch
 from modeling_flamingo import FlamingoForConditionalGeneration, FlamingoProcessor
 from modeling_flamingo.evaluation.datasets import EvalItem
 from modeling_flamingo.modeling_flamingo import _select_current_image
+from modeling_flamingo.modeling_mosaic_gpt import CACHE_NAME
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -239,7 +240,7 @@ class FlamingoEvalModel:
                 rows_tokens = tokens.repeat(B, 1)  # (B*K, L), row b*K + k
                 rows_mask = torch.cat([ctx_mask.repeat_interleave(K, 0), token_mask.repeat(B, 1)], dim=1)
                 if use_cache:
-                    cache = copy.deepcopy(ctx.past_key_values)
+                    cache = copy.deepcopy(getattr(ctx, CACHE_NAME))
                     cache.batch_repeat_interleave(K)
                     out = self.model(
                         input_ids=rows_tokens,

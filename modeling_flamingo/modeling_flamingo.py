@@ -32,11 +32,12 @@ from transformers import (
 from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import ModelOutput
 
 from modeling_flamingo.configuration.configuration_flamingo import FlamingoConfig
 from modeling_flamingo.configuration.configuration_mosaic_gpt import MosaicGPTConfig
-from modeling_flamingo.modeling_mosaic_gpt import MosaicGPTForCausalLM
+from modeling_flamingo.modeling_mosaic_gpt import CACHE_NAME, MosaicGPTForCausalLM, accepts_cache_alias
 
 # Registered where defined, so that a hub folder carrying these files (trust_remote_code) registers them too.
 AutoModelForCausalLM.register(MosaicGPTConfig, MosaicGPTForCausalLM, exist_ok=True)
@@ -308,12 +309,15 @@ class FlamingoDecoderLayer(nn.Module):
 
 
 @dataclass
-class FlamingoCausalLMOutputWithPast(ModelOutput):
+class FlamingoCausalLMOutputWithPast(CausalLMOutputWithPast):
     """
+    The fields of transformers' `CausalLMOutputWithPast`, whose name for the cache (`past_key_values`, or `cache`
+    from transformers 5.24 on, with the old name still readable) this class inherits, then the image fields.
+
     Args:
         loss: language modelling loss (labels shifted inside), when `labels` is given.
         logits: (B, T, vocab).
-        past_key_values: the language model's cache.
+        past_key_values / cache: the language model's cache.
         hidden_states, attentions: as returned by the language model when asked for.
         image_features: (B, T_img, n, d_visual) resampler latents of the images of this call, reusable through the
             `image_features` argument.
@@ -322,11 +326,6 @@ class FlamingoCausalLMOutputWithPast(ModelOutput):
         image_indices: (B, T) 1-based image index of every input token (0: none yet).
     """
 
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
     image_features: torch.FloatTensor | None = None
     cross_attention_key_values: tuple[tuple[torch.Tensor, torch.Tensor], ...] | None = None
     image_indices: torch.LongTensor | None = None
@@ -349,7 +348,7 @@ class FlamingoPreTrainedModel(PreTrainedModel):
         "MptBlock",
         "MosaicGPTBlock",
     ]
-    _skip_keys_device_placement = ["past_key_values", "cross_attention_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache", "cross_attention_key_values"]
     _supports_sdpa = True
     _supports_attention_backend = True
 
@@ -534,6 +533,7 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
     # ----------------------------------------------------------------------------------------------------------
     # forward
 
+    @accepts_cache_alias
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -557,6 +557,7 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
                 Padding slots (after a sample's last `<image>`) are never read, whatever they hold; NaN or infinite
                 values in an image an `<image>` token refers to raise a ValueError (as in `image_features`).
             attention_mask: (B, T) or the language model's own mask format; 0 marks (left) padding.
+            past_key_values: the language model's cache, also accepted as `cache` (transformers >= 5.24's name).
             image_features: (B, T_img, n, d_visual) precomputed `get_image_features(pixel_values)` (e.g. few-shot
                 demonstrations encoded once), cast to the model's dtype; exclusive with `pixel_values`.
             image_indices: (B, T) the 1-based image each token attends (0: none). Computed from `input_ids` when not
@@ -620,18 +621,18 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
             outputs = self.language_model(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
-                past_key_values=past_key_values,
                 inputs_embeds=inputs_embeds,
                 labels=labels,
                 use_cache=use_cache,
                 logits_to_keep=logits_to_keep,
+                **{CACHE_NAME: past_key_values},
                 **kwargs,
             )
         keep_kv = has_images and (use_cache if use_cache is not None else self.config.text_config.use_cache)
         return FlamingoCausalLMOutputWithPast(
             loss=outputs.loss,
             logits=outputs.logits,
-            past_key_values=outputs.past_key_values,
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_features=image_features,
@@ -763,16 +764,14 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
     def prepare_inputs_for_generation(
         self,
         input_ids: torch.LongTensor,
-        past_key_values: Cache | None = None,
         attention_mask: torch.LongTensor | None = None,
         image_features: torch.FloatTensor | None = None,
         cross_attention_key_values: tuple | None = None,
         image_indices: torch.LongTensor | None = None,
         **kwargs,
     ) -> dict[str, Any]:
-        model_inputs = super().prepare_inputs_for_generation(
-            input_ids, past_key_values=past_key_values, attention_mask=attention_mask, **kwargs
-        )
+        # The cache stays in `kwargs`, under the name `generate` uses (`CACHE_NAME`).
+        model_inputs = super().prepare_inputs_for_generation(input_ids, attention_mask=attention_mask, **kwargs)
         new_tokens = model_inputs["input_ids"].shape[1] if model_inputs.get("input_ids") is not None else None
         if image_indices is None:
             # Prefill: each prompt token belongs to the last <image> at or before it.

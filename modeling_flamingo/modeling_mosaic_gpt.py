@@ -9,6 +9,7 @@ ones, so hub weight files load as they are.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -39,6 +40,28 @@ except ImportError:  # transformers 5.20: what its causal LMs do inline
 
 
 logger = logging.get_logger(__name__)
+
+# transformers 5.24 renamed the cache argument of `forward` and the cache field of the model outputs from
+# `past_key_values` to `cache`. `generate` and the gradient checkpointing layers pass the cache under the installed
+# release's name, so it is handed on (and returned) under that name.
+CACHE_NAME = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def accepts_cache_alias(forward: Callable) -> Callable:
+    """Decorator of a `forward` that takes the cache as `past_key_values`: the cache may also come as `cache`,
+    the name transformers >= 5.24 passes it under, so both names work on every supported release."""
+
+    @functools.wraps(forward)
+    def wrapper(*args, **kwargs):
+        if "cache" in kwargs:
+            cache = kwargs.pop("cache")
+            if cache is not None:
+                if kwargs.get("past_key_values") is not None:
+                    raise ValueError("Pass the cache as `cache` or as `past_key_values`, not both.")
+                kwargs["past_key_values"] = cache
+        return forward(*args, **kwargs)
+
+    return wrapper
 
 
 def build_alibi_bias(
@@ -246,6 +269,7 @@ class MosaicGPTBlock(GradientCheckpointingLayer):
         self.resid_attn_dropout = nn.Dropout(config.resid_pdrop)
         self.resid_mlp_dropout = nn.Dropout(config.resid_pdrop)
 
+    @accepts_cache_alias
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -260,7 +284,7 @@ class MosaicGPTBlock(GradientCheckpointingLayer):
             hidden_states: (B, Q, d_model), positional so gradient checkpointing and wrappers see it first.
             attention_mask: bool, broadcastable to (B, 1, Q, K); True = may attend.
             position_bias: (1, n_heads, 1, K) ALiBi bias, or None.
-            past_key_values: the model's cache (updated in place), or None.
+            past_key_values: the model's cache (updated in place), or None; also accepted as `cache`.
             use_cache: unused here (the cache object decides); accepted for the common layer signature.
         Returns:
             (B, Q, d_model).
@@ -320,7 +344,7 @@ class MosaicGPTPreTrainedModel(PreTrainedModel):
     base_model_prefix = "transformer"
     supports_gradient_checkpointing = True
     _no_split_modules = ["MosaicGPTBlock"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_sdpa = True
     _supports_flash_attn = False  # ALiBi needs an additive bias
     _supports_flex_attn = False
@@ -460,6 +484,7 @@ class MosaicGPTModel(MosaicGPTPreTrainedModel):
             allowed = allowed & attention_mask.to(device=device, dtype=torch.bool)[:, None, None, :]
         return allowed
 
+    @accepts_cache_alias
     @merge_with_config_defaults
     @capture_outputs
     def forward(
@@ -479,9 +504,11 @@ class MosaicGPTModel(MosaicGPTPreTrainedModel):
                 mask (see `_attention_allowed`).
             position_ids: accepted for API compatibility and ignored: positions come from ALiBi (or, with learned
                 positions, from the cache length and the padding mask, as in the remote code).
-            past_key_values: a `Cache`; created (`DynamicCache`) when `use_cache` and none is given.
+            past_key_values: a `Cache` (also accepted as `cache`); created (`DynamicCache`) when `use_cache` and
+                none is given.
         Returns:
-            `BaseModelOutputWithPast` with `last_hidden_state` (B, Q, d_model) after `ln_f`.
+            `BaseModelOutputWithPast` with `last_hidden_state` (B, Q, d_model) after `ln_f` and the cache under
+            `CACHE_NAME`.
         """
         del position_ids  # see docstring
         if (input_ids is None) == (inputs_embeds is None):
@@ -517,12 +544,12 @@ class MosaicGPTModel(MosaicGPTPreTrainedModel):
                 hidden_states,
                 attention_mask=allowed,
                 position_bias=position_bias,
-                past_key_values=past_key_values,
                 use_cache=use_cache,
+                **{CACHE_NAME: past_key_values},
                 **kwargs,
             )
         hidden_states = self.ln_f(hidden_states)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE_NAME: past_key_values})
 
 
 class MosaicGPTForCausalLM(MosaicGPTPreTrainedModel, GenerationMixin):
@@ -568,6 +595,7 @@ class MosaicGPTForCausalLM(MosaicGPTPreTrainedModel, GenerationMixin):
         """None: the logits are computed from `get_input_embeddings().weight` (see the class docstring)."""
         return None
 
+    @accepts_cache_alias
     @can_return_tuple
     def forward(
         self,
@@ -588,7 +616,7 @@ class MosaicGPTForCausalLM(MosaicGPTPreTrainedModel, GenerationMixin):
             labels: (B, Q) targets, shifted inside (`-100` = ignored); gives `loss`.
             logits_to_keep: compute logits only for the last `n` positions (0 = all), or for given indices.
         Returns:
-            `CausalLMOutputWithPast` with `logits` (B, Q or kept, vocab_size).
+            `CausalLMOutputWithPast` with `logits` (B, Q or kept, vocab_size) and the cache under `CACHE_NAME`.
         """
         outputs: BaseModelOutputWithPast = self.transformer(
             input_ids=input_ids,
@@ -615,9 +643,9 @@ class MosaicGPTForCausalLM(MosaicGPTPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
         )
 
 

@@ -29,7 +29,7 @@ pip install -q -e ".[test]"
 # --- transformers versions (pyproject.toml: the supported range) ---------------------------------------------------
 # The whole suite runs on the newest supported release; the tests that lean hardest on transformers' internals
 # (parity, modelling, MosaicGPT, processing, conversion, remote code) run again on the oldest, in the same venv.
-TRANSFORMERS_HIGHEST="${TRANSFORMERS_HIGHEST:-5.23.0}"
+TRANSFORMERS_HIGHEST="${TRANSFORMERS_HIGHEST:-5.25.0}"
 TRANSFORMERS_LOWEST="${TRANSFORMERS_LOWEST:-5.20.0}"
 LOWEST_TESTS=(tests/test_parity.py tests/test_modeling.py tests/test_mosaic_gpt.py tests/test_processing.py
     tests/test_convert.py tests/test_convert_errors.py tests/test_hub_code.py)

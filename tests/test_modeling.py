@@ -9,6 +9,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from modeling_flamingo import FlamingoConfig, FlamingoForConditionalGeneration
 from modeling_flamingo.convert.mapping import flamingo_key
+from modeling_flamingo.modeling_mosaic_gpt import CACHE_NAME
 from modeling_flamingo.training import freeze_for_flamingo_training, mask_flamingo_labels
 
 from reference import build_original, original_label_masking, ours_from_original, random_pixels
@@ -79,6 +80,31 @@ def test_incremental_decoding_with_cache_matches_full_forward(setup):
         logits.append(out.logits)
     real = full_mask.bool()
     torch.testing.assert_close(torch.cat(logits, dim=1)[real], full[real], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("argument", ["cache", "past_key_values"])
+@torch.no_grad()
+def test_cache_is_accepted_under_either_name(setup, argument):
+    """transformers >= 5.24 passes the cache to `forward` as `cache`, earlier releases as `past_key_values`: either
+    name reaches the language model, and the output holds the cache under the installed release's name."""
+    _, model, _, batch, pixels = setup
+    full_ids = torch.cat([batch.input_ids, torch.tensor([[40], [42]])], dim=1)
+    full_mask = torch.cat([batch.attention_mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
+    full = model(input_ids=full_ids, attention_mask=full_mask, pixel_values=pixels).logits
+
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, pixel_values=pixels, use_cache=True)
+    cache = getattr(out, CACHE_NAME)
+    step = model(
+        input_ids=full_ids[:, -1:],
+        attention_mask=full_mask,
+        image_features=out.image_features,
+        cross_attention_key_values=out.cross_attention_key_values,
+        image_indices=out.image_indices[:, -1:],
+        use_cache=True,
+        **{argument: cache},
+    )
+    assert getattr(step, CACHE_NAME) is cache and cache.get_seq_length() == full_ids.shape[1]
+    torch.testing.assert_close(step.logits[:, -1], full[:, -1], atol=1e-5, rtol=0)
 
 
 @torch.no_grad()

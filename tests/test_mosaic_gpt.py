@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from modeling_flamingo.configuration.configuration_mosaic_gpt import MosaicGPTConfig
-from modeling_flamingo.modeling_mosaic_gpt import MosaicGPTBlock, MosaicGPTForCausalLM, MosaicGPTModel
+from modeling_flamingo.modeling_mosaic_gpt import CACHE_NAME, MosaicGPTBlock, MosaicGPTForCausalLM, MosaicGPTModel
 
 FIXTURES = Path(__file__).parent / "fixtures"
 GOLDEN_CASES = ("mosaic_gpt_golden", "mosaic_gpt_golden_variant")
@@ -210,6 +210,22 @@ def test_cached_decoding_matches_full_forward(attn_implementation: str) -> None:
     incremental = torch.cat(pieces, dim=1)
     mask = attention_mask.bool()
     torch.testing.assert_close(incremental[mask], full[mask], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("argument", ["cache", "past_key_values"])
+def test_cache_is_accepted_under_either_name(argument: str) -> None:
+    """transformers >= 5.24 passes the cache as `cache` (`generate`, gradient checkpointing layers), earlier releases
+    as `past_key_values`: either name continues from it, and the output holds it under the installed release's name."""
+    model = tiny_model("sdpa")
+    input_ids, attention_mask = left_padded_batch((8, 5), 8)
+    with torch.no_grad():
+        full = model(input_ids, attention_mask=attention_mask).logits
+        cache = getattr(model(input_ids[:, :6], attention_mask=attention_mask[:, :6], use_cache=True), CACHE_NAME)
+        step = model(input_ids[:, 6:], attention_mask=attention_mask, use_cache=True, **{argument: cache})
+        assert getattr(step, CACHE_NAME) is cache and cache.get_seq_length() == 8
+        torch.testing.assert_close(step.logits, full[:, 6:], rtol=0, atol=1e-5)
+        with pytest.raises(ValueError, match="not both"):
+            model(input_ids[:, 6:], attention_mask=attention_mask, cache=cache, past_key_values=cache)
 
 
 # ---------------------------------------------------------------------------------------------------------------
