@@ -175,8 +175,13 @@ class FlamingoTrainer:
 
         # Loaders of the first epoch: their length fixes the schedule.
         resume_dir = self._resume_dir()
+        # The checkpoint of this run's lineage that --delete_previous_checkpoint may delete once the next one is
+        # saved: the one it resumed from when that lies in the run folder, then the one it saved last.
+        self._previous_checkpoint: Path | None = None
         if resume_dir is not None:
             self.state = self._read_state(resume_dir)
+            if os.path.realpath(resume_dir.parent) == os.path.realpath(self.run_dir):
+                self._previous_checkpoint = resume_dir
         self._loaders = dict(loader_factory(self.state.epoch))
         self.batches_per_epoch = self._check_loaders(self._loaders)
         steps_per_epoch = math.ceil(self.batches_per_epoch / self.accumulation)
@@ -517,12 +522,13 @@ class FlamingoTrainer:
         self.export()
         acc.wait_for_everyone()
         if acc.is_main_process:
-            previous = find_latest_checkpoint(self.run_dir)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(partial, final)
-            if self.args.delete_previous_checkpoint and previous is not None and previous != final:
+            previous = self._previous_checkpoint
+            if self.args.delete_previous_checkpoint and previous is not None and previous.name != final.name:
                 shutil.rmtree(previous, ignore_errors=True)
+        self._previous_checkpoint = final
         acc.wait_for_everyone()
         return final
 
