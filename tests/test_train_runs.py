@@ -4,9 +4,14 @@ into, and a full disk, a corrupt checkpoint file or a data position past the dat
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 
-from modeling_flamingo.training import FlamingoTrainer
+from modeling_flamingo.training import FlamingoTrainer, find_latest_checkpoint
+from modeling_flamingo.training.cli import main
+from modeling_flamingo.training.run_folder import RUN_MARKER_NAME, RunFolderError
 
 from train_helpers import batches, fresh_accelerate_state, loader_factory, scramble_trainable, tiny_model, train_args
 
@@ -46,12 +51,20 @@ def crash_after_first_save(monkeypatch) -> None:
     monkeypatch.setattr(FlamingoTrainer, "save_checkpoint", save_then_crash)
 
 
-@pytest.fixture
-def four_checkpoints(tmp_path):
-    """A finished 4-step run with a checkpoint after every step, and the batches it trained on."""
+@pytest.fixture(scope="module")
+def four_step_run(tmp_path_factory):
     model, tokenizer = tiny_model()
     data = batches(tokenizer, 4)
-    run(model, data, run_name=str(tmp_path / "run"), checkpointing_steps=1)
+    run_dir = tmp_path_factory.mktemp("four") / "run"
+    run(model, data, run_name=str(run_dir), checkpointing_steps=1)
+    return run_dir, data
+
+
+@pytest.fixture
+def four_checkpoints(four_step_run, tmp_path):
+    """A copy of a finished 4-step run with a checkpoint after every step, and the batches it trained on."""
+    run_dir, data = four_step_run
+    shutil.copytree(run_dir, tmp_path / "run")
     return tmp_path / "run", data
 
 
@@ -63,11 +76,65 @@ def test_delete_previous_checkpoint_deletes_only_the_checkpoint_this_run_resumed
     crash_after_first_save(monkeypatch)
     with pytest.raises(Crash, match="checkpoint_2"):
         run(model, data, run_name=str(run_dir), resume_from_checkpoint=str(run_dir / "checkpoint_1"),
-            checkpointing_steps=1, delete_previous_checkpoint=True)  # fmt: skip
-    # The resumed lineage replaced checkpoint_2 and deleted checkpoint_1, the one it came from; the old lineage's
-    # checkpoint_4 (the highest step) is not this run's to delete.
-    assert [n for n in names(run_dir) if n.startswith("checkpoint_")] == [
-        "checkpoint_2",
-        "checkpoint_3",
-        "checkpoint_4",
+            checkpointing_steps=1, delete_previous_checkpoint=True, move_later_checkpoints_aside=True)  # fmt: skip
+    # The resumed lineage saved checkpoint_2 and deleted checkpoint_1, the one it came from; the old lineage's
+    # checkpoints (checkpoint_4 the highest step) are not this run's to delete: they were moved aside whole.
+    (aside,) = [p for p in run_dir.iterdir() if p.name.startswith("superseded-")]
+    assert [n for n in names(run_dir) if n.startswith("checkpoint_")] == ["checkpoint_2"]
+    assert names(aside) == ["checkpoint.pt", "checkpoint_2", "checkpoint_3", "checkpoint_4", "model"]
+
+
+def test_resume_from_an_older_checkpoint_is_refused_naming_the_later_ones(four_checkpoints):
+    run_dir, data = four_checkpoints
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
+    model, _ = tiny_model()
+    with pytest.raises(RunFolderError, match=r"holds later checkpoints \(checkpoint_3, checkpoint_4\)"):
+        run(model, data, run_name=str(run_dir), resume_from_checkpoint=str(run_dir / "checkpoint_2"))
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before  # nothing written, nothing moved
+
+
+def test_moved_aside_checkpoints_are_kept_whole_and_the_next_automatic_resume_takes_the_new_lineage(
+    four_checkpoints,
+):
+    run_dir, data = four_checkpoints
+    later = {
+        p.relative_to(run_dir).as_posix(): p.read_bytes()
+        for name in ("checkpoint_3", "checkpoint_4", "model", "checkpoint.pt")
+        for p in [run_dir / name, *(run_dir / name).rglob("*")]
+        if p.is_file()
+    }
+    model, _ = tiny_model()
+    resumed = run(model, data, run_name=str(run_dir), resume_from_checkpoint=str(run_dir / "checkpoint_2"),
+                  move_later_checkpoints_aside=True)  # fmt: skip
+    assert resumed.state.global_step == 4
+    (aside,) = [p for p in run_dir.iterdir() if p.name.startswith("superseded-")]
+    assert {name: (aside / name).read_bytes() for name in later} == later
+    # The new lineage's checkpoint_4 is the one an automatic resume now finds (and it is complete).
+    assert find_latest_checkpoint(run_dir) == run_dir / "checkpoint_4"
+    assert json.loads((run_dir / "checkpoint_4" / "trainer_state.json").read_text())["global_step"] == 4
+
+
+def test_a_folder_not_written_by_a_run_is_refused_before_the_model_is_loaded(tmp_path, capsys):
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    (folder / "checkpoint.pt").write_bytes(b"someone else's weights")
+    # --model does not exist: the run folder must be refused before any model is looked at.
+    status = main(["--model", str(tmp_path / "no_model"), "--laion_shards", "x.tar", "--run_name", str(folder)])
+    assert status == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"error: --run_name {folder} holds checkpoint.pt and is not a training run folder (no training_run.json): "
+        "a run would overwrite them; choose a new or empty folder"
     ]
+    assert names(folder) == ["checkpoint.pt"] and (folder / "checkpoint.pt").read_bytes() == b"someone else's weights"
+
+
+def test_a_run_marks_its_folder_and_an_unmarked_run_folder_of_an_earlier_version_still_resumes(four_checkpoints):
+    run_dir, data = four_checkpoints
+    marker = json.loads((run_dir / RUN_MARKER_NAME).read_text())
+    assert marker["writer"] == "modeling_flamingo.training"
+    (run_dir / RUN_MARKER_NAME).unlink()  # as an earlier version left it: checkpoints, exports, no marker
+    model, _ = tiny_model()
+    resumed = run(model, data, run_name=str(run_dir))  # the latest checkpoint: a finished run
+    assert resumed.state.global_step == 4
+    assert json.loads((run_dir / RUN_MARKER_NAME).read_text())["writer"] == "modeling_flamingo.training"

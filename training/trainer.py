@@ -15,7 +15,6 @@ import contextlib
 import json
 import math
 import os
-import re
 import shutil
 import time
 from collections import defaultdict
@@ -33,6 +32,15 @@ from modeling_flamingo.modeling_flamingo import FlamingoForConditionalGeneration
 from modeling_flamingo.training.export import save_original_checkpoint, save_pretrained_folder
 from modeling_flamingo.training.labels import freeze_for_flamingo_training
 from modeling_flamingo.training.optim import EmbeddingGradientMask, build_lr_scheduler, build_optimizer
+from modeling_flamingo.training.run_folder import (
+    CHECKPOINT_PREFIX,
+    TRAINER_STATE_NAME,
+    check_lineage,
+    check_run_folder,
+    list_checkpoints,
+    mark_run_folder,
+    move_aside_later,
+)
 from modeling_flamingo.training.token_rows import TrainableTokenRows, is_token_rows_name
 
 # --precision values of the original and the Accelerate mixed-precision mode each one means here. The original's
@@ -45,10 +53,6 @@ PRECISIONS = {
     "amp": "fp16",
     "fp16": "fp16",
 }
-
-TRAINER_STATE_NAME = "trainer_state.json"
-CHECKPOINT_PREFIX = "checkpoint_"
-_CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 
 
 class TrainLoaderLike(Protocol):
@@ -81,15 +85,8 @@ class TrainerState:
 
 def find_latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     """The `checkpoint_<step>` folder with the highest step in `run_dir` (complete ones only), or None."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        return None
-    found = [
-        (int(m[1]), p)
-        for p in run_dir.iterdir()
-        if (m := _CHECKPOINT_RE.match(p.name)) and (p / TRAINER_STATE_NAME).is_file()
-    ]
-    return max(found)[1] if found else None
+    found = list_checkpoints(run_dir)
+    return found[-1][1] if found else None
 
 
 def _as_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
@@ -130,6 +127,12 @@ class FlamingoTrainer:
         acc = self.accelerator
         self.is_deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
         self.is_fsdp = acc.distributed_type == DistributedType.FSDP
+        # Nothing is written before the run folder and the resume are checked (also by the command line, before it
+        # loads the model).
+        resume_dir, later = self.check_run(args)
+        if resume_dir is not None:
+            self.state = self._read_state(resume_dir)
+            acc.print(f"Resuming from {resume_dir}.")
 
         freeze_for_flamingo_training(model, train_embeddings=not args.freeze_lm_embeddings)
         if getattr(args, "lora_r", 0):
@@ -155,6 +158,13 @@ class FlamingoTrainer:
         self._reset_meters()
         self._window_bad = False
 
+        if later:
+            acc.wait_for_everyone()  # every process checked the folder as it was before any writes
+            if acc.is_main_process:
+                aside = move_aside_later(self.run_dir, later)
+                acc.print(f"Moved {', '.join(p.name for p in later)} and the exports of that run into {aside}.")
+            acc.wait_for_everyone()
+
         optimizer = build_optimizer(model, args.learning_rate, args.weight_decay)
         if self.is_deepspeed:
             ds_config = acc.state.deepspeed_plugin.deepspeed_config
@@ -173,15 +183,12 @@ class FlamingoTrainer:
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.unwrapped: FlamingoForConditionalGeneration = acc.unwrap_model(self.model)
 
-        # Loaders of the first epoch: their length fixes the schedule.
-        resume_dir = self._resume_dir()
         # The checkpoint of this run's lineage that --delete_previous_checkpoint may delete once the next one is
         # saved: the one it resumed from when that lies in the run folder, then the one it saved last.
         self._previous_checkpoint: Path | None = None
-        if resume_dir is not None:
-            self.state = self._read_state(resume_dir)
-            if os.path.realpath(resume_dir.parent) == os.path.realpath(self.run_dir):
-                self._previous_checkpoint = resume_dir
+        if resume_dir is not None and os.path.realpath(resume_dir.parent) == os.path.realpath(self.run_dir):
+            self._previous_checkpoint = resume_dir
+        # Loaders of the first epoch: their length fixes the schedule.
         self._loaders = dict(loader_factory(self.state.epoch))
         self.batches_per_epoch = self._check_loaders(self._loaders)
         steps_per_epoch = math.ceil(self.batches_per_epoch / self.accumulation)
@@ -203,6 +210,8 @@ class FlamingoTrainer:
         if resume_dir is not None:
             self._load_checkpoint(resume_dir)
         if getattr(args, "report_to", None):
+            if acc.is_main_process:  # TensorBoard writes into the run folder: marked first
+                mark_run_folder(self.run_dir)
             # The trackers were built with the accelerator (`build_trackers`): the project name is theirs.
             acc.init_trackers("openflamingo", config={k: v for k, v in vars(args).items() if _loggable(v)})
 
@@ -251,14 +260,31 @@ class FlamingoTrainer:
         self.multipliers = {name: float(getattr(self.args, f"loss_multiplier_{name}", 1.0)) for name in loaders}
         return n
 
-    def _resume_dir(self) -> Path | None:
-        path = self.args.resume_from_checkpoint
+    @classmethod
+    def check_run(cls, args: argparse.Namespace) -> tuple[Path | None, list[Path]]:
+        """What a run checks before it loads a model or writes anything (reads only): `--run_name` is new or a run
+        folder, and resuming from the checkpoint it resumes from mixes no lineages. Raises `RunFolderError` (a
+        ValueError) naming the problem.
+
+        Returns:
+            The checkpoint folder to resume from (None for a new run), and the later checkpoints of the run folder to
+            move aside (`--move_later_checkpoints_aside`; empty otherwise).
+        """
+        run_dir = Path(args.run_name)
+        check_run_folder(run_dir)
+        resume_dir = cls._resume_dir(args)
+        if resume_dir is None:
+            return None, []
+        step = cls._read_state(resume_dir).global_step
+        later = check_lineage(run_dir, resume_dir, step, bool(getattr(args, "move_later_checkpoints_aside", False)))
+        return resume_dir, later
+
+    @staticmethod
+    def _resume_dir(args: argparse.Namespace) -> Path | None:
+        path = args.resume_from_checkpoint
         if path is None:
             # The original resumes from the run folder's latest checkpoint when none is named.
-            latest = find_latest_checkpoint(self.run_dir)
-            if latest is not None:
-                self.accelerator.print(f"Resuming from {latest}, the latest checkpoint of run {self.run_dir}.")
-            return latest
+            return find_latest_checkpoint(args.run_name)
         path = Path(path)
         if path.is_dir() and not (path / TRAINER_STATE_NAME).is_file():
             latest = find_latest_checkpoint(path)
@@ -514,6 +540,7 @@ class FlamingoTrainer:
         final = self.run_dir / f"{CHECKPOINT_PREFIX}{state.global_step}"
         partial = self.run_dir / f".{final.name}.partial"
         if acc.is_main_process:
+            mark_run_folder(self.run_dir)
             shutil.rmtree(partial, ignore_errors=True)
         acc.wait_for_everyone()
         acc.save_state(str(partial))

@@ -1,0 +1,138 @@
+"""The run folder (`--run_name`) of a training run: which folders a run may write into, its checkpoints, and the
+lineage check of a resume.
+
+A run marks its folder with `training_run.json` before it writes anything else there (its first checkpoint, or its
+TensorBoard files), as conversions write `conversion.json`. A run writes only into a folder that is new (absent or empty), marked, or a run folder of an
+earlier version of this trainer (unmarked, holding a complete `checkpoint_<step>/`); anything else is refused before a
+model is loaded, so that no file a run did not write is ever overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+
+TRAINER_STATE_NAME = "trainer_state.json"
+CHECKPOINT_PREFIX = "checkpoint_"
+RUN_MARKER_NAME = "training_run.json"
+TRAINER_ID = "modeling_flamingo.training"
+# Where --move_later_checkpoints_aside puts the checkpoints (and exports) of the lineage a resume leaves.
+ASIDE_PREFIX = "superseded-"
+# What a run writes at the top of its folder besides its checkpoints; moved aside with the later checkpoints.
+EXPORT_NAMES = ("model", "checkpoint.pt", "adapter")
+_CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
+
+
+class RunFolderError(ValueError):
+    """A run folder that a run must not write into, or a resume that would mix two runs."""
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """The complete `checkpoint_<step>` folders of `run_dir` (with their trainer state), by increasing step."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    return sorted(
+        (int(m[1]), p)
+        for p in run_dir.iterdir()
+        if (m := _CHECKPOINT_RE.match(p.name)) and (p / TRAINER_STATE_NAME).is_file()
+    )
+
+
+def is_marked(run_dir: Path) -> bool:
+    """Whether `run_dir` holds the marker a run writes first."""
+    try:
+        data = json.loads((run_dir / RUN_MARKER_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("writer") == TRAINER_ID
+
+
+def check_run_folder(run_dir: Path) -> None:
+    """Refuse a `--run_name` that is neither new (absent or empty) nor a run folder (marked, or an unmarked folder
+    of an earlier version holding a complete checkpoint), naming what it holds."""
+    if not os.path.lexists(run_dir):
+        return
+    if not run_dir.is_dir():
+        raise RunFolderError(f"--run_name {run_dir} is a file, not a folder: choose a new folder for the run")
+    if is_marked(run_dir) or list_checkpoints(run_dir):
+        return
+    entries = sorted(p.name + ("/" if p.is_dir() else "") for p in run_dir.iterdir())
+    if entries:
+        shown = ", ".join(entries[:4]) + (f" and {len(entries) - 4} more" if len(entries) > 4 else "")
+        raise RunFolderError(
+            f"--run_name {run_dir} holds {shown} and is not a training run folder (no {RUN_MARKER_NAME}): a run "
+            "would overwrite them; choose a new or empty folder"
+        )
+
+
+def mark_run_folder(run_dir: Path) -> None:
+    """Create `run_dir` if needed and write its marker (once; an unmarked run folder of an earlier version gets it
+    at its first resume)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if is_marked(run_dir):
+        return
+    marker = {"writer": TRAINER_ID, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    fd, tmp = tempfile.mkstemp(prefix=f".{RUN_MARKER_NAME}.", suffix=".partial", dir=run_dir)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps(marker, indent=2) + "\n")
+        os.replace(tmp, run_dir / RUN_MARKER_NAME)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def later_checkpoints(run_dir: Path, resume: Path, step: int) -> list[Path]:
+    """The checkpoints of `run_dir` that a resume from `resume` (at optimiser step `step`) would mix with: every
+    other one at `step` or later. The resumed lineage saves `checkpoint_<step + 1>` onwards, so it would replace some
+    of them and leave the others for a later automatic resume to pick."""
+    resumed = os.path.realpath(resume)
+    return [p for s, p in list_checkpoints(run_dir) if s >= step and os.path.realpath(p) != resumed]
+
+
+def check_lineage(run_dir: Path, resume: Path, step: int, move_aside: bool) -> list[Path]:
+    """Refuse a resume from `resume` while `run_dir` holds later checkpoints, unless `move_aside`; returns those to
+    move aside (`move_aside_later`)."""
+    later = later_checkpoints(run_dir, resume, step)
+    if later and not move_aside:
+        listed = ", ".join(p.name for p in later)
+        raise RunFolderError(
+            f"cannot resume from {resume} (step {step}): run folder {run_dir} holds later checkpoints ({listed}) "
+            "that this run would mix with; resume from the latest one, or pass --move_later_checkpoints_aside to "
+            f"move them and the exports into a {ASIDE_PREFIX}<date> subfolder"
+        )
+    return later
+
+
+def move_aside_later(run_dir: Path, later: list[Path]) -> Path:
+    """Move the `later` checkpoints and the run folder's exports (written by that later lineage) into a new
+    `superseded-<UTC date and time>/` subfolder of `run_dir`; nothing is deleted. Returns the subfolder."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    aside = run_dir / f"{ASIDE_PREFIX}{stamp}"
+    n = 1
+    while os.path.lexists(aside):
+        n += 1
+        aside = run_dir / f"{ASIDE_PREFIX}{stamp}-{n}"
+    aside.mkdir()
+    for path in [*later, *(run_dir / name for name in EXPORT_NAMES)]:
+        if os.path.lexists(path):
+            os.replace(path, aside / path.name)
+    return aside
+
+
+__all__ = [
+    "CHECKPOINT_PREFIX",
+    "RUN_MARKER_NAME",
+    "TRAINER_STATE_NAME",
+    "RunFolderError",
+    "check_lineage",
+    "check_run_folder",
+    "list_checkpoints",
+    "mark_run_folder",
+    "move_aside_later",
+]
