@@ -129,12 +129,55 @@ def test_a_folder_not_written_by_a_run_is_refused_before_the_model_is_loaded(tmp
     assert names(folder) == ["checkpoint.pt"] and (folder / "checkpoint.pt").read_bytes() == b"someone else's weights"
 
 
-def test_a_run_marks_its_folder_and_an_unmarked_run_folder_of_an_earlier_version_still_resumes(four_checkpoints):
+def test_a_run_marks_its_folder_and_an_unmarked_run_folder_of_an_earlier_version_still_resumes(
+    four_checkpoints, capsys
+):
     run_dir, data = four_checkpoints
     marker = json.loads((run_dir / RUN_MARKER_NAME).read_text())
     assert marker["writer"] == "modeling_flamingo.training"
-    (run_dir / RUN_MARKER_NAME).unlink()  # as an earlier version left it: checkpoints, exports, no marker
+    # As an earlier version left it: checkpoints (without run_config.json), exports, no marker.
+    (run_dir / RUN_MARKER_NAME).unlink()
+    for config in run_dir.glob("checkpoint_*/run_config.json"):
+        config.unlink()
     model, _ = tiny_model()
     resumed = run(model, data, run_name=str(run_dir))  # the latest checkpoint: a finished run
     assert resumed.state.global_step == 4
     assert json.loads((run_dir / RUN_MARKER_NAME).read_text())["writer"] == "modeling_flamingo.training"
+    assert "records no run configuration (an earlier version wrote it)" in capsys.readouterr().out
+
+
+def test_resume_with_other_data_or_optimisation_flags_is_refused_naming_each(four_checkpoints, capsys):
+    run_dir, data = four_checkpoints
+    saved = json.loads((run_dir / "checkpoint_4" / "run_config.json").read_text())
+    assert saved["flags"]["batch_size_laion"] == 128 and saved["flags"]["num_processes"] == 1  # train_args defaults
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
+    model, _ = tiny_model()
+    with pytest.raises(RunFolderError) as refused:
+        run(model, data, run_name=str(run_dir), batch_size_laion=64, learning_rate=1e-3, lr_scheduler="cosine")
+    message = str(refused.value)
+    assert message.startswith(f"cannot resume from {run_dir / 'checkpoint_4'}: ")
+    for difference in [
+        "--batch_size_laion 128 -> 64",
+        "--learning_rate 0.01 -> 0.001",
+        '--lr_scheduler "linear" -> "cosine"',
+    ]:
+        assert difference in message
+    # The command line says so in one line before it loads the model (which does not exist here).
+    status = main(["--model", str(run_dir / "no_model"), "--laion_shards", "unused", "--run_name", str(run_dir),
+                   "--batch_size_laion", "64", "--learning_rate", "1e-2", "--lr_scheduler", "linear",
+                   "--warmup_steps", "1", "--loss_multiplier_laion", "0.2"])  # fmt: skip
+    assert status == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: cannot resume from {run_dir / 'checkpoint_4'}: --batch_size_laion 128 -> 64.")
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before
+
+
+def test_resume_with_another_model_is_refused(four_checkpoints):
+    run_dir, data = four_checkpoints
+    other, _ = tiny_model(seed=1)  # the same architecture, other frozen weights
+    with pytest.raises(RunFolderError, match=r"checkpoint_4: another model \(frozen weights differ"):
+        run(other, data, run_name=str(run_dir))
+    # The same model with other trainable weights resumes: those come from the checkpoint.
+    same, _ = tiny_model()
+    scramble_trainable(same)
+    assert run(same, data, run_name=str(run_dir)).state.global_step == 4

@@ -5,16 +5,26 @@ A run marks its folder with `training_run.json` before it writes anything else t
 TensorBoard files), as conversions write `conversion.json`. A run writes only into a folder that is new (absent or empty), marked, or a run folder of an
 earlier version of this trainer (unmarked, holding a complete `checkpoint_<step>/`); anything else is refused before a
 model is loaded, so that no file a run did not write is ever overwritten.
+
+Every checkpoint records in `run_config.json` what resuming from it depends on (`resume_config`): the data and
+optimisation flags, the number of processes and a hash of the frozen weights, which come from `--model` rather than
+from the checkpoint. A resume with any of them different is refused, naming each difference.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import tempfile
 import time
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
+
+import torch
 
 TRAINER_STATE_NAME = "trainer_state.json"
 CHECKPOINT_PREFIX = "checkpoint_"
@@ -25,6 +35,44 @@ ASIDE_PREFIX = "superseded-"
 # What a run writes at the top of its folder besides its checkpoints; moved aside with the later checkpoints.
 EXPORT_NAMES = ("model", "checkpoint.pt", "adapter")
 _CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
+RUN_CONFIG_NAME = "run_config.json"
+
+# The flags a checkpoint's data position depends on: which samples, in which batches, on which process.
+DATA_FLAGS = (
+    "laion_shards",
+    "mmc4_shards",
+    "batch_size_laion",
+    "batch_size_mmc4",
+    "train_num_samples_laion",
+    "train_num_samples_mmc4",
+    "dataset_resampled",
+    "workers",
+    "gradient_accumulation_steps",
+    "seed",
+    "mmc4_textsim_threshold",
+    "mmc4_max_num_images",
+    "mmc4_min_num_images",
+    "mmc4_image_order",
+    "no_flip",
+)
+# The flags its optimiser state, schedule and trainable set depend on.
+OPTIMISATION_FLAGS = (
+    "learning_rate",
+    "lr_scheduler",
+    "warmup_steps",
+    "weight_decay",
+    "max_grad_norm",
+    "precision",
+    "num_epochs",
+    "max_steps",
+    "loss_multiplier_laion",
+    "loss_multiplier_mmc4",
+    "freeze_lm_embeddings",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_target_modules",
+)
 
 
 class RunFolderError(ValueError):
@@ -125,14 +173,97 @@ def move_aside_later(run_dir: Path, later: list[Path]) -> Path:
     return aside
 
 
+def weights_sha256(model: torch.nn.Module, skip: Iterable[str] = ()) -> str:
+    """A sha256 of `model`'s parameters: every name, dtype and shape, and the values of those not in `skip`.
+
+    The tensors are hashed in threads (hashlib releases the GIL on large buffers), about one second per few GB of
+    weights on a many-core machine; call it before the model is sharded (FSDP, DeepSpeed), on every process.
+    """
+    skip = set(skip)
+    params = list(model.named_parameters())
+
+    def digest(item: tuple[str, torch.Tensor]) -> str:
+        name, tensor = item
+        if name in skip:
+            return ""
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        return hashlib.sha256(data).hexdigest()
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        digests = list(pool.map(digest, params))
+    total = hashlib.sha256()
+    for (name, tensor), value in zip(params, digests, strict=True):
+        total.update(f"{name} {tensor.dtype} {tuple(tensor.shape)} {value}\n".encode())
+    return total.hexdigest()
+
+
+def resume_config(args: Any, num_processes: int | None = None, frozen_weights: str | None = None) -> dict[str, Any]:
+    """What resuming a checkpoint depends on, as saved in its `run_config.json`: `{"flags": {name: value}}` (the data
+    and optimisation flags, plus `num_processes` when given) and `{"model": {"frozen_weights_sha256", "source"}}`
+    when `frozen_weights` (`weights_sha256` of the parameters a checkpoint does not store) is given."""
+    flags = {name: getattr(args, name, None) for name in DATA_FLAGS + OPTIMISATION_FLAGS}
+    if num_processes is not None:
+        flags["num_processes"] = num_processes
+    config: dict[str, Any] = {"flags": json.loads(json.dumps(flags))}  # lists, not tuples: as read back
+    if frozen_weights is not None:
+        source = getattr(args, "model", None) or f"--init_from {getattr(args, 'lm_path', None)}"
+        config["model"] = {"frozen_weights_sha256": frozen_weights, "source": source}
+    return config
+
+
+def read_resume_config(checkpoint: Path) -> dict[str, Any] | None:
+    """The `run_config.json` of `checkpoint`, or None for a checkpoint of an earlier version (none written)."""
+    path = checkpoint / RUN_CONFIG_NAME
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise RunFolderError(f"{path} is unreadable ({exc}): resume from another checkpoint") from None
+    if not (isinstance(data, dict) and isinstance(data.get("flags"), dict)):
+        raise RunFolderError(f"{path} is not a run configuration of this trainer: resume from another checkpoint")
+    return data
+
+
+def check_resume_config(checkpoint: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """Refuse a resume whose flags or model differ from those `saved` in `checkpoint`, naming each difference with
+    its old and new values. Only what both record is compared (flags added later are not in older checkpoints)."""
+    differences = [
+        f"--{name} {json.dumps(old)} -> {json.dumps(current['flags'][name])}"
+        if name != "num_processes"
+        else f"{old} processes -> {current['flags'][name]}"
+        for name, old in saved["flags"].items()
+        if name in current["flags"] and current["flags"][name] != old
+    ]
+    old_model, new_model = saved.get("model"), current.get("model")
+    if isinstance(old_model, dict) and new_model is not None:
+        if old_model.get("frozen_weights_sha256") != new_model["frozen_weights_sha256"]:
+            differences.append(
+                f"another model (frozen weights differ; trained from {old_model.get('source')}, now "
+                f"{new_model['source']})"
+            )
+    if differences:
+        raise RunFolderError(
+            f"cannot resume from {checkpoint}: {'; '.join(differences)}. Resume with the flags and model it was "
+            f"trained with ({checkpoint / RUN_CONFIG_NAME}), or start a new run from its exported model"
+        )
+
+
 __all__ = [
     "CHECKPOINT_PREFIX",
+    "DATA_FLAGS",
+    "OPTIMISATION_FLAGS",
+    "RUN_CONFIG_NAME",
     "RUN_MARKER_NAME",
     "TRAINER_STATE_NAME",
     "RunFolderError",
     "check_lineage",
+    "check_resume_config",
     "check_run_folder",
     "list_checkpoints",
     "mark_run_folder",
     "move_aside_later",
+    "read_resume_config",
+    "resume_config",
+    "weights_sha256",
 ]

@@ -34,12 +34,17 @@ from modeling_flamingo.training.labels import freeze_for_flamingo_training
 from modeling_flamingo.training.optim import EmbeddingGradientMask, build_lr_scheduler, build_optimizer
 from modeling_flamingo.training.run_folder import (
     CHECKPOINT_PREFIX,
+    RUN_CONFIG_NAME,
     TRAINER_STATE_NAME,
     check_lineage,
+    check_resume_config,
     check_run_folder,
     list_checkpoints,
     mark_run_folder,
     move_aside_later,
+    read_resume_config,
+    resume_config,
+    weights_sha256,
 )
 from modeling_flamingo.training.token_rows import TrainableTokenRows, is_token_rows_name
 
@@ -129,10 +134,17 @@ class FlamingoTrainer:
         self.is_fsdp = acc.distributed_type == DistributedType.FSDP
         # Nothing is written before the run folder and the resume are checked (also by the command line, before it
         # loads the model).
-        resume_dir, later = self.check_run(args)
+        resume_dir, later = self.check_run(args, acc.num_processes)
+        saved_config = None
         if resume_dir is not None:
             self.state = self._read_state(resume_dir)
+            saved_config = read_resume_config(resume_dir)
             acc.print(f"Resuming from {resume_dir}.")
+            if saved_config is None:
+                acc.print(
+                    f"{resume_dir} records no run configuration (an earlier version wrote it): its flags and model "
+                    "cannot be checked; resume with the same ones."
+                )
 
         freeze_for_flamingo_training(model, train_embeddings=not args.freeze_lm_embeddings)
         if getattr(args, "lora_r", 0):
@@ -157,6 +169,11 @@ class FlamingoTrainer:
         self.multipliers: dict[str, float] = {}
         self._reset_meters()
         self._window_bad = False
+        # The frozen weights a checkpoint does not store come from `model`: their hash tells another model apart.
+        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+        self.frozen_weights = weights_sha256(model, skip=trainable | _checkpointed_names(model))
+        if saved_config is not None:
+            check_resume_config(resume_dir, saved_config, self._resume_config())
 
         if later:
             acc.wait_for_everyone()  # every process checked the folder as it was before any writes
@@ -261,9 +278,10 @@ class FlamingoTrainer:
         return n
 
     @classmethod
-    def check_run(cls, args: argparse.Namespace) -> tuple[Path | None, list[Path]]:
+    def check_run(cls, args: argparse.Namespace, num_processes: int | None = None) -> tuple[Path | None, list[Path]]:
         """What a run checks before it loads a model or writes anything (reads only): `--run_name` is new or a run
-        folder, and resuming from the checkpoint it resumes from mixes no lineages. Raises `RunFolderError` (a
+        folder, resuming from the checkpoint it resumes from mixes no lineages, and the data and optimisation flags
+        (and `num_processes`, when given) are those the checkpoint was saved with. Raises `RunFolderError` (a
         ValueError) naming the problem.
 
         Returns:
@@ -277,7 +295,13 @@ class FlamingoTrainer:
             return None, []
         step = cls._read_state(resume_dir).global_step
         later = check_lineage(run_dir, resume_dir, step, bool(getattr(args, "move_later_checkpoints_aside", False)))
+        saved = read_resume_config(resume_dir)
+        if saved is not None:
+            check_resume_config(resume_dir, saved, resume_config(args, num_processes))
         return resume_dir, later
+
+    def _resume_config(self) -> dict[str, Any]:
+        return resume_config(self.args, self.accelerator.num_processes, self.frozen_weights)
 
     @staticmethod
     def _resume_dir(args: argparse.Namespace) -> Path | None:
@@ -305,11 +329,7 @@ class FlamingoTrainer:
             raise ValueError(f"{folder / TRAINER_STATE_NAME} is not a valid trainer state: {exc}") from None
 
     def _saved_keys(self) -> set[str]:
-        model = self.unwrapped
-        keys = {name for name, p in model.named_parameters() if p.requires_grad and not is_token_rows_name(name)}
-        emb = _input_embedding_weight(model)
-        keys |= {name for name, p in model.named_parameters(remove_duplicate=False) if p is emb}
-        return keys
+        return _checkpointed_names(self.unwrapped)
 
     def _filter_saved_weights(self, models, weights, output_dir) -> None:
         keep = self._saved_keys()
@@ -546,6 +566,7 @@ class FlamingoTrainer:
         acc.save_state(str(partial))
         if acc.is_main_process:
             (partial / TRAINER_STATE_NAME).write_text(json.dumps(asdict(state), indent=2) + "\n")
+            (partial / RUN_CONFIG_NAME).write_text(json.dumps(self._resume_config(), indent=2) + "\n")
         self.export()
         acc.wait_for_everyone()
         if acc.is_main_process:
@@ -615,6 +636,14 @@ def _deepspeed_on_cpu() -> bool:
 
 def _input_embedding_weight(model) -> torch.nn.Parameter:
     return model.get_input_embeddings().weight
+
+
+def _checkpointed_names(model) -> set[str]:
+    """The parameters a (non-FSDP) checkpoint stores: the trainable ones and the input embeddings."""
+    keys = {name for name, p in model.named_parameters() if p.requires_grad and not is_token_rows_name(name)}
+    emb = _input_embedding_weight(model)
+    keys |= {name for name, p in model.named_parameters(remove_duplicate=False) if p is emb}
+    return keys
 
 
 def _loggable(value: Any) -> bool:
