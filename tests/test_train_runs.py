@@ -4,10 +4,14 @@ into, and a full disk, a corrupt checkpoint file or a data position past the dat
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
+from pathlib import Path
 
 import pytest
+import torch
 
 from modeling_flamingo.training import FlamingoTrainer, find_latest_checkpoint
 from modeling_flamingo.training.cli import main
@@ -181,3 +185,94 @@ def test_resume_with_another_model_is_refused(four_checkpoints):
     same, _ = tiny_model()
     scramble_trainable(same)
     assert run(same, data, run_name=str(run_dir)).state.global_step == 4
+
+
+def fail_writes(monkeypatch, name: str, after: int) -> None:
+    """`torch.save` into a file whose name contains `name` writes a few bytes, then fails as a full disk does, from
+    the `after + 1`-th such file on."""
+    real_save, seen = torch.save, []
+
+    def save(obj, f, *args, **kwargs):
+        if isinstance(f, (str, os.PathLike)) and name in Path(f).name:
+            seen.append(f)
+            if len(seen) > after:
+                Path(f).write_bytes(b"\x50\x4b\x03")
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+
+
+@pytest.mark.parametrize("failing", ["optimizer.bin", ".checkpoint.pt."])  # in save_state, in the exports
+def test_a_full_disk_while_saving_keeps_the_previous_checkpoint_and_removes_the_partial_one(
+    tmp_path, monkeypatch, failing
+):
+    model, tokenizer = tiny_model()
+    data = batches(tokenizer, 2)
+    run_dir = tmp_path / "run"
+    fail_writes(monkeypatch, failing, after=1)  # the first save (step 1) succeeds, the second one fails
+    with pytest.raises(OSError) as error:
+        run(model, data, run_name=str(run_dir), checkpointing_steps=1)
+    message = str(error.value)
+    assert message.startswith(f"could not save {run_dir / 'checkpoint_2'}: No space left on device (")
+    assert message.endswith(
+        f"; {run_dir / 'checkpoint_1'} is intact: free space under {run_dir} and rerun the same command to resume"
+    )
+    assert "\n" not in message
+    assert names(run_dir) == ["checkpoint.pt", "checkpoint_1", "model", "training_run.json"]
+    assert find_latest_checkpoint(run_dir) == run_dir / "checkpoint_1"
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=True)  # the step-1 export, whole
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+class _RunsCode:
+    """A pickle that would create a folder if unpickled without weights_only."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.folder),)
+
+
+@pytest.mark.parametrize(
+    ("file", "reason"),
+    [
+        ("optimizer.bin", "it is truncated or corrupt"),
+        ("random_states_0.pkl", "it is truncated or corrupt"),  # Accelerate alone would skip it silently
+        ("scheduler.bin", "it holds Python objects other than a training state; refusing to unpickle them"),
+        ("model.safetensors", "it is truncated or corrupt"),
+    ],
+)
+def test_a_corrupt_checkpoint_file_is_named_and_never_unpickled(four_checkpoints, tmp_path, file, reason):
+    run_dir, data = four_checkpoints
+    checkpoint = run_dir / "checkpoint_4"
+    if reason.startswith("it holds"):
+        torch.save({"step": _RunsCode(tmp_path / "code_ran")}, checkpoint / file)
+    else:
+        _truncate(checkpoint / file)
+    model, _ = tiny_model()
+    with pytest.raises(ValueError) as error:
+        run(model, data, run_name=str(run_dir))
+    message = str(error.value)
+    assert message.startswith(f"cannot resume from {checkpoint}: {file}: {reason}")
+    assert message.endswith("resume from another checkpoint") and "\n" not in message
+    assert not (tmp_path / "code_ran").exists()
+
+
+def test_a_data_position_past_the_epoch_is_refused_naming_the_trainer_state(four_checkpoints):
+    run_dir, data = four_checkpoints
+    for step in (1, 2, 3):
+        shutil.rmtree(run_dir / f"checkpoint_{step}")
+    state_file = run_dir / "checkpoint_4" / "trainer_state.json"
+    state_file.write_text(json.dumps({"epoch": 0, "batches_done": 9, "global_step": 2, "skipped_steps": 0}))
+    model, _ = tiny_model()
+    with pytest.raises(ValueError) as error:
+        run(model, data, run_name=str(run_dir))
+    assert str(error.value) == (
+        f"{state_file} says 9 batches of epoch 0 were consumed, but an epoch has 4: resume with the data flags of the "
+        "run that saved it"
+    )

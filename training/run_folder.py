@@ -249,6 +249,48 @@ def check_resume_config(checkpoint: Path, saved: dict[str, Any], current: dict[s
         )
 
 
+def check_checkpoint_files(checkpoint: Path, process_index: int) -> None:
+    """Read every pickle of `checkpoint` that `Accelerator.load_state` loads on this process (optimizer, scheduler,
+    grad scaler, this process's random states), as it does (`torch.load(weights_only=True)` with Accelerate's
+    allowed globals: no pickle runs code) but memory-mapped, so that a truncated, corrupt or foreign file is named
+    in one line before anything is loaded. Accelerate itself would fail without naming the file, or, for the random
+    states, silently resume with other random numbers."""
+    from accelerate.utils import load
+
+    random_states = checkpoint / f"random_states_{process_index}.pkl"
+    if not random_states.is_file():
+        raise RunFolderError(
+            f"{checkpoint} holds no {random_states.name}: it was saved by fewer processes; resume with as many "
+            "processes as the run that saved it"
+        )
+    files = [random_states, *checkpoint.glob("optimizer*.bin"), *checkpoint.glob("scheduler*.bin")]
+    files += [checkpoint / "scaler.pt"] if (checkpoint / "scaler.pt").is_file() else []
+    for path in files:
+        try:
+            load(path, map_location="cpu", mmap=True)
+        except Exception as exc:
+            message = " ".join(str(exc).split())
+            if "Weights only load failed" in message or "Unsupported global" in message:
+                reason = "it holds Python objects other than a training state; refusing to unpickle them"
+            else:
+                reason = f"it is truncated or corrupt ({message[:120]})"
+            raise RunFolderError(
+                f"cannot resume from {checkpoint}: {path.name}: {reason}; resume from another checkpoint"
+            ) from None
+
+
+def disk_write_failure(exc: BaseException) -> str | None:
+    """What went wrong, in a few words, when `exc` is a failed write (a full disk, a quota, an I/O error), else None.
+    torch and safetensors report a failed write as their own errors, not as OSError."""
+    if isinstance(exc, OSError):
+        where = f" ({exc.filename})" if exc.filename else ""
+        return f"{exc.strerror or exc}{where}"
+    message = " ".join(str(exc).split())
+    if any(marker in message for marker in ("file write failed", "No space left", "os error 28", "IoError")):
+        return message[:160]
+    return None
+
+
 __all__ = [
     "CHECKPOINT_PREFIX",
     "DATA_FLAGS",
@@ -257,9 +299,11 @@ __all__ = [
     "RUN_MARKER_NAME",
     "TRAINER_STATE_NAME",
     "RunFolderError",
+    "check_checkpoint_files",
     "check_lineage",
     "check_resume_config",
     "check_run_folder",
+    "disk_write_failure",
     "list_checkpoints",
     "mark_run_folder",
     "move_aside_later",

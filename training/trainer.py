@@ -36,9 +36,11 @@ from modeling_flamingo.training.run_folder import (
     CHECKPOINT_PREFIX,
     RUN_CONFIG_NAME,
     TRAINER_STATE_NAME,
+    check_checkpoint_files,
     check_lineage,
     check_resume_config,
     check_run_folder,
+    disk_write_failure,
     list_checkpoints,
     mark_run_folder,
     move_aside_later,
@@ -208,6 +210,12 @@ class FlamingoTrainer:
         # Loaders of the first epoch: their length fixes the schedule.
         self._loaders = dict(loader_factory(self.state.epoch))
         self.batches_per_epoch = self._check_loaders(self._loaders)
+        if self.state.batches_done >= self.batches_per_epoch:
+            raise ValueError(
+                f"{resume_dir / TRAINER_STATE_NAME} says {self.state.batches_done} batches of epoch {self.state.epoch} "
+                f"were consumed, but an epoch has {self.batches_per_epoch}: resume with the data flags of the run that "
+                "saved it"
+            )
         steps_per_epoch = math.ceil(self.batches_per_epoch / self.accumulation)
         if args.max_steps is not None:
             # As in transformers' Trainer: max_steps overrides num_epochs (the data is run through as often as needed).
@@ -343,8 +351,14 @@ class FlamingoTrainer:
 
             weights = folder / "model.safetensors"
             if weights.is_file():
-                with safe_open(str(weights), "pt") as f:
-                    stored = set(f.keys())
+                try:
+                    with safe_open(str(weights), "pt") as f:
+                        stored = set(f.keys())
+                except Exception as exc:
+                    raise ValueError(
+                        f"cannot resume from {folder}: {weights.name}: it is truncated or corrupt ({exc}); resume "
+                        "from another checkpoint"
+                    ) from None
                 expected = self._saved_keys()
                 if stored != expected:
                     missing = sorted(expected - stored)[:3]
@@ -353,9 +367,15 @@ class FlamingoTrainer:
                         f"Checkpoint {folder} does not match this model's trainable set (missing {missing}, "
                         f"unexpected {extra}): resume with the same model and flags."
                     )
-            acc.load_state(str(folder), strict=False)
-        else:
-            acc.load_state(str(folder))
+        check_checkpoint_files(folder, acc.process_index)
+        try:
+            if not (self.is_fsdp or self.is_deepspeed):
+                acc.load_state(str(folder), strict=False)
+            else:
+                acc.load_state(str(folder))
+        except Exception as exc:
+            message = " ".join(str(exc).split())[:160]
+            raise ValueError(f"cannot resume from {folder}: {message}; resume from another checkpoint") from exc
         acc.print(
             f"Resumed at epoch {self.state.epoch}, batch {self.state.batches_done}, step {self.state.global_step}."
         )
@@ -468,9 +488,15 @@ class FlamingoTrainer:
                 raise ValueError(f"Epoch {state.epoch} has a different number of batches than the first one.")
             names = list(loaders)
             iterators = [iter(loader.dataloader) for loader in loaders.values()]
-            for _ in range(state.batches_done):  # resumed mid-epoch: skip what was consumed
-                for it in iterators:
-                    next(it)
+            try:
+                for _ in range(state.batches_done):  # resumed mid-epoch: skip what was consumed
+                    for it in iterators:
+                        next(it)
+            except StopIteration:
+                raise ValueError(
+                    f"A data loader of epoch {state.epoch} ended before the {state.batches_done} batches the resumed "
+                    "checkpoint had consumed: resume with the data it was trained on."
+                ) from None
             while True:
                 try:
                     batches = {name: next(it) for name, it in zip(names, iterators, strict=True)}
@@ -563,11 +589,25 @@ class FlamingoTrainer:
             mark_run_folder(self.run_dir)
             shutil.rmtree(partial, ignore_errors=True)
         acc.wait_for_everyone()
-        acc.save_state(str(partial))
-        if acc.is_main_process:
-            (partial / TRAINER_STATE_NAME).write_text(json.dumps(asdict(state), indent=2) + "\n")
-            (partial / RUN_CONFIG_NAME).write_text(json.dumps(self._resume_config(), indent=2) + "\n")
-        self.export()
+        try:
+            acc.save_state(str(partial))
+            if acc.is_main_process:
+                (partial / TRAINER_STATE_NAME).write_text(json.dumps(asdict(state), indent=2) + "\n")
+                (partial / RUN_CONFIG_NAME).write_text(json.dumps(self._resume_config(), indent=2) + "\n")
+            self.export()
+        except BaseException as exc:
+            # The previous checkpoint and exports stay as they were (the exports are replaced only when complete).
+            if acc.is_main_process:
+                shutil.rmtree(partial, ignore_errors=True)
+            failure = disk_write_failure(exc)
+            if failure is None:
+                raise
+            latest = self._previous_checkpoint or find_latest_checkpoint(self.run_dir)
+            kept = f"{latest} is intact" if latest is not None else "no checkpoint was saved before"
+            raise OSError(
+                f"could not save {final}: {failure}; {kept}: free space under {self.run_dir} and rerun the same "
+                "command to resume"
+            ) from exc
         acc.wait_for_everyone()
         if acc.is_main_process:
             if final.exists():
