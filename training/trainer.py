@@ -173,16 +173,9 @@ class FlamingoTrainer:
         self._window_bad = False
         # The frozen weights a checkpoint does not store come from `model`: their hash tells another model apart.
         trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-        self.frozen_weights = weights_sha256(model, skip=trainable | _checkpointed_names(model))
+        self._frozen_weights = weights_sha256(model, skip=trainable | _checkpointed_names(model))
         if saved_config is not None:
             check_resume_config(resume_dir, saved_config, self._resume_config())
-
-        if later:
-            acc.wait_for_everyone()  # every process checked the folder as it was before any writes
-            if acc.is_main_process:
-                aside = move_aside_later(self.run_dir, later)
-                acc.print(f"Moved {', '.join(p.name for p in later)} and the exports of that run into {aside}.")
-            acc.wait_for_everyone()
 
         optimizer = build_optimizer(model, args.learning_rate, args.weight_decay)
         if self.is_deepspeed:
@@ -234,6 +227,12 @@ class FlamingoTrainer:
         acc.register_save_state_pre_hook(self._filter_saved_weights)
         if resume_dir is not None:
             self._load_checkpoint(resume_dir)
+        if later:  # only once the resume is known to work
+            acc.wait_for_everyone()  # every process checked the folder as it was before any writes
+            if acc.is_main_process:
+                aside = move_aside_later(self.run_dir, later)
+                acc.print(f"Moved {', '.join(p.name for p in later)} and the exports of that run into {aside}.")
+            acc.wait_for_everyone()
         if getattr(args, "report_to", None):
             if acc.is_main_process:  # TensorBoard writes into the run folder: marked first
                 mark_run_folder(self.run_dir)
@@ -309,7 +308,7 @@ class FlamingoTrainer:
         return resume_dir, later
 
     def _resume_config(self) -> dict[str, Any]:
-        return resume_config(self.args, self.accelerator.num_processes, self.frozen_weights)
+        return resume_config(self.args, self.accelerator.num_processes, self._frozen_weights)
 
     @staticmethod
     def _resume_dir(args: argparse.Namespace) -> Path | None:
@@ -373,6 +372,8 @@ class FlamingoTrainer:
                 acc.load_state(str(folder), strict=False)
             else:
                 acc.load_state(str(folder))
+        except torch.OutOfMemoryError:
+            raise
         except Exception as exc:
             message = " ".join(str(exc).split())[:160]
             raise ValueError(f"cannot resume from {folder}: {message}; resume from another checkpoint") from exc
