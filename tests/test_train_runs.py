@@ -17,7 +17,15 @@ from modeling_flamingo.training import FlamingoTrainer, find_latest_checkpoint
 from modeling_flamingo.training.cli import main
 from modeling_flamingo.training.run_folder import RUN_MARKER_NAME, RunFolderError
 
-from train_helpers import batches, fresh_accelerate_state, loader_factory, scramble_trainable, tiny_model, train_args
+from train_helpers import (
+    ListLoader,
+    batches,
+    fresh_accelerate_state,
+    loader_factory,
+    scramble_trainable,
+    tiny_model,
+    train_args,
+)
 
 
 def make_trainer(model, data, **overrides) -> FlamingoTrainer:
@@ -276,3 +284,18 @@ def test_a_data_position_past_the_epoch_is_refused_naming_the_trainer_state(four
         f"{state_file} says 9 batches of epoch 0 were consumed, but an epoch has 4: resume with the data flags of the "
         "run that saved it"
     )
+
+    # Loaders that promise 4 batches but end after 2, while the 3 consumed ones are skipped.
+    state_file.write_text(json.dumps({"epoch": 0, "batches_done": 3, "global_step": 3, "skipped_steps": 0}))
+
+    def short(epoch: int) -> dict[str, ListLoader]:
+        loaders = {"laion": ListLoader(data[0][:2]), "mmc4": ListLoader(data[1][:2])}
+        for loader in loaders.values():
+            loader.num_batches = 4
+        return loaders
+
+    with fresh_accelerate_state():
+        trainer = make_trainer(tiny_model()[0], data, run_name=str(run_dir))
+        trainer.loader_factory, trainer._loaders = short, None  # the loaders of the next epochs
+        with pytest.raises(ValueError, match="^A data loader of epoch 0 ended before the 3 batches the resumed "):
+            trainer.train()
