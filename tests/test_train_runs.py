@@ -15,7 +15,7 @@ import torch
 
 from modeling_flamingo.training import FlamingoTrainer, find_latest_checkpoint
 from modeling_flamingo.training.cli import main
-from modeling_flamingo.training.run_folder import RUN_MARKER_NAME, RunFolderError
+from modeling_flamingo.training.run_folder import RUN_MARKER_NAME, RunFolderError, check_deepspeed_files
 
 from train_helpers import (
     ListLoader,
@@ -268,6 +268,26 @@ def test_a_corrupt_checkpoint_file_is_named_and_never_unpickled(four_checkpoints
     message = str(error.value)
     assert message.startswith(f"cannot resume from {checkpoint}: {file}: {reason}")
     assert message.endswith("resume from another checkpoint") and "\n" not in message
+    assert not (tmp_path / "code_ran").exists()
+
+
+def test_a_deepspeed_checkpoint_file_importing_foreign_code_is_refused_unread(tmp_path):
+    # DeepSpeed's own loader unpickles with weights_only=False; its real checkpoints pass this check
+    # (tests/test_train_deepspeed.py resumes from them).
+    checkpoint = tmp_path / "checkpoint_2"
+    (checkpoint / "pytorch_model").mkdir(parents=True)
+    torch.save({"module": {"w": torch.ones(2)}}, checkpoint / "pytorch_model" / "mp_rank_00_model_states.pt")
+    check_deepspeed_files(checkpoint)
+    torch.save(
+        {"w": _RunsCode(tmp_path / "code_ran")}, checkpoint / "pytorch_model" / "zero_pp_rank_0_optim_states.pt"
+    )
+    with pytest.raises(RunFolderError) as error:
+        check_deepspeed_files(checkpoint)
+    assert str(error.value) == (
+        f"cannot resume from {checkpoint}: pytorch_model/zero_pp_rank_0_optim_states.pt: it imports "
+        f"{os.mkdir.__module__}.mkdir, which DeepSpeed would unpickle without weights_only; refusing to load it: "
+        "resume from another checkpoint"
+    )
     assert not (tmp_path / "code_ran").exists()
 
 

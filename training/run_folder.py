@@ -1,10 +1,11 @@
 """The run folder (`--run_name`) of a training run: which folders a run may write into, its checkpoints, and the
-lineage check of a resume.
+checks of a resume (lineage, flags, model, checkpoint files).
 
 A run marks its folder with `training_run.json` before it writes anything else there (its first checkpoint, or its
-TensorBoard files), as conversions write `conversion.json`. A run writes only into a folder that is new (absent or empty), marked, or a run folder of an
-earlier version of this trainer (unmarked, holding a complete `checkpoint_<step>/`); anything else is refused before a
-model is loaded, so that no file a run did not write is ever overwritten.
+TensorBoard files), as conversions write `conversion.json`. A run writes only into a folder that is new (absent or
+empty), marked, or a run folder of an earlier version of this trainer (unmarked, holding a complete
+`checkpoint_<step>/`); anything else is refused before a model is loaded, so that no file a run did not write is
+ever overwritten.
 
 Every checkpoint records in `run_config.json` what resuming from it depends on (`resume_config`): the data and
 optimisation flags, the number of processes and a hash of the frozen weights, which come from `--model` rather than
@@ -35,6 +36,7 @@ ASIDE_PREFIX = "superseded-"
 # What a run writes at the top of its folder besides its checkpoints; moved aside with the later checkpoints.
 EXPORT_NAMES = ("model", "checkpoint.pt", "adapter")
 _CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
+# In every checkpoint: what resuming from it depends on.
 RUN_CONFIG_NAME = "run_config.json"
 
 # The flags a checkpoint's data position depends on: which samples, in which batches, on which process.
@@ -279,6 +281,26 @@ def check_checkpoint_files(checkpoint: Path, process_index: int) -> None:
             ) from None
 
 
+def check_deepspeed_files(checkpoint: Path) -> None:
+    """DeepSpeed unpickles its own checkpoint files with `weights_only=False`: refuse any whose pickles import a
+    global other than those `torch.load(weights_only=True)` allows and DeepSpeed's own classes (read from the
+    opcodes, nothing executed), so that a foreign file cannot run code on resume."""
+    from torch import _weights_only_unpickler as wou
+
+    from modeling_flamingo.convert.sources import pickle_globals
+
+    allowed = set(wou._get_allowed_globals()) | set(wou._get_user_allowed_globals())
+    for path in sorted(checkpoint.rglob("*.pt")):
+        foreign = [n for n in pickle_globals(path) if n not in allowed and not n.startswith("deepspeed.")]
+        if foreign:
+            more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+            raise RunFolderError(
+                f"cannot resume from {checkpoint}: {path.relative_to(checkpoint)}: it imports "
+                f"{', '.join(foreign[:3])}{more}, which DeepSpeed would unpickle without weights_only; refusing to "
+                "load it: resume from another checkpoint"
+            )
+
+
 def disk_write_failure(exc: BaseException) -> str | None:
     """What went wrong, in a few words, when `exc` is a failed write (a full disk, a quota, an I/O error), else None.
     torch and safetensors report a failed write as their own errors, not as OSError."""
@@ -300,6 +322,7 @@ __all__ = [
     "TRAINER_STATE_NAME",
     "RunFolderError",
     "check_checkpoint_files",
+    "check_deepspeed_files",
     "check_lineage",
     "check_resume_config",
     "check_run_folder",

@@ -37,6 +37,7 @@ from modeling_flamingo.training.run_folder import (
     RUN_CONFIG_NAME,
     TRAINER_STATE_NAME,
     check_checkpoint_files,
+    check_deepspeed_files,
     check_lineage,
     check_resume_config,
     check_run_folder,
@@ -367,6 +368,8 @@ class FlamingoTrainer:
                         f"unexpected {extra}): resume with the same model and flags."
                     )
         check_checkpoint_files(folder, acc.process_index)
+        if self.is_deepspeed:
+            check_deepspeed_files(folder)
         try:
             if not (self.is_fsdp or self.is_deepspeed):
                 acc.load_state(str(folder), strict=False)
