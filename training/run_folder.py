@@ -56,6 +56,7 @@ DATA_FLAGS = (
     "mmc4_min_num_images",
     "mmc4_image_order",
     "no_flip",
+    "max_image_pixels",  # which images are skipped (a flag of the data loaders; None where not defined)
 )
 # The flags its optimiser state, schedule and trainable set depend on.
 OPTIMISATION_FLAGS = (
