@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from modeling_flamingo.training import FlamingoTrainer, find_latest_checkpoint
+from modeling_flamingo.training import FlamingoTrainer, build_lr_scheduler, find_latest_checkpoint
 from modeling_flamingo.training.cli import main
 from modeling_flamingo.training.run_folder import RUN_MARKER_NAME, RunFolderError, check_deepspeed_files
 
@@ -319,3 +319,32 @@ def test_a_data_position_past_the_epoch_is_refused_naming_the_trainer_state(four
         trainer.loader_factory, trainer._loaders = short, None  # the loaders of the next epochs
         with pytest.raises(ValueError, match="^A data loader of epoch 0 ended before the 3 batches the resumed "):
             trainer.train()
+
+
+def test_resume_with_new_optimisation_flags_takes_the_new_schedule_from_the_resumed_step(four_checkpoints, tmp_path):
+    run_dir, data = four_checkpoints  # lr 1e-2, linear over 4 steps, warmup 1, weight decay 0.1
+    new = {"learning_rate": 5e-3, "max_steps": 6, "weight_decay": 0.5, "loss_multiplier_mmc4": 0.5}
+    # The lr a run with the new flags from the start has at step 2 (the schedule's own code, stepped twice).
+    reference = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=new["learning_rate"])
+    schedule = build_lr_scheduler(reference, "linear", 1, new["max_steps"])
+    for _ in range(2):
+        reference.step()
+        schedule.step()
+    expected_lr = reference.param_groups[0]["lr"]
+    with fresh_accelerate_state():
+        trainer = make_trainer(tiny_model()[0], data, run_name=str(tmp_path / "new"),
+                               resume_from_checkpoint=str(run_dir / "checkpoint_2"),
+                               resume_with_new_optimisation_flags=True, **new)  # fmt: skip
+        groups = trainer.optimizer.param_groups
+        assert [g["lr"] for g in groups] == pytest.approx([expected_lr] * len(groups))
+        assert groups[0]["weight_decay"] == 0.5 and all(g["weight_decay"] == 0 for g in groups[1:])
+        assert trainer.multipliers["mmc4"] == 0.5
+        trainer.train()
+    assert trainer.state.global_step == 6 and groups[0]["lr"] == 0  # linear decay to 0 at the new last step
+    saved = json.loads((tmp_path / "new" / "checkpoint_6" / "run_config.json").read_text())["flags"]
+    assert {name: saved[name] for name in new} == new  # the next resume compares with the new values
+    # Data flags still may not change.
+    with pytest.raises(RunFolderError, match=r"--batch_size_laion 128 -> 64\."):
+        run(tiny_model()[0], data, run_name=str(tmp_path / "other"),
+            resume_from_checkpoint=str(run_dir / "checkpoint_2"), resume_with_new_optimisation_flags=True,
+            batch_size_laion=64, **new)  # fmt: skip

@@ -82,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="resuming from a checkpoint older than others in the run folder: move those (and the exports) into a "
         "superseded-<date> subfolder instead of refusing",
     )
+    _add(
+        run,
+        "--resume_with_new_optimisation_flags",
+        action="store_true",
+        help="let a resume change --learning_rate, --lr_scheduler, --warmup_steps, --weight_decay, --max_grad_norm, "
+        "--num_epochs, --max_steps and the loss multipliers: they apply from the resumed step on (docs/training.md)",
+    )
     _add(run, "--checkpointing_steps", type=int, default=None, help="save the training state every N steps")
     _add(run, "--seed", type=int, default=42)
     _add(run, "--logging_steps", type=int, default=100)

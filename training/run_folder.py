@@ -77,6 +77,20 @@ OPTIMISATION_FLAGS = (
     "lora_target_modules",
 )
 
+# The optimisation flags a resume may change with --resume_with_new_optimisation_flags (docs/training.md): they act
+# from the resumed step on without changing the trainable set, the optimiser state's shape or the data position.
+CHANGEABLE_ON_RESUME = (
+    "learning_rate",
+    "lr_scheduler",
+    "warmup_steps",
+    "weight_decay",
+    "max_grad_norm",
+    "num_epochs",
+    "max_steps",
+    "loss_multiplier_laion",
+    "loss_multiplier_mmc4",
+)
+
 
 class RunFolderError(ValueError):
     """A run folder that a run must not write into, or a resume that would mix two runs."""
@@ -228,15 +242,22 @@ def read_resume_config(checkpoint: Path) -> dict[str, Any] | None:
     return data
 
 
-def check_resume_config(checkpoint: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
+def check_resume_config(
+    checkpoint: Path, saved: dict[str, Any], current: dict[str, Any], allowed: Iterable[str] = ()
+) -> list[str]:
     """Refuse a resume whose flags or model differ from those `saved` in `checkpoint`, naming each difference with
-    its old and new values. Only what both record is compared (flags added later are not in older checkpoints)."""
+    its old and new values; the flags in `allowed` may differ. Only what both record is compared (flags added later
+    are not in older checkpoints). Returns the `allowed` flags that differ."""
+    allowed = set(allowed)
+    changed = [
+        name for name in allowed if name in saved["flags"] and saved["flags"][name] != current["flags"].get(name)
+    ]
     differences = [
         f"--{name} {json.dumps(old)} -> {json.dumps(current['flags'][name])}"
         if name != "num_processes"
         else f"{old} processes -> {current['flags'][name]}"
         for name, old in saved["flags"].items()
-        if name in current["flags"] and current["flags"][name] != old
+        if name in current["flags"] and current["flags"][name] != old and name not in allowed
     ]
     old_model, new_model = saved.get("model"), current.get("model")
     if isinstance(old_model, dict) and new_model is not None:
@@ -246,10 +267,13 @@ def check_resume_config(checkpoint: Path, saved: dict[str, Any], current: dict[s
                 f"{new_model['source']})"
             )
     if differences:
+        changeable = any(d.startswith(f"--{name} ") for d in differences for name in CHANGEABLE_ON_RESUME)
+        hint = " (--resume_with_new_optimisation_flags lets the optimisation flags change)" if changeable else ""
         raise RunFolderError(
             f"cannot resume from {checkpoint}: {'; '.join(differences)}. Resume with the flags and model it was "
-            f"trained with ({checkpoint / RUN_CONFIG_NAME}), or start a new run from its exported model"
+            f"trained with ({checkpoint / RUN_CONFIG_NAME}){hint}"
         )
+    return sorted(changed)
 
 
 def check_checkpoint_files(checkpoint: Path, process_index: int) -> None:
@@ -315,6 +339,7 @@ def disk_write_failure(exc: BaseException) -> str | None:
 
 
 __all__ = [
+    "CHANGEABLE_ON_RESUME",
     "CHECKPOINT_PREFIX",
     "DATA_FLAGS",
     "OPTIMISATION_FLAGS",

@@ -33,6 +33,7 @@ from modeling_flamingo.training.export import save_original_checkpoint, save_pre
 from modeling_flamingo.training.labels import freeze_for_flamingo_training
 from modeling_flamingo.training.optim import EmbeddingGradientMask, build_lr_scheduler, build_optimizer
 from modeling_flamingo.training.run_folder import (
+    CHANGEABLE_ON_RESUME,
     CHECKPOINT_PREFIX,
     RUN_CONFIG_NAME,
     TRAINER_STATE_NAME,
@@ -175,8 +176,11 @@ class FlamingoTrainer:
         # The frozen weights a checkpoint does not store come from `model`: their hash tells another model apart.
         trainable = {name for name, p in model.named_parameters() if p.requires_grad}
         self._frozen_weights = weights_sha256(model, skip=trainable | _checkpointed_names(model))
+        self._changed_on_resume: list[str] = []
         if saved_config is not None:
-            check_resume_config(resume_dir, saved_config, self._resume_config())
+            self._changed_on_resume = check_resume_config(
+                resume_dir, saved_config, self._resume_config(), _changeable_on_resume(args)
+            )
 
         optimizer = build_optimizer(model, args.learning_rate, args.weight_decay)
         if self.is_deepspeed:
@@ -206,9 +210,9 @@ class FlamingoTrainer:
         self.batches_per_epoch = self._check_loaders(self._loaders)
         if self.state.batches_done >= self.batches_per_epoch:
             raise ValueError(
-                f"{resume_dir / TRAINER_STATE_NAME} says {self.state.batches_done} batches of epoch {self.state.epoch} "
-                f"were consumed, but an epoch has {self.batches_per_epoch}: resume with the data flags of the run that "
-                "saved it"
+                f"{resume_dir / TRAINER_STATE_NAME} says {self.state.batches_done} batches of epoch "
+                f"{self.state.epoch} were consumed, but an epoch has {self.batches_per_epoch}: resume with the data "
+                "flags of the run that saved it"
             )
         steps_per_epoch = math.ceil(self.batches_per_epoch / self.accumulation)
         if args.max_steps is not None:
@@ -228,6 +232,8 @@ class FlamingoTrainer:
         acc.register_save_state_pre_hook(self._filter_saved_weights)
         if resume_dir is not None:
             self._load_checkpoint(resume_dir)
+            if self._changed_on_resume:
+                self._apply_new_optimisation_flags()
         if later:  # only once the resume is known to work
             acc.wait_for_everyone()  # every process checked the folder as it was before any writes
             if acc.is_main_process:
@@ -305,8 +311,26 @@ class FlamingoTrainer:
         later = check_lineage(run_dir, resume_dir, step, bool(getattr(args, "move_later_checkpoints_aside", False)))
         saved = read_resume_config(resume_dir)
         if saved is not None:
-            check_resume_config(resume_dir, saved, resume_config(args, num_processes))
+            check_resume_config(resume_dir, saved, resume_config(args, num_processes), _changeable_on_resume(args))
         return resume_dir, later
+
+    def _apply_new_optimisation_flags(self) -> None:
+        """`--resume_with_new_optimisation_flags`: the loaded schedule state holds the checkpoint's base rate and the
+        optimiser its weight decay; from the resumed step on, the learning rate is the new `--learning_rate` times
+        the new schedule (built over the new number of steps) at that step, and the new weight decay applies. The
+        other changeable flags (clipping norm, loss multipliers) are read from the flags at every step."""
+        args, schedule = self.args, self.scheduler.scheduler
+        groups = self.optimizer.param_groups
+        schedule.base_lrs = [args.learning_rate for _ in groups]
+        for group, factor in zip(groups, schedule.lr_lambdas, strict=True):
+            group["initial_lr"] = args.learning_rate
+            group["lr"] = args.learning_rate * factor(schedule.last_epoch)
+        schedule._last_lr = [group["lr"] for group in groups]
+        groups[0]["weight_decay"] = args.weight_decay  # the decayed group (`flamingo_parameter_groups`)
+        self.accelerator.print(
+            f"Resumed with new {', '.join('--' + name for name in self._changed_on_resume)}: learning rate "
+            f"{groups[0]['lr']:.4g} at step {self.state.global_step}."
+        )
 
     def _resume_config(self) -> dict[str, Any]:
         return resume_config(self.args, self.accelerator.num_processes, self._frozen_weights)
@@ -680,6 +704,10 @@ def _deepspeed_on_cpu() -> bool:
 
 def _input_embedding_weight(model) -> torch.nn.Parameter:
     return model.get_input_embeddings().weight
+
+
+def _changeable_on_resume(args: argparse.Namespace) -> tuple[str, ...]:
+    return CHANGEABLE_ON_RESUME if getattr(args, "resume_with_new_optimisation_flags", False) else ()
 
 
 def _checkpointed_names(model) -> set[str]:
