@@ -58,10 +58,11 @@ def test_cli_trains_on_laion_and_mmc4_shards_and_exports(inputs, tmp_path):
         "--run_name", run, "--checkpointing_steps", "1", "--loss_multiplier_laion", "0.2", *DATA_FLAGS,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    assert (
-        "step 2/2 (epoch 0) loss_laion=" in result.stdout
-    )  # the last step of the first (0-based) epoch and "loss_mmc4=" in result.stdout
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "checkpoint_1", "checkpoint_2", "model"]
+    # The last step of the first (0-based) epoch.
+    assert "step 2/2 (epoch 0) loss_laion=" in result.stdout and "loss_mmc4=" in result.stdout
+    assert sorted(p.name for p in run.iterdir()) == [
+        "checkpoint.pt", "checkpoint_1", "checkpoint_2", "model", "training_run.json",
+    ]  # fmt: skip
     trained = FlamingoForConditionalGeneration.from_pretrained(run / "model")
     base = FlamingoForConditionalGeneration.from_pretrained(inputs["model"])
     moved = [n for n, p in trained.named_parameters() if not torch.equal(p, base.state_dict()[n])]

@@ -47,7 +47,7 @@ def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(tmp_path
     # Both runs wrote the same checkpoints (one set: rank 0 writes, every rank saves its RNG state).
     for run in ("ddp", "single"):
         names = sorted(p.name for p in (tmp_path / run).iterdir())
-        assert names == ["checkpoint.pt", "checkpoint_2", "checkpoint_4", "model"], names
+        assert names == ["checkpoint.pt", "checkpoint_2", "checkpoint_4", "model", "training_run.json"], names
     assert (tmp_path / "ddp" / "checkpoint_2" / "random_states_1.pkl").is_file()
 
 

@@ -99,7 +99,7 @@ def test_every_fsdp_run_took_accelerates_fsdp2_path_on_both_processes(runs):
         "consecutive_skipped_steps": 0,
     }
     assert sorted(p.name for p in (fsdp / "mosaic_gpt").iterdir()) == [
-        "checkpoint.pt", "checkpoint_2", "checkpoint_4", "model",
+        "checkpoint.pt", "checkpoint_2", "checkpoint_4", "model", "training_run.json",
     ]  # fmt: skip
 
 

@@ -85,7 +85,7 @@ def test_run_folder_is_resumed_automatically_and_old_checkpoints_deleted(tmp_pat
     data = batches(tokenizer, 2)
     run(model, tokenizer, data, run_name=str(tmp_path / "run"), checkpointing_steps=1, delete_previous_checkpoint=True)
     folders = sorted(p.name for p in (tmp_path / "run").iterdir())
-    assert folders == ["checkpoint.pt", "checkpoint_2", "model"]
+    assert folders == ["checkpoint.pt", "checkpoint_2", "model", "training_run.json"]
     assert find_latest_checkpoint(tmp_path / "run").name == "checkpoint_2"
     # The original resumes a run folder by itself: a finished run takes no further step.
     again, _ = tiny_model()

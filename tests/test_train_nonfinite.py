@@ -67,7 +67,10 @@ def test_skipped_steps_in_a_row_stop_the_run(tmp_path, bad, stop):
     )
     assert "the weights of step 1" in message and "--max_consecutive_skipped_steps 2 set this limit" in message
     # Nothing saved at the step that stopped the run; the streak is in the state saved during it.
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "checkpoint_1", "checkpoint_2", "model"]
+    assert message.endswith("start again in a new --run_name (--max_consecutive_skipped_steps 2 set this limit)")
+    assert sorted(p.name for p in run.iterdir()) == [
+        "checkpoint.pt", "checkpoint_1", "checkpoint_2", "model", "training_run.json",
+    ]  # fmt: skip
     saved = json.loads((run / "checkpoint_2" / "trainer_state.json").read_text())
     assert saved["consecutive_skipped_steps"] == 1 and saved["skipped_steps"] == 1
 

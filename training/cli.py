@@ -103,6 +103,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="a checkpoint_<step> folder (or a run folder: its latest); by default the run folder's latest, if any",
     )
     _add(run, "--delete_previous_checkpoint", action="store_true")
+    _add(
+        run,
+        "--move_later_checkpoints_aside",
+        action="store_true",
+        help="resuming from a checkpoint older than others in the run folder: move those (and the exports) into a "
+        "superseded-<date> subfolder instead of refusing",
+    )
+    _add(
+        run,
+        "--resume_with_new_optimisation_flags",
+        action="store_true",
+        help="let a resume change --learning_rate, --lr_scheduler, --warmup_steps, --weight_decay, --max_grad_norm, "
+        "--num_epochs, --max_steps and the loss multipliers: they apply from the resumed step on (docs/training.md)",
+    )
     _add(run, "--checkpointing_steps", type=int, default=None, help="save the training state every N steps")
     _add(run, "--seed", type=int, default=42)
     _add(run, "--logging_steps", type=int, default=100)
@@ -291,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     from modeling_flamingo.training.trainer import FlamingoTrainer, TrainingDivergedError, seed_everything
 
     try:
+        FlamingoTrainer.check_run(args)  # the run folder and the resume, before the model is loaded
         seed_everything(args.seed)  # the same initial weights on every process, as the original
         if args.init_from:
             model, processor = build_fresh_flamingo(

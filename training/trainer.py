@@ -15,7 +15,6 @@ import contextlib
 import json
 import math
 import os
-import re
 import shlex
 import shutil
 import time
@@ -34,6 +33,24 @@ from modeling_flamingo.modeling_flamingo import FlamingoForConditionalGeneration
 from modeling_flamingo.training.export import save_original_checkpoint, save_pretrained_folder
 from modeling_flamingo.training.labels import freeze_for_flamingo_training
 from modeling_flamingo.training.optim import EmbeddingGradientMask, build_lr_scheduler, build_optimizer
+from modeling_flamingo.training.run_folder import (
+    CHANGEABLE_ON_RESUME,
+    CHECKPOINT_PREFIX,
+    RUN_CONFIG_NAME,
+    TRAINER_STATE_NAME,
+    check_checkpoint_files,
+    check_deepspeed_files,
+    check_lineage,
+    check_resume_config,
+    check_run_folder,
+    disk_write_failure,
+    list_checkpoints,
+    mark_run_folder,
+    move_aside_later,
+    read_resume_config,
+    resume_config,
+    weights_sha256,
+)
 from modeling_flamingo.training.token_rows import TrainableTokenRows, is_token_rows_name
 
 # --precision values of the original and the Accelerate mixed-precision mode each one means here. The original's
@@ -47,11 +64,8 @@ PRECISIONS = {
     "fp16": "fp16",
 }
 
-TRAINER_STATE_NAME = "trainer_state.json"
 # Optimiser steps in a row skipped for a non-finite loss or gradient norm before training stops with an error.
 DEFAULT_MAX_CONSECUTIVE_SKIPPED_STEPS = 10
-CHECKPOINT_PREFIX = "checkpoint_"
-_CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 
 
 class TrainLoaderLike(Protocol):
@@ -106,15 +120,8 @@ class TrainerState:
 
 def find_latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     """The `checkpoint_<step>` folder with the highest step in `run_dir` (complete ones only), or None."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        return None
-    found = [
-        (int(m[1]), p)
-        for p in run_dir.iterdir()
-        if (m := _CHECKPOINT_RE.match(p.name)) and (p / TRAINER_STATE_NAME).is_file()
-    ]
-    return max(found)[1] if found else None
+    found = list_checkpoints(run_dir)
+    return found[-1][1] if found else None
 
 
 def _as_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
@@ -155,6 +162,19 @@ class FlamingoTrainer:
         acc = self.accelerator
         self.is_deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
         self.is_fsdp = acc.distributed_type == DistributedType.FSDP
+        # Nothing is written before the run folder and the resume are checked (also by the command line, before it
+        # loads the model).
+        resume_dir, later = self.check_run(args, acc.num_processes)
+        saved_config = None
+        if resume_dir is not None:
+            self.state = self._read_state(resume_dir)
+            saved_config = read_resume_config(resume_dir)
+            acc.print(f"Resuming from {resume_dir}.")
+            if saved_config is None:
+                acc.print(
+                    f"{resume_dir} records no run configuration (an earlier version wrote it): its flags and model "
+                    "cannot be checked; resume with the same ones."
+                )
 
         freeze_for_flamingo_training(model, train_embeddings=not args.freeze_lm_embeddings)
         if getattr(args, "lora_r", 0):
@@ -179,6 +199,14 @@ class FlamingoTrainer:
         self.multipliers: dict[str, float] = {}
         self._reset_meters()
         self._window_bad = False
+        # The frozen weights a checkpoint does not store come from `model`: their hash tells another model apart.
+        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+        self._frozen_weights = weights_sha256(model, skip=trainable | _checkpointed_names(model))
+        self._changed_on_resume: list[str] = []
+        if saved_config is not None:
+            self._changed_on_resume = check_resume_config(
+                resume_dir, saved_config, self._resume_config(), _changeable_on_resume(args)
+            )
 
         optimizer = build_optimizer(model, args.learning_rate, args.weight_decay)
         if self.is_deepspeed:
@@ -198,12 +226,20 @@ class FlamingoTrainer:
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.unwrapped: FlamingoForConditionalGeneration = acc.unwrap_model(self.model)
 
+        # The checkpoint of this run's lineage that --delete_previous_checkpoint may delete once the next one is
+        # saved: the one it resumed from when that lies in the run folder, then the one it saved last.
+        self._previous_checkpoint: Path | None = None
+        if resume_dir is not None and os.path.realpath(resume_dir.parent) == os.path.realpath(self.run_dir):
+            self._previous_checkpoint = resume_dir
         # Loaders of the first epoch: their length fixes the schedule.
-        resume_dir = self._resume_dir()
-        if resume_dir is not None:
-            self.state = self._read_state(resume_dir)
         self._loaders = dict(loader_factory(self.state.epoch))
         self.batches_per_epoch = self._check_loaders(self._loaders)
+        if self.state.batches_done >= self.batches_per_epoch:
+            raise ValueError(
+                f"{resume_dir / TRAINER_STATE_NAME} says {self.state.batches_done} batches of epoch "
+                f"{self.state.epoch} were consumed, but an epoch has {self.batches_per_epoch}: resume with the data "
+                "flags of the run that saved it"
+            )
         steps_per_epoch = math.ceil(self.batches_per_epoch / self.accumulation)
         if args.max_steps is not None:
             # As in transformers' Trainer: max_steps overrides num_epochs (the data is run through as often as needed).
@@ -222,7 +258,17 @@ class FlamingoTrainer:
         acc.register_save_state_pre_hook(self._filter_saved_weights)
         if resume_dir is not None:
             self._load_checkpoint(resume_dir)
+            if self._changed_on_resume:
+                self._apply_new_optimisation_flags()
+        if later:  # only once the resume is known to work
+            acc.wait_for_everyone()  # every process checked the folder as it was before any writes
+            if acc.is_main_process:
+                aside = move_aside_later(self.run_dir, later)
+                acc.print(f"Moved {', '.join(p.name for p in later)} and the exports of that run into {aside}.")
+            acc.wait_for_everyone()
         if getattr(args, "report_to", None):
+            if acc.is_main_process:  # TensorBoard writes into the run folder: marked first
+                mark_run_folder(self.run_dir)
             # The trackers were built with the accelerator (`build_trackers`): the project name is theirs.
             acc.init_trackers("openflamingo", config={k: v for k, v in vars(args).items() if _loggable(v)})
 
@@ -271,14 +317,56 @@ class FlamingoTrainer:
         self.multipliers = {name: float(getattr(self.args, f"loss_multiplier_{name}", 1.0)) for name in loaders}
         return n
 
-    def _resume_dir(self) -> Path | None:
-        path = self.args.resume_from_checkpoint
+    @classmethod
+    def check_run(cls, args: argparse.Namespace, num_processes: int | None = None) -> tuple[Path | None, list[Path]]:
+        """What a run checks before it loads a model or writes anything (reads only): `--run_name` is new or a run
+        folder, resuming from the checkpoint it resumes from mixes no lineages, and the data and optimisation flags
+        (and `num_processes`, when given) are those the checkpoint was saved with. Raises `RunFolderError` (a
+        ValueError) naming the problem.
+
+        Returns:
+            The checkpoint folder to resume from (None for a new run), and the later checkpoints of the run folder to
+            move aside (`--move_later_checkpoints_aside`; empty otherwise).
+        """
+        run_dir = Path(args.run_name)
+        check_run_folder(run_dir)
+        resume_dir = cls._resume_dir(args)
+        if resume_dir is None:
+            return None, []
+        step = cls._read_state(resume_dir).global_step
+        later = check_lineage(run_dir, resume_dir, step, bool(getattr(args, "move_later_checkpoints_aside", False)))
+        saved = read_resume_config(resume_dir)
+        if saved is not None:
+            check_resume_config(resume_dir, saved, resume_config(args, num_processes), _changeable_on_resume(args))
+        return resume_dir, later
+
+    def _apply_new_optimisation_flags(self) -> None:
+        """`--resume_with_new_optimisation_flags`: the loaded schedule state holds the checkpoint's base rate and the
+        optimiser its weight decay; from the resumed step on, the learning rate is the new `--learning_rate` times
+        the new schedule (built over the new number of steps) at that step, and the new weight decay applies. The
+        other changeable flags (clipping norm, loss multipliers) are read from the flags at every step."""
+        args, schedule = self.args, self.scheduler.scheduler
+        groups = self.optimizer.param_groups
+        schedule.base_lrs = [args.learning_rate for _ in groups]
+        for group, factor in zip(groups, schedule.lr_lambdas, strict=True):
+            group["initial_lr"] = args.learning_rate
+            group["lr"] = args.learning_rate * factor(schedule.last_epoch)
+        schedule._last_lr = [group["lr"] for group in groups]
+        groups[0]["weight_decay"] = args.weight_decay  # the decayed group (`flamingo_parameter_groups`)
+        self.accelerator.print(
+            f"Resumed with new {', '.join('--' + name for name in self._changed_on_resume)}: learning rate "
+            f"{groups[0]['lr']:.4g} at step {self.state.global_step}."
+        )
+
+    def _resume_config(self) -> dict[str, Any]:
+        return resume_config(self.args, self.accelerator.num_processes, self._frozen_weights)
+
+    @staticmethod
+    def _resume_dir(args: argparse.Namespace) -> Path | None:
+        path = args.resume_from_checkpoint
         if path is None:
             # The original resumes from the run folder's latest checkpoint when none is named.
-            latest = find_latest_checkpoint(self.run_dir)
-            if latest is not None:
-                self.accelerator.print(f"Resuming from {latest}, the latest checkpoint of run {self.run_dir}.")
-            return latest
+            return find_latest_checkpoint(args.run_name)
         path = Path(path)
         if path.is_dir() and not (path / TRAINER_STATE_NAME).is_file():
             latest = find_latest_checkpoint(path)
@@ -299,11 +387,7 @@ class FlamingoTrainer:
             raise ValueError(f"{folder / TRAINER_STATE_NAME} is not a valid trainer state: {exc}") from None
 
     def _saved_keys(self) -> set[str]:
-        model = self.unwrapped
-        keys = {name for name, p in model.named_parameters() if p.requires_grad and not is_token_rows_name(name)}
-        emb = _input_embedding_weight(model)
-        keys |= {name for name, p in model.named_parameters(remove_duplicate=False) if p is emb}
-        return keys
+        return _checkpointed_names(self.unwrapped)
 
     def _filter_saved_weights(self, models, weights, output_dir) -> None:
         keep = self._saved_keys()
@@ -317,8 +401,14 @@ class FlamingoTrainer:
 
             weights = folder / "model.safetensors"
             if weights.is_file():
-                with safe_open(str(weights), "pt") as f:
-                    stored = set(f.keys())
+                try:
+                    with safe_open(str(weights), "pt") as f:
+                        stored = set(f.keys())
+                except Exception as exc:
+                    raise ValueError(
+                        f"cannot resume from {folder}: {weights.name}: it is truncated or corrupt ({exc}); resume "
+                        "from another checkpoint"
+                    ) from None
                 expected = self._saved_keys()
                 if stored != expected:
                     missing = sorted(expected - stored)[:3]
@@ -327,9 +417,19 @@ class FlamingoTrainer:
                         f"Checkpoint {folder} does not match this model's trainable set (missing {missing}, "
                         f"unexpected {extra}): resume with the same model and flags."
                     )
-            acc.load_state(str(folder), strict=False)
-        else:
-            acc.load_state(str(folder))
+        check_checkpoint_files(folder, acc.process_index)
+        if self.is_deepspeed:
+            check_deepspeed_files(folder)
+        try:
+            if not (self.is_fsdp or self.is_deepspeed):
+                acc.load_state(str(folder), strict=False)
+            else:
+                acc.load_state(str(folder))
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as exc:
+            message = " ".join(str(exc).split())[:160]
+            raise ValueError(f"cannot resume from {folder}: {message}; resume from another checkpoint") from exc
         acc.print(
             f"Resumed at epoch {self.state.epoch}, batch {self.state.batches_done}, step {self.state.global_step}."
         )
@@ -451,9 +551,15 @@ class FlamingoTrainer:
                 raise ValueError(f"Epoch {state.epoch} has a different number of batches than the first one.")
             names = list(loaders)
             iterators = [iter(loader.dataloader) for loader in loaders.values()]
-            for _ in range(state.batches_done):  # resumed mid-epoch: skip what was consumed
-                for it in iterators:
-                    next(it)
+            try:
+                for _ in range(state.batches_done):  # resumed mid-epoch: skip what was consumed
+                    for it in iterators:
+                        next(it)
+            except StopIteration:
+                raise ValueError(
+                    f"A data loader of epoch {state.epoch} ended before the {state.batches_done} batches the resumed "
+                    "checkpoint had consumed: resume with the data it was trained on."
+                ) from None
             while True:
                 try:
                     batches = {name: next(it) for name, it in zip(names, iterators, strict=True)}
@@ -506,12 +612,13 @@ class FlamingoTrainer:
         state = self.state
         last_moved = state.global_step - state.consecutive_skipped_steps
         weights = f"the weights of step {last_moved}" if last_moved else "the starting weights"
-        earlier = [
-            (int(m[1]), p)
-            for p in (self.run_dir.iterdir() if self.run_dir.is_dir() else ())
-            if (m := _CHECKPOINT_RE.match(p.name)) and int(m[1]) < last_moved and (p / TRAINER_STATE_NAME).is_file()
-        ]
-        restart = f"resume from {max(earlier)[1]}" if earlier else "start again"
+        earlier = [(step, path) for step, path in list_checkpoints(self.run_dir) if step < last_moved]
+        restart = (
+            # The later checkpoints hold the diverged weights: the resume moves them aside and takes the new rate.
+            f"resume from {max(earlier)[1]} with --move_later_checkpoints_aside --resume_with_new_optimisation_flags"
+            if earlier
+            else "start again in a new --run_name"
+        )
         return (
             f"training stopped at step {state.global_step}: steps {last_moved + 1} to {state.global_step} were all "
             f"skipped because a loss or the gradient norm was not finite (NaN or inf), so {weights} (in every "
@@ -584,20 +691,37 @@ class FlamingoTrainer:
         final = self.run_dir / f"{CHECKPOINT_PREFIX}{state.global_step}"
         partial = self.run_dir / f".{final.name}.partial"
         if acc.is_main_process:
+            mark_run_folder(self.run_dir)
             shutil.rmtree(partial, ignore_errors=True)
         acc.wait_for_everyone()
-        acc.save_state(str(partial))
-        if acc.is_main_process:
-            (partial / TRAINER_STATE_NAME).write_text(json.dumps(asdict(state), indent=2) + "\n")
-        self.export()
+        try:
+            acc.save_state(str(partial))
+            if acc.is_main_process:
+                (partial / TRAINER_STATE_NAME).write_text(json.dumps(asdict(state), indent=2) + "\n")
+                (partial / RUN_CONFIG_NAME).write_text(json.dumps(self._resume_config(), indent=2) + "\n")
+            self.export()
+        except BaseException as exc:
+            # The previous checkpoint and exports stay as they were (the exports are replaced only when complete).
+            if acc.is_main_process:
+                shutil.rmtree(partial, ignore_errors=True)
+            failure = disk_write_failure(exc)
+            if failure is None:
+                raise
+            latest = self._previous_checkpoint or find_latest_checkpoint(self.run_dir)
+            kept = f"{latest} is intact" if latest is not None else "no checkpoint was saved before"
+            raise OSError(
+                f"could not save {final}: {failure}; {kept}: free space under {self.run_dir} and rerun the same "
+                "command to resume"
+            ) from exc
         acc.wait_for_everyone()
         if acc.is_main_process:
-            previous = find_latest_checkpoint(self.run_dir)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(partial, final)
-            if self.args.delete_previous_checkpoint and previous is not None and previous != final:
+            previous = self._previous_checkpoint
+            if self.args.delete_previous_checkpoint and previous is not None and previous.name != final.name:
                 shutil.rmtree(previous, ignore_errors=True)
+        self._previous_checkpoint = final
         acc.wait_for_everyone()
         return final
 
@@ -662,6 +786,18 @@ def _input_embedding_weight(model) -> torch.nn.Parameter:
 def _shell_path(path: Path) -> str:
     """`path` made absolute, quoted only where a shell needs it: pasted as is into a later command."""
     return shlex.quote(str(path.resolve()))
+
+
+def _changeable_on_resume(args: argparse.Namespace) -> tuple[str, ...]:
+    return CHANGEABLE_ON_RESUME if getattr(args, "resume_with_new_optimisation_flags", False) else ()
+
+
+def _checkpointed_names(model) -> set[str]:
+    """The parameters a (non-FSDP) checkpoint stores: the trainable ones and the input embeddings."""
+    keys = {name for name, p in model.named_parameters() if p.requires_grad and not is_token_rows_name(name)}
+    emb = _input_embedding_weight(model)
+    keys |= {name for name, p in model.named_parameters(remove_duplicate=False) if p is emb}
+    return keys
 
 
 def _loggable(value: Any) -> bool:
