@@ -12,7 +12,6 @@ import glob
 import importlib.metadata
 import importlib.util
 import json
-import os
 import re
 import shlex
 import shutil
@@ -30,7 +29,7 @@ from modeling_flamingo.processing.image_processing_flamingo import FlamingoImage
 from modeling_flamingo.training import FlamingoTrainer, TrainerState
 from modeling_flamingo.training.cli import _MOVED_FLAGS, build_parser, parse_args
 
-from train_helpers import batches, fresh_accelerate_state, loader_factory, tiny_model, train_args
+from train_helpers import batches, fresh_accelerate_state, loader_factory, offline_wandb_env, tiny_model, train_args
 
 
 def original_train_flags(source: str) -> dict[str, dict]:
@@ -169,19 +168,7 @@ def test_cli_saves_checkpoints_to_an_offline_wandb_run(tmp_path):
     processor.save_pretrained(tmp_path / "model")
     laion = make_laion_shards(tmp_path / "laion", num_shards=2, samples_per_shard=3)
     run = tmp_path / "run"
-    private = tmp_path / "private"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    env.update(
-        ACCELERATE_USE_CPU="true",
-        HF_HUB_OFFLINE="1",
-        WANDB_DIR=str(tmp_path / "wandb_dir"),
-        WANDB_CACHE_DIR=str(private / "cache"),
-        WANDB_CONFIG_DIR=str(private / "config"),
-        WANDB_DATA_DIR=str(private / "data"),
-        XDG_CACHE_HOME=str(private / "xdg_cache"),
-        XDG_CONFIG_HOME=str(private / "xdg_config"),
-    )
-    (tmp_path / "wandb_dir").mkdir()
+    env = offline_wandb_env(tmp_path)
     command = [
         sys.executable, "-m", "modeling_flamingo.training", "--model", str(tmp_path / "model"),
         "--laion_shards", laion, "--run_name", str(run), "--offline", "--report_to_wandb", "--save_checkpoints_to_wandb",

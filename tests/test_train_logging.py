@@ -9,7 +9,6 @@ import copy
 import glob
 import json
 import math
-import os
 import re
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from modeling_flamingo.processing.image_processing_flamingo import FlamingoImage
 from modeling_flamingo.training import FlamingoTrainer
 from modeling_flamingo.training.trainer import build_trackers
 
-from train_helpers import batches, fresh_accelerate_state, loader_factory, tiny_model, train_args
+from train_helpers import batches, fresh_accelerate_state, loader_factory, offline_wandb_env, tiny_model, train_args
 
 SCALARS = ["loss_laion", "loss_mmc4", "lr", "samples_per_second", "tokens_per_second", "skipped_steps"]
 
@@ -168,20 +167,7 @@ def test_cli_reports_to_wandb_offline_and_tensorboard_with_the_same_numbers(tmp_
     laion = make_laion_shards(tmp_path / "laion", num_shards=2, samples_per_shard=3)
     mmc4 = make_mmc4_shards(tmp_path / "mmc4", num_shards=2, documents_per_shard=3)
     run_name = str(tmp_path / "run")
-    private = tmp_path / "private"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    env.update(
-        ACCELERATE_USE_CPU="true",
-        HF_HUB_OFFLINE="1",
-        # Everything W&B writes goes under tmp_path; no WANDB_MODE: the original's --offline must set it.
-        WANDB_DIR=str(tmp_path / "wandb_dir"),
-        WANDB_CACHE_DIR=str(private / "cache"),
-        WANDB_CONFIG_DIR=str(private / "config"),
-        WANDB_DATA_DIR=str(private / "data"),
-        XDG_CACHE_HOME=str(private / "xdg_cache"),
-        XDG_CONFIG_HOME=str(private / "xdg_config"),
-    )
-    (tmp_path / "wandb_dir").mkdir()
+    env = offline_wandb_env(tmp_path)
     command = [
         sys.executable, "-m", "modeling_flamingo.training", "--model", str(tmp_path / "model"),
         "--laion_shards", laion, "--mmc4_shards", mmc4, "--run_name", run_name, "--offline",

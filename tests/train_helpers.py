@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
+from pathlib import Path
 
 import torch
 from accelerate.state import AcceleratorState, GradientState
@@ -147,3 +149,23 @@ def shard_batches(tokenizer, steps: int, shards: int, seed: int = 0) -> list[lis
             row.append((laion, mmc4))
         out.append(row)
     return out
+
+
+def offline_wandb_env(tmp_path: Path) -> dict[str, str]:
+    """The environment of a training CLI subprocess on the CPU, offline, whose W&B files all go under `tmp_path`
+    (`wandb_dir/` is the run's `WANDB_DIR`). None of the caller's `WANDB_*` variables, and no `WANDB_MODE`: the
+    original's `--offline` must set it."""
+    private = tmp_path / "private"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(
+        ACCELERATE_USE_CPU="true",
+        HF_HUB_OFFLINE="1",
+        WANDB_DIR=str(tmp_path / "wandb_dir"),
+        WANDB_CACHE_DIR=str(private / "cache"),
+        WANDB_CONFIG_DIR=str(private / "config"),
+        WANDB_DATA_DIR=str(private / "data"),
+        XDG_CACHE_HOME=str(private / "xdg_cache"),
+        XDG_CONFIG_HOME=str(private / "xdg_config"),
+    )
+    (tmp_path / "wandb_dir").mkdir()
+    return env
