@@ -144,8 +144,8 @@ def build_demo(
             for number in range(1, NUM_DEMONSTRATIONS + 1):
                 with gr.Column(min_width=200):
                     image = upload_image(label=f"Demonstration {number}", elem_id=f"demo-image-{number}")
-                    question = gr.Textbox(label="Question", elem_id=f"demo-question-{number}", visible=False)
-                    text = gr.Textbox(label="Caption", elem_id=f"demo-text-{number}")
+                    question = gr.Textbox(label=f"Question {number}", elem_id=f"demo-question-{number}", visible=False)
+                    text = gr.Textbox(label=f"Caption {number}", elem_id=f"demo-text-{number}")
                     page_inputs += [image, text, question]
             with gr.Column(min_width=200):
                 query_image = upload_image(label="Query image", elem_id="query-image")
@@ -181,7 +181,8 @@ def build_demo(
             vqa, free = mode == VQA, mode == FREE
             questions = [gr.update(visible=vqa) for _ in range(NUM_DEMONSTRATIONS)]
             texts = [
-                gr.update(visible=not free, label="Answer" if vqa else "Caption") for _ in range(NUM_DEMONSTRATIONS)
+                gr.update(visible=not free, label=f"{'Answer' if vqa else 'Caption'} {number}")
+                for number in range(1, NUM_DEMONSTRATIONS + 1)
             ]
             return [*questions, *texts, gr.update(visible=vqa), gr.update(visible=free)]
 
@@ -197,6 +198,7 @@ def build_demo(
             queue=False,
             api_visibility="private",
         )
+        demo.load(preview, [mode, *page_inputs], prompt_box, queue=False, api_visibility="private")
         event = generate_button.click(
             generate_page,
             [mode, *page_inputs, max_new_tokens, num_beams, do_sample, temperature],
@@ -252,6 +254,9 @@ def build_demo(
             ],
             [mode, *page_inputs],
             label="Examples (photographs from scikit-image)",
+            elem_id="examples",
+            # The table shows the mode and the pictures; a click fills every field.
+            visible_columns=[0, *range(1, 3 * NUM_DEMONSTRATIONS + 1, 3), 3 * NUM_DEMONSTRATIONS + 1],
         )
 
         # The programmatic API: hidden components behind the named endpoint /generate.

@@ -246,3 +246,16 @@ def test_page_shows_the_message_of_a_bad_input(served, browser):
     _run(browser, wait)
     assert _status(browser) == "Error: Demonstration 1 has an image but no caption: write a caption."
     assert _value(browser, "#answer textarea") == ""
+
+
+def test_page_example_gallery_fills_the_fields(served, browser):
+    wait = _open(browser, served["url"])
+    wait.until(lambda d: _value(d, "#prompt textarea").startswith("(not ready: Add a query image"))
+    browser.find_elements(By.CSS_SELECTOR, "#examples tbody tr")[0].click()  # captioning: astronaut, coffee; cat
+    expected = "<image>Output:An astronaut in a spacesuit posing in front of a flag.<|endofchunk|>"
+    wait.until(
+        lambda d: (
+            _value(d, "#prompt textarea")
+            == expected + "<image>Output:A cup of coffee on a saucer.<|endofchunk|><image>Output:"
+        )
+    )
