@@ -156,8 +156,8 @@ class FlamingoEngine:
         """Check a request and build the model's inputs.
 
         Returns:
-            `input_ids` and `attention_mask` (1, L) and `pixel_values` (1, T_img, 1, 3, H, W), on the model's
-            device (pixel values in the vision tower's dtype).
+            `input_ids` and `attention_mask` (1, L) and float32 `pixel_values` (1, T_img, 1, 3, H, W), on the
+            model's input device (the model casts the pixels to its vision tower's dtype).
 
         Raises:
             InputError: see docs/app.md for the list of checks.
@@ -192,9 +192,7 @@ class FlamingoEngine:
                 f"context of {self.context_length} tokens. Shorten the prompt, remove demonstrations or lower max "
                 "new tokens."
             )
-        batch = batch.to(self.device)
-        batch["pixel_values"] = batch["pixel_values"].to(self.model.vision_encoder.dtype)
-        return dict(batch)
+        return dict(batch.to(self.device))
 
     def _decode(self, output_ids: torch.LongTensor, prompt_length: int) -> str:
         return self.processor.batch_decode(output_ids, skip_special_tokens=True, prompt_length=prompt_length)[0]
