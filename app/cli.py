@@ -7,6 +7,7 @@ exits 1; nothing is served.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -115,6 +116,12 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     engine = FlamingoEngine(model, processor, max_images=args.max_images, max_image_pixels=args.max_image_pixels)
     demo = build_demo(engine, content_filter, max_concurrency=args.max_concurrency)
+    # The app's own log (failed and stopped generations) goes to the console; other libraries keep their levels.
+    log = logging.getLogger("modeling_flamingo.app")
+    log.setLevel(logging.INFO)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    log.addHandler(handler)
     filter_name = {"none": "no content filter", "default": "content filter: alt-profanity-check"}.get(
         args.content_filter, f"content filter: word list {args.content_filter}"
     )

@@ -8,6 +8,7 @@ at its next token through a stopping criterion.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import threading
 from collections.abc import Iterator, Sequence
@@ -20,6 +21,8 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 from modeling_flamingo import FlamingoForConditionalGeneration, FlamingoProcessor
 from modeling_flamingo.app.prompt import IMAGE, InputError
 from modeling_flamingo.processing.image_loading import DEFAULT_MAX_IMAGE_PIXELS, ImageTooLargeError, open_image
+
+logger = logging.getLogger(__name__)
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Documented in docs/app.md: 8 images is a 7-shot prompt, more than the 4 shots the model cards show.
@@ -237,10 +240,14 @@ class FlamingoEngine:
 
         worker = threading.Thread(target=work, name="flamingo-generate", daemon=True)
         worker.start()
+        finished = False
         try:
             yield from streamer
+            finished = True
         finally:
             stop.set()
             worker.join()
+            if not finished:
+                logger.info("generation stopped early (stop button, content filter, or the client left)")
         if failure:
             raise failure[0]

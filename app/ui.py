@@ -207,7 +207,7 @@ def build_demo(
             concurrency_id="model",
             api_visibility="private",
         )
-        stop_button.click(None, cancels=[event])
+        stop_button.click(lambda: "Stopped.", None, status, cancels=[event], queue=False, api_visibility="private")
 
         empty = [None, "", ""]
         gr.Examples(

@@ -154,3 +154,18 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"error: cannot load --model {tmp_path / 'no-model'}:") and err.count("\n") == 1
     assert torch.is_grad_enabled()  # nothing left switched off
+
+
+def test_tiny_builds_the_demo_model_and_serves_it_with_the_flags(monkeypatch, capsys):
+    import gradio as gr
+
+    launched = {}
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kwargs: launched.update(kwargs, blocks=self))
+    argv = ["--tiny", "--content_filter", "none", "--host", "0.0.0.0", "--port", "7999", "--max_concurrency", "3"]
+    assert main(argv) == 0
+    assert launched["server_name"] == "0.0.0.0" and launched["server_port"] == 7999
+    # The page's generation and /generate share one queue group limited to --max_concurrency.
+    model_fns = [fn for fn in launched["blocks"].fns.values() if fn.concurrency_id == "model"]
+    assert len(model_fns) == 2 and {fn.concurrency_limit for fn in model_fns} == {3}
+    assert "generate" in {fn.api_name for fn in model_fns}
+    assert "Model ready (no content filter, 3 generation(s) at once)" in capsys.readouterr().out

@@ -34,6 +34,16 @@ CAPTION_PROMPT = "<image>Output:An astronaut.<|endofchunk|><image>Output:A cup o
 # checks it against model.generate below), so a word list holding "pling" flags that answer and no other here.
 FLAGGED_PROMPT = "<image>An image of two cats sleeping on a couch."
 FLAGGED_WORD = "pling"
+STOPPED_LOG = "modeling_flamingo.app.engine: generation stopped early"
+
+
+def _drain(stream, lines: list[str]) -> None:
+    for line in stream:  # keeps the pipe from filling up; the tests read the server's log from `lines`
+        lines.append(line)
+
+
+def _count(lines: list[str], text: str) -> int:
+    return sum(text in line for line in list(lines))
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +67,7 @@ def served(tmp_path_factory):
             break
     else:
         pytest.fail("the app did not start:\n" + "".join(log))
-    drain = threading.Thread(target=lambda: log.extend(server.stdout), daemon=True)
-    drain.start()
+    threading.Thread(target=_drain, args=(server.stdout, log), daemon=True).start()
     reference = FlamingoForConditionalGeneration.from_pretrained(root / "model").eval()
     reference_processor = FlamingoProcessor.from_pretrained(root / "model")
     gallery = write_gallery(root / "gallery")
@@ -210,12 +219,7 @@ def _run(browser, wait: WebDriverWait) -> list[str]:
 def test_page_streams_the_answer_of_model_generate(served, browser):
     g = served["gallery"]
     wait = _open(browser, served["url"])
-    for number, (name, caption) in enumerate(zip(("astronaut", "coffee"), CAPTIONS, strict=True), 1):
-        browser.find_element(By.CSS_SELECTOR, f"#demo-image-{number} input[type=file]").send_keys(g[name])
-        browser.find_element(By.CSS_SELECTOR, f"#demo-text-{number} textarea").send_keys(caption)
-    browser.find_element(By.CSS_SELECTOR, "#query-image input[type=file]").send_keys(g["chelsea"])
-    # The prompt box shows what the model receives, once the uploads have arrived.
-    wait.until(lambda d: _value(d, "#prompt textarea") == CAPTION_PROMPT)
+    _fill_captioning(browser, wait, g)
     seen = _run(browser, wait)
     # The page's default settings: greedy, GenerationSettings' max_new_tokens.
     paths = [g["astronaut"], g["coffee"], g["chelsea"]]
@@ -236,6 +240,44 @@ def test_page_hides_a_flagged_answer(served, browser):
     seen = _run(browser, wait)
     assert seen[-1] == FLAGGED_NOTICE and _status(browser) == "The content filter hid this answer."
     assert not any(FLAGGED_WORD in text for text in seen)  # never shown, not even while streaming
+
+
+def _fill_captioning(browser, wait: WebDriverWait, gallery: dict[str, str]) -> None:
+    for number, (name, caption) in enumerate(zip(("astronaut", "coffee"), CAPTIONS, strict=True), 1):
+        browser.find_element(By.CSS_SELECTOR, f"#demo-image-{number} input[type=file]").send_keys(gallery[name])
+        browser.find_element(By.CSS_SELECTOR, f"#demo-text-{number} textarea").send_keys(caption)
+    browser.find_element(By.CSS_SELECTOR, "#query-image input[type=file]").send_keys(gallery["chelsea"])
+    # The prompt box shows what the model receives, once the uploads have arrived.
+    wait.until(lambda d: _value(d, "#prompt textarea") == CAPTION_PROMPT)
+
+
+def test_page_stop_button_ends_the_generation(served, browser):
+    wait = _open(browser, served["url"])
+    _fill_captioning(browser, wait, served["gallery"])
+    browser.find_element(By.XPATH, "//*[text()='Generation settings']").click()
+    tokens = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#max-new-tokens input[type=number]"))[0]
+    tokens.clear()
+    tokens.send_keys("256\t")
+    browser.find_element(By.CSS_SELECTOR, "#generate").click()
+    wait.until(lambda d: _status(d) == "Generating…")
+    stopped = _count(served["log"], STOPPED_LOG)
+    browser.find_element(By.CSS_SELECTOR, "#stop").click()
+    wait.until(lambda d: _status(d) == "Stopped.")
+    # The server's worker ended early (it logs so when the stream is closed before its end).
+    wait.until(lambda d: _count(served["log"], STOPPED_LOG) > stopped)
+
+
+def test_page_shows_the_message_of_a_file_that_is_not_an_image(served, browser, tmp_path):
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("these are notes, not a picture")
+    wait = _open(browser, served["url"])
+    browser.find_element(By.CSS_SELECTOR, "#mode input[value='Free interleaved prompt']").click()
+    wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#free-text textarea").is_displayed())
+    browser.find_element(By.CSS_SELECTOR, "#demo-image-1 input[type=file]").send_keys(str(not_an_image))
+    browser.find_element(By.CSS_SELECTOR, "#free-text textarea").send_keys("<image>Output:")
+    wait.until(lambda d: _value(d, "#prompt textarea") == "<image>Output:")
+    _run(browser, wait)
+    assert _status(browser).startswith("Error: Image 1 (notes.png) is not an image the app can read")
 
 
 def test_page_shows_the_message_of_a_bad_input(served, browser):
