@@ -92,11 +92,12 @@ def load_model(
 
 
 class _StopOnEvent(StoppingCriteria):
-    def __init__(self, event: threading.Event):
-        self.event = event
+    def __init__(self, *events: threading.Event):
+        self.events = events
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+        stop = any(event.is_set() for event in self.events)
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
 
 class FlamingoEngine:
@@ -208,12 +209,17 @@ class FlamingoEngine:
         return self._decode(output, inputs["input_ids"].shape[1])
 
     def stream(
-        self, prompt: str, image_paths: Sequence[str | os.PathLike], settings: GenerationSettings
+        self,
+        prompt: str,
+        image_paths: Sequence[str | os.PathLike],
+        settings: GenerationSettings,
+        stop: threading.Event | None = None,
     ) -> Iterator[str]:
         """Yield the answer's decoded pieces as they are generated (checks run before the first piece).
 
         Beam search keeps several candidates until the end, so with `num_beams > 1` the answer comes as one piece.
-        Closing the iterator early stops generation at the next token.
+        Setting `stop` (e.g. from another thread: the page's stop button), or closing the iterator, stops generation
+        at the next token.
         """
         inputs = self.prepare(prompt, image_paths, settings)
         if settings.num_beams > 1:
@@ -222,7 +228,7 @@ class FlamingoEngine:
             yield self._decode(output, inputs["input_ids"].shape[1])
             return
         streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        stop = threading.Event()
+        closed = threading.Event()  # the iterator was closed or ended: the caller's `stop` stays the caller's
         failure: list[BaseException] = []
 
         def work() -> None:
@@ -232,7 +238,9 @@ class FlamingoEngine:
                         **inputs,
                         **settings.generate_kwargs(),
                         streamer=streamer,
-                        stopping_criteria=StoppingCriteriaList([_StopOnEvent(stop)]),
+                        stopping_criteria=StoppingCriteriaList(
+                            [_StopOnEvent(*(event for event in (closed, stop) if event is not None))]
+                        ),
                     )
             except BaseException as error:  # reported to the caller below, after the streamer is closed
                 failure.append(error)
@@ -245,9 +253,10 @@ class FlamingoEngine:
             yield from streamer
             finished = True
         finally:
-            stop.set()
+            stopped_early = not finished or (stop is not None and stop.is_set())
+            closed.set()
             worker.join()
-            if not finished:
+            if stopped_early:
                 logger.info("generation stopped early (stop button, content filter, or the client left)")
         if failure:
             raise failure[0]

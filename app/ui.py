@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -104,11 +105,18 @@ def build_demo(
             return f"(not ready: {error})"
         return prompt
 
-    def generate_page(mode, *values) -> Iterator[tuple[str, str]]:
+    # The stop signal of each browser session's running generation. The stop button sets it instead of cancelling the
+    # event through gradio: a cancelled generator cannot say so, and its last streamed update could arrive after a
+    # "Stopped." status; here the generation itself ends and reports it.
+    stop_signals: dict[str, threading.Event] = {}
+
+    def generate_page(request: gr.Request, mode, *values) -> Iterator[tuple[str, str]]:
         *values, max_new_tokens, num_beams, do_sample, temperature = values
+        stop = stop_signals[request.session_hash] = threading.Event()
         try:
             prompt, images = request_from_page(mode, *values)
-            pieces = engine.stream(prompt, images, _settings(max_new_tokens, num_beams, do_sample, temperature))
+            settings = _settings(max_new_tokens, num_beams, do_sample, temperature)
+            pieces = engine.stream(prompt, images, settings, stop=stop)
             shown = StreamingFilter(content_filter)
             for piece in pieces:
                 text = shown.feed(piece)
@@ -117,12 +125,23 @@ def build_demo(
                     pieces.close()  # stop the worker: nothing more will be shown
                     break
             text = shown.finish()
-            yield text, ("The content filter hid this answer." if text == FLAGGED_NOTICE else "Done.")
+            if text == FLAGGED_NOTICE:
+                yield text, "The content filter hid this answer."
+            else:
+                yield text, "Stopped." if stop.is_set() else "Done."
         except InputError as error:
             yield "", f"Error: {error}"
         except Exception as error:  # the server keeps serving; the log has the traceback
             logger.exception("generation failed")
             yield "", f"Error: generation failed ({type(error).__name__}: {error})."
+        finally:
+            if stop_signals.get(request.session_hash) is stop:
+                del stop_signals[request.session_hash]
+
+    def stop_page(request: gr.Request) -> None:
+        signal = stop_signals.get(request.session_hash)
+        if signal is not None:
+            signal.set()
 
     def generate_api(prompt: str, images: list[str] | None, max_new_tokens: float, num_beams: float) -> str:
         try:
@@ -199,7 +218,7 @@ def build_demo(
             api_visibility="private",
         )
         demo.load(preview, [mode, *page_inputs], prompt_box, queue=False, api_visibility="private")
-        event = generate_button.click(
+        generate_button.click(
             generate_page,
             [mode, *page_inputs, max_new_tokens, num_beams, do_sample, temperature],
             [answer, status],
@@ -207,7 +226,7 @@ def build_demo(
             concurrency_id="model",
             api_visibility="private",
         )
-        stop_button.click(lambda: "Stopped.", None, status, cancels=[event], queue=False, api_visibility="private")
+        stop_button.click(stop_page, None, None, queue=False, api_visibility="private")
 
         empty = [None, "", ""]
         gr.Examples(

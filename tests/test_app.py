@@ -3,6 +3,8 @@ streaming, and the command line's errors. (tests/test_app_server.py serves the a
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from PIL import Image
@@ -111,10 +113,16 @@ def test_stream_equals_generate_and_closing_it_stops_generation(engine, tmp_path
     try:
         pieces = engine.stream(prompt, [image], GenerationSettings(max_new_tokens=200))
         next(pieces)
-        pieces.close()  # what the page's stop button does
+        pieces.close()  # a client that went away
+        closed = len(calls)
+        stop = threading.Event()
+        pieces = engine.stream(prompt, [image], GenerationSettings(max_new_tokens=200), stop=stop)
+        next(pieces)
+        stop.set()  # the page's stop button, from another thread
+        rest = list(pieces)
     finally:
         hook.remove()
-    assert 1 <= len(calls) < 200
+    assert 1 <= closed < 200 and 1 <= len(calls) - closed < 200 and len(rest) < 200
 
 
 def test_bf16_with_a_device_map_generates_what_the_model_does(engine, tmp_path):

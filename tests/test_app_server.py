@@ -258,6 +258,8 @@ def test_page_stop_button_ends_the_generation(served, browser):
     tokens = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#max-new-tokens input[type=number]"))[0]
     tokens.clear()
     tokens.send_keys("256\t")
+    # A long generation, so that it is still running when Stop is clicked.
+    wait.until(lambda d: _value(d, "#max-new-tokens input[type=range]") == "256")
     browser.find_element(By.CSS_SELECTOR, "#generate").click()
     wait.until(lambda d: _status(d) == "Generating…")
     stopped = _count(served["log"], STOPPED_LOG)
