@@ -1,8 +1,8 @@
 """The model behind the page and the API: input checks, whole-answer generation, and token streaming.
 
 Streaming runs `model.generate` in a worker thread with transformers' `TextIteratorStreamer`; the caller iterates
-over the decoded pieces, and closing the iterator (the page's stop button, a client that went away) stops the worker
-at its next token through a stopping criterion.
+over the decoded pieces. Setting the caller's stop event (the page's stop button) or closing the iterator (the content
+filter flagged the answer, a client went away) stops the worker at its next token through a stopping criterion.
 """
 
 from __future__ import annotations
