@@ -24,7 +24,7 @@ def _positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="openflamingo-app", description="OpenFlamingo web demo (Gradio).")
-    which = p.add_mutually_exclusive_group(required=True)
+    which = p.add_mutually_exclusive_group()
     which.add_argument(
         "--model",
         help="A converted model folder, or a hub id (an original OpenFlamingo release is "
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--tiny",
         action="store_true",
         help="The offline tiny model of `python -m modeling_flamingo.demo` "
-        "(random weights: it shows the app, not the model's quality).",
+        "(random weights: it shows the app, not the model's quality); the default when no --model is given.",
     )
     p.add_argument(
         "--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="Weights dtype (default fp32)."
@@ -100,8 +100,12 @@ def main(argv: list[str] | None = None) -> int:
     from modeling_flamingo.app.engine import FlamingoEngine, load_model
     from modeling_flamingo.app.ui import build_demo
 
-    if args.tiny:
-        print("Building the offline tiny model (random weights)...", flush=True)
+    if args.model is None:
+        note = "" if args.tiny else "no --model given: "
+        print(
+            f"{note}Building the offline tiny model (random weights); --model PATH_OR_ID serves a real one...",
+            flush=True,
+        )
         model, processor = tiny_model()
     else:
         print(

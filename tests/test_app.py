@@ -169,11 +169,13 @@ def test_tiny_builds_the_demo_model_and_serves_it_with_the_flags(monkeypatch, ca
 
     launched = {}
     monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kwargs: launched.update(kwargs, blocks=self))
-    argv = ["--tiny", "--content_filter", "none", "--host", "0.0.0.0", "--port", "7999", "--max_concurrency", "3"]
-    assert main(argv) == 0
+    argv = ["--content_filter", "none", "--host", "0.0.0.0", "--port", "7999", "--max_concurrency", "3"]
+    assert main(argv) == 0  # no --model: the offline tiny model, as with --tiny
     assert launched["server_name"] == "0.0.0.0" and launched["server_port"] == 7999
     # The page's generation and /generate share one queue group limited to --max_concurrency.
     model_fns = [fn for fn in launched["blocks"].fns.values() if fn.concurrency_id == "model"]
     assert len(model_fns) == 2 and {fn.concurrency_limit for fn in model_fns} == {3}
     assert "generate" in {fn.api_name for fn in model_fns}
-    assert "Model ready (no content filter, 3 generation(s) at once)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert out.startswith("no --model given: Building the offline tiny model (random weights)")
+    assert "Model ready (no content filter, 3 generation(s) at once)" in out
