@@ -100,7 +100,7 @@ def build_demo(
 
     def preview(mode, *values) -> str:
         try:
-            prompt, images = request_from_page(mode, *values)
+            prompt, _ = request_from_page(mode, *values)
         except InputError as error:
             return f"(not ready: {error})"
         return prompt
