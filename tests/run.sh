@@ -8,13 +8,15 @@ PYTHON="${PYTHON:-python3}"
 
 # Evaluation metrics: CIDEr's PTB tokenizer runs on Java; OK-VQA stemming reads WordNet 3.0 from Debian's packages
 # (NLTK's punkt_tab/tagger data cannot be installed from a package registry: see evaluation/metrics.py). The DeepSpeed
-# test needs a C++ compiler.
+# test needs a C++ compiler. The web app's page is tested in Debian's headless Chromium, driven through chromedriver.
 if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
     missing=()
     command -v java >/dev/null || missing+=(default-jre-headless)
     command -v g++ >/dev/null || missing+=(g++)  # DeepSpeed's CPU backend compiles its communication op
     [ -f /usr/share/wordnet/data.noun ] || missing+=(wordnet-base)
     [ -f /usr/share/wordnet/index.sense ] || missing+=(wordnet-sense-index)
+    command -v chromium >/dev/null || missing+=(chromium)
+    command -v chromedriver >/dev/null || missing+=(chromium-driver)
     if [ ${#missing[@]} -gt 0 ]; then
         apt-get update -q && apt-get install -y -q --no-install-recommends "${missing[@]}"
     fi
