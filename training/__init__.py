@@ -17,15 +17,23 @@ from modeling_flamingo.training.optim import (
     build_optimizer,
     flamingo_parameter_groups,
 )
+from modeling_flamingo.training.run_folder import RunFolderError
 from modeling_flamingo.training.token_rows import TrainableTokenRows
-from modeling_flamingo.training.trainer import FlamingoTrainer, TrainerState, find_latest_checkpoint
+from modeling_flamingo.training.trainer import (
+    FlamingoTrainer,
+    TrainerState,
+    TrainingDivergedError,
+    find_latest_checkpoint,
+)
 
 __all__ = [
     "CONFIGS_DIR",
     "EmbeddingGradientMask",
     "FlamingoTrainer",
+    "RunFolderError",
     "TrainableTokenRows",
     "TrainerState",
+    "TrainingDivergedError",
     "build_lr_scheduler",
     "build_optimizer",
     "find_latest_checkpoint",
