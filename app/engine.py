@@ -20,11 +20,11 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 
 from modeling_flamingo import FlamingoForConditionalGeneration, FlamingoProcessor
 from modeling_flamingo.app.prompt import IMAGE, InputError
+from modeling_flamingo.evaluation.eval_model import PRECISIONS  # --precision name -> weights dtype, as evaluation
 from modeling_flamingo.processing.image_loading import DEFAULT_MAX_IMAGE_PIXELS, ImageTooLargeError, open_image
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Documented in docs/app.md: 8 images is a 7-shot prompt, more than the 4 shots the model cards show.
 DEFAULT_MAX_IMAGES = 8
 MAX_NEW_TOKENS = 256
