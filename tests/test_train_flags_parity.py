@@ -13,7 +13,7 @@ batches (the machinery of tests/test_train_step.py):
 
 Flags of this package only: `--lora_target_modules` / `--lora_dropout` as parsed by the command line put adapters on
 exactly the named modules with that dropout; `--tokenizer_path` with `--init_from` is the tokenizer a run trains and
-exports with.
+exports with; `--mmc4_image_order` and `--no_flip` reach the batches of the loaders the command line builds.
 
 Not compared here: `--precision fp16` (the original's "amp"). On the CPU, Accelerate accepts fp16 but runs no fp16
 autocast (the loss is the fp32 one), so fp16 numerics and its gradient scaler need a GPU.
@@ -364,3 +364,39 @@ def test_tokenizer_path_is_the_tokenizer_a_fresh_model_trains_with(tmp_path):
     assert {token: vocab[token] for token in other.get_vocab()} == other.get_vocab()  # plus the Flamingo tokens
     trained = FlamingoForConditionalGeneration.from_pretrained(tmp_path / "run" / "model")
     assert trained.get_input_embeddings().weight.shape[0] >= len(exported)
+
+
+def test_mmc4_image_order_and_no_flip_reach_the_batches_the_cli_builds(tmp_path):
+    """`--mmc4_image_order text` and `--no_flip` as `parse_args` reads them, through the loaders `main` builds
+    (`data_loader_factory`): on documents whose second image matches the first sentence, `text` swaps the two images
+    of `document` order; without `--no_flip` some documents come flipped (seeded), with it none."""
+    from train_data_helpers import image_bytes, mmc4_document, sentence, write_mmc4_shard
+
+    from modeling_flamingo import FlamingoProcessor
+    from modeling_flamingo.processing.image_processing_flamingo import FlamingoImageProcessor
+    from modeling_flamingo.training.cli import data_loader_factory, parse_args
+
+    sentences = [sentence(index, 5) for index in range(3)]
+    # Image A matches sentence 1, image B sentence 0 (as in test_train_data's image-order test).
+    document = mmc4_document(sentences, [image_bytes(11), image_bytes(12)], [[0.1, 0.5, 0.1], [0.6, 0.1, 0.1]])
+    shard = write_mmc4_shard(tmp_path / "mmc4.tar", [document] * 6)
+    _, tokenizer = tiny_model()
+    processor = FlamingoProcessor(image_processor=FlamingoImageProcessor(size=42, crop_size=42), tokenizer=tokenizer)
+    flags = ["--model", "unused", "--mmc4_shards", str(shard), "--batch_size_mmc4", "1"]
+    flags += ["--train_num_samples_mmc4", "6", "--workers", "0", "--mmc4_max_num_images", "2"]
+
+    def images(*extra: str) -> list[torch.Tensor]:
+        args = parse_args([*flags, *extra])
+        loaders = data_loader_factory(args, processor, 0, 1)(0)
+        return [batch["pixel_values"][0, :2, 0] for batch in loaders["mmc4"].dataloader]  # (2, 3, H, W) each
+
+    document_order = images("--no_flip")
+    text_order = images("--no_flip", "--mmc4_image_order", "text")
+    flipped = images()
+    assert len(document_order) == len(text_order) == len(flipped) == 6
+    a, b = document_order[0]
+    assert not torch.equal(a, b) and all(torch.equal(x, document_order[0]) for x in document_order)
+    assert all(torch.equal(x, torch.stack([b, a])) for x in text_order)
+    kinds = ["flipped" if torch.equal(x, document_order[0].flip(-1)) else "same" for x in flipped]
+    assert {"flipped", "same"} == set(kinds), kinds
+    assert all(torch.equal(x, document_order[0]) for x, kind in zip(flipped, kinds, strict=True) if kind == "same")
