@@ -28,14 +28,6 @@ from unittest import mock
 
 import pytest
 import torch
-from test_train_step import (
-    _canonical,
-    _DDPLike,
-    _grads_as_original,
-    _original_batches,
-    _original_name,
-    _original_param_groups,
-)
 from transformers import AutoTokenizer
 
 from modeling_flamingo.training import FlamingoTrainer
@@ -51,6 +43,14 @@ from train_helpers import (
     original_train_args,
     tiny_model,
     train_args,
+)
+from train_reference import (
+    DDPLike,
+    canonical_name,
+    grads_as_original,
+    original_batches,
+    original_name,
+    original_param_groups,
 )
 
 if importlib.util.find_spec("wandb") is None:
@@ -129,15 +129,15 @@ class _NormRecorder:
 
 
 def _run_original(original, tokenizer, laion, mmc4, scheduler="constant", warmup=0, autocast=None, **args):
-    wrapped = _DDPLike(original)
+    wrapped = DDPLike(original)
     named = list(wrapped.named_parameters())
-    optimizer = torch.optim.AdamW(_original_param_groups(named, 0.1), lr=LR)
+    optimizer = torch.optim.AdamW(original_param_groups(named, 0.1), lr=LR)
     lr_scheduler = _schedule(optimizer, scheduler, warmup, len(mmc4))
     recorder = _Recorder(optimizer, named)
     norms = _NormRecorder(torch.nn.utils.clip_grad_norm_)
     original_args = original_train_args(logging_steps=100)
     vars(original_args).update(args)
-    pairs = [_original_batches(a, b) for a, b in zip(laion, mmc4, strict=True)]
+    pairs = [original_batches(a, b) for a, b in zip(laion, mmc4, strict=True)]
     with (
         mock.patch.object(torch.nn.utils, "clip_grad_norm_", norms),
         mock.patch.object(train_utils, "get_autocast", autocast or train_utils.get_autocast),
@@ -198,12 +198,12 @@ def _assert_same_weights(ours, original, original_grads: list[dict], atol: float
     (see the gradient comparisons)."""
     model_type = ours.config.text_config.model_type
     layers_attr = ours.config.decoder_layers_attr_name
-    theirs = {_canonical(n, layers_attr): p for n, p in original.named_parameters()}
-    grads = [{_canonical(n, layers_attr): g for n, g in step.items()} for step in original_grads]
+    theirs = {canonical_name(n, layers_attr): p for n, p in original.named_parameters()}
+    grads = [{canonical_name(n, layers_attr): g for n, g in step.items()} for step in original_grads]
     for name, p in ours.named_parameters():
         if name.endswith(".flamingo_token_rows") or name.startswith("vision_encoder."):
             continue  # the rows are copied into the embedding weight, compared there
-        key = _original_name(name, model_type)
+        key = original_name(name, model_type)
         other = theirs[key]
         msg = lambda m, n=name: f"{n}: {m}"  # noqa: E731
         if not any(key in step for step in grads):
@@ -216,8 +216,8 @@ def _assert_same_weights(ours, original, original_grads: list[dict], atol: float
 
 def _assert_same_grads(ours_model, ours_grads, original_grads) -> None:
     layers_attr = ours_model.config.decoder_layers_attr_name
-    mapped = _grads_as_original(ours_model, ours_grads)
-    theirs = {_canonical(n, layers_attr): g for n, g in original_grads.items()}
+    mapped = grads_as_original(ours_model, ours_grads)
+    theirs = {canonical_name(n, layers_attr): g for n, g in original_grads.items()}
     assert set(mapped) == set(theirs)
     for name, grad in mapped.items():
         torch.testing.assert_close(grad, theirs[name], atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
@@ -300,8 +300,8 @@ def test_amp_bf16_step_and_nonfinite_skip_match_the_original():
     # noise floor of 2e-3 (some cross-attention gradients are ~1e-4, below bf16's resolution of the activations).
     layers_attr = ours.config.decoder_layers_attr_name
     for step, (ours_grads, original_grads) in enumerate(zip(mine["grads"], theirs["grads"], strict=True)):
-        mapped = _grads_as_original(ours, ours_grads)
-        other = {_canonical(n, layers_attr): g for n, g in original_grads.items()}
+        mapped = grads_as_original(ours, ours_grads)
+        other = {canonical_name(n, layers_attr): g for n, g in original_grads.items()}
         assert set(mapped) == set(other)
         for name, grad in mapped.items():
             error, scale = float((grad - other[name]).norm()), float(other[name].norm())

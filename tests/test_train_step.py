@@ -14,12 +14,9 @@ import types
 
 import pytest
 import torch
-from torch import nn
 
-from modeling_flamingo.convert.mapping import canonical_original_key, original_key, strip_wrapper_prefixes
 from modeling_flamingo.testing import FAMILIES
 from modeling_flamingo.training import FlamingoTrainer, flamingo_parameter_groups
-from modeling_flamingo.training.export import _to_original_lm_name
 from modeling_flamingo.training.token_rows import ROWS_PARAMETER
 
 from reference import build_original, ours_from_original
@@ -33,6 +30,17 @@ from train_helpers import (
     original_train_args,
     train_args,
 )
+from train_reference import (
+    DDPLike,
+    OneBatch,
+    as_original,
+    canonical_name,
+    embedding_name,
+    grads_as_original,
+    original_batches,
+    original_name,
+    original_param_groups,
+)
 
 # The original's train_utils imports wandb at module level and uses it only when reporting to it: a stand-in when
 # wandb is not installed (never in place of the real one, which the logging tests use in the same session).
@@ -43,47 +51,10 @@ from open_flamingo.train import train_utils  # noqa: E402
 LR = 1e-3
 
 
-class _DDPLike(nn.Module):
-    """What the original loop expects from a non-FSDP model: the Flamingo module under `.module`."""
-
-    def __init__(self, module: nn.Module):
-        super().__init__()
-        self.module = module
-        self.losses: list[float] = []
-
-    def forward(self, **kwargs):
-        out = self.module(**kwargs)
-        self.losses.append(float(out[0].detach()))
-        return out
-
-
-def _original_param_groups(named_params, weight_decay: float) -> list[dict]:
-    """The grouping written in the original train.py's main() (not importable): weight decay where the name contains
-    "gated_cross_attn", none elsewhere, trainable parameters only."""
-    with_wd = [p for n, p in named_params if p.requires_grad and "gated_cross_attn" in n]
-    without = [p for n, p in named_params if p.requires_grad and "gated_cross_attn" not in n]
-    return [{"params": with_wd, "weight_decay": weight_decay}, {"params": without, "weight_decay": 0.0}]
-
-
-def _original_batches(laion: dict, mmc4: dict):
-    """The same batches in the original's loader formats (LAION: flat images; MMC4: per-sample (ids, mask) pairs)."""
-    laion_images = laion["pixel_values"][:, 0, 0]  # (B, 3, H, W)
-    batch_laion = (laion_images, (laion["input_ids"], laion["attention_mask"]))
-    mmc4_images = mmc4["pixel_values"][:, :, 0]  # (B, T_img, 3, H, W)
-    pairs = [(ids[None], mask[None]) for ids, mask in zip(mmc4["input_ids"], mmc4["attention_mask"], strict=True)]
-    return batch_laion, (mmc4_images, pairs)
-
-
-class _OneBatch(list):
-    def __init__(self, batch):
-        super().__init__([batch])
-        self.num_batches = 1
-
-
 def _run_original(original, tokenizer, laion, mmc4):
-    wrapped = _DDPLike(original)
+    wrapped = DDPLike(original)
     named = list(wrapped.named_parameters())
-    optimizer = torch.optim.AdamW(_original_param_groups(named, 0.1), lr=LR)
+    optimizer = torch.optim.AdamW(original_param_groups(named, 0.1), lr=LR)
     from transformers import get_constant_schedule_with_warmup
 
     scheduler = get_constant_schedule_with_warmup(optimizer, num_warmup_steps=0)
@@ -95,14 +66,14 @@ def _run_original(original, tokenizer, laion, mmc4):
         return inner_step(*a, **k)
 
     optimizer.step = step
-    batch_laion, batch_mmc4 = _original_batches(laion, mmc4)
+    batch_laion, batch_mmc4 = original_batches(laion, mmc4)
     args = original_train_args(logging_steps=100)
     train_utils.train_one_epoch(
         args=args,
         model=wrapped,
         epoch=0,
-        laion_loader=_OneBatch(batch_laion),
-        mmc4_loader=_OneBatch(batch_mmc4),
+        laion_loader=OneBatch(batch_laion),
+        mmc4_loader=OneBatch(batch_mmc4),
         tokenizer=tokenizer,
         optimizer=optimizer,
         lr_scheduler=scheduler,
@@ -110,44 +81,6 @@ def _run_original(original, tokenizer, laion, mmc4):
         wandb=None,
     )
     return wrapped.losses, grads, optimizer
-
-
-def _original_name(ours_name: str, model_type: str) -> str:
-    return _to_original_lm_name(original_key(ours_name), model_type)
-
-
-def _canonical(name: str, layers_attr: str) -> str:
-    return canonical_original_key(strip_wrapper_prefixes(name), layers_attr)[0]
-
-
-def _embedding_name(model) -> str:
-    weight = model.get_input_embeddings().weight
-    return next(n for n, p in model.named_parameters(remove_duplicate=False) if p is weight)
-
-
-def _as_original(model, name: str) -> str:
-    """The original's name of one of our trainable parameters; our (2, d) trained embedding rows
-    (`...flamingo_token_rows`) stand for the original's trained input embedding."""
-    if name.endswith("." + ROWS_PARAMETER):
-        name = _embedding_name(model)
-    return _original_name(name, model.config.text_config.model_type)
-
-
-def _grads_as_original(model, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our trainable parameters' gradients under the original's names. The rows' gradient is scattered into a
-    zero (vocab, d) tensor: the original's embedding gradient after its masking has exactly that form."""
-    new_rows = sorted({model.config.media_token_id, model.config.eoc_token_id})
-    out = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        grad = grads[name]
-        if name.endswith("." + ROWS_PARAMETER):
-            dense = torch.zeros_like(model.get_input_embeddings().weight)
-            dense[new_rows] = grad
-            grad = dense
-        out[_as_original(model, name)] = grad
-    return out
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -192,7 +125,7 @@ def stepped(request):
         "losses": losses,
         "grads": grads,
         "original_losses": original_losses,
-        "original_grads": {_canonical(n, layers_attr): g for n, g in original_grads.items()},
+        "original_grads": {canonical_name(n, layers_attr): g for n, g in original_grads.items()},
         "original_optimizer": original_optimizer,
         "trainer": trainer,
     }
@@ -205,7 +138,7 @@ def test_losses_match(stepped):
 
 
 def test_gradients_of_every_trainable_parameter_match(stepped):
-    mapped = _grads_as_original(stepped["ours"], stepped["grads"])
+    mapped = grads_as_original(stepped["ours"], stepped["grads"])
     assert set(mapped) == set(stepped["original_grads"])
     for name, grad in mapped.items():
         torch.testing.assert_close(
@@ -223,14 +156,14 @@ def test_weights_after_the_step_match(stepped):
     ours, original = stepped["ours"], stepped["original"]
     model_type = ours.config.text_config.model_type
     layers_attr = ours.config.decoder_layers_attr_name
-    theirs = {_canonical(n, layers_attr): p for n, p in original.named_parameters()}
-    embedding = _embedding_name(ours)
+    theirs = {canonical_name(n, layers_attr): p for n, p in original.named_parameters()}
+    embedding = embedding_name(ours)
     for name, p in ours.named_parameters():
         if name.endswith("." + ROWS_PARAMETER):  # compared through the embedding weight they were copied into
             name, p = embedding, ours.get_input_embeddings().weight
         elif not p.requires_grad:
             continue
-        key = _original_name(name, model_type)
+        key = original_name(name, model_type)
         other, grad = theirs[key], stepped["original_grads"][key]
         stable = grad.abs() > 1e-6
         torch.testing.assert_close(p[stable], other[stable], atol=1e-6, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
@@ -241,9 +174,9 @@ def test_parameter_groups_match_the_original(stepped):
     ours, original = stepped["ours"], stepped["original"]
     layers_attr = ours.config.decoder_layers_attr_name
     ours_groups = flamingo_parameter_groups(ours, weight_decay=0.1)
-    names = {id(p): _as_original(ours, n) for n, p in ours.named_parameters() if p.requires_grad}
-    original_names = {id(p): _canonical(n, layers_attr) for n, p in original.named_parameters()}
-    theirs = _original_param_groups(list(original.named_parameters()), 0.1)
+    names = {id(p): as_original(ours, n) for n, p in ours.named_parameters() if p.requires_grad}
+    original_names = {id(p): canonical_name(n, layers_attr) for n, p in original.named_parameters()}
+    theirs = original_param_groups(list(original.named_parameters()), 0.1)
     assert [g["weight_decay"] for g in ours_groups] == [g["weight_decay"] for g in theirs]
     for mine, other in zip(ours_groups, theirs, strict=True):
         assert sorted(names[id(p)] for p in mine["params"]) == sorted(original_names[id(p)] for p in other["params"])
