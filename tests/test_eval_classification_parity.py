@@ -1,0 +1,146 @@
+"""Classification as users run it, compared per item and class with itself and with the ORIGINAL harness.
+
+`test_eval_parity.py` compares the cached path with the original's at batch 1 and a 20-name ImageNet list. Here the
+CLI runs the default batch of 8 (left-padded prompts of different lengths), with cached and uncached context, class
+names split into several chunks (`--class_batch_size`) or in one, on Hateful Memes; every class log-likelihood of
+every item must agree (1e-4) across these runs and with the original's own `evaluate_classification` on its
+uncached path at batch 8 (its cached path attends to the left padding, see docs/evaluation.md). With prompt ensembling, the averaged log-likelihoods our predictions files report are compared
+with those the original ranks its classes by.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from eval_data import make_hateful_memes, tiny_model_folder
+from reference_eval import (
+    OriginalEvalModel,
+    init_single_process_group,
+    load_original_evaluate,
+    original_args,
+)
+from test_eval_parity import SEED, Recorder, run_ours
+
+BATCH = 8  # the CLI's default --batch_size
+TOL = dict(atol=1e-4, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("classification-parity")
+    folder, original, tokenizer = tiny_model_folder(root)
+    init_single_process_group(root)
+    return root, folder, OriginalEvalModel(original, tokenizer, image_size=42)
+
+
+def _rows(recorder: Recorder) -> tuple[list[tuple], torch.Tensor]:
+    """Each ranked prompt (text, image fingerprints) in evaluation order, and its (N, C) class log-likelihoods."""
+    prompts = [(text, tuple(images)) for call in recorder.calls for text, images in zip(call[0], call[1], strict=True)]
+    return prompts, torch.cat([call[2].float() for call in recorder.calls])
+
+
+def _ours(root, folder, name, paths, shots, monkeypatch, run: str, extra: list[str]):
+    """Our CLI on `paths` (own output folder per run): (recorded prompts, scores, predictions records)."""
+    out = root / run
+    out.mkdir()
+    with monkeypatch.context() as m:
+        recorder, _, results_file = run_ours(
+            out, folder, f"eval_{name}", paths, shots, m, "rank_classifications", extra
+        )
+    (predictions,) = (results_file.with_suffix("") / "predictions").glob("*.jsonl")
+    records = [json.loads(line) for line in predictions.read_text().splitlines()]
+    return (*_rows(recorder), records)
+
+
+@pytest.mark.parametrize(
+    "name,shots,num_samples,chunked",
+    [
+        ("hateful_memes", 2, 8, 8),  # 8 rows per pass at batch 8: one class name per chunk
+    ],
+)
+def test_batch_cache_and_chunks_match_each_other_and_original(
+    setup, tmp_path, name, shots, num_samples, chunked, monkeypatch
+):
+    root, folder, original_model = setup
+    paths = make_hateful_memes(tmp_path / "data")
+    class_names = ["no", "yes"]
+    common = ["--num_samples", str(num_samples), "--query_set_size", "6"]
+
+    runs = {
+        "cached, batch 8, chunked": [f"--batch_size={BATCH}", f"--class_batch_size={chunked}"],
+        "uncached, batch 8": [f"--batch_size={BATCH}", "--no_caching_for_classification"],
+        "cached, batch 1, unchunked": ["--batch_size=1", f"--class_batch_size={len(class_names)}"],
+    }
+    ours = {
+        run: _ours(tmp_path, folder, name, paths, shots, monkeypatch, run.replace(", ", "-"), common + extra)
+        for run, extra in runs.items()
+    }
+
+    evaluate = load_original_evaluate()
+    theirs = Recorder()
+    monkeypatch.setattr(original_model, "get_rank_classifications", theirs.original_ranking(original_model))
+    args = original_args(**paths, num_samples=num_samples, query_set_size=6, batch_size=BATCH)
+    evaluate.evaluate_classification(
+        args, original_model, seed=SEED, num_shots=shots, dataset_name=name, no_kv_caching=True
+    )
+    prompts, expected = _rows(theirs)
+
+    assert expected.shape == (num_samples, len(class_names))
+    assert [len(call[0]) for call in theirs.calls] == [BATCH]
+    # The batch is left-padded: the prompts' token lengths differ, so a cache that ignored padding would show.
+    lengths = {len(original_model.tokenizer(text)["input_ids"]) for text, _ in prompts}
+    assert len(lengths) > 1
+    for run, (our_prompts, scores, records) in ours.items():
+        assert our_prompts == prompts, run
+        torch.testing.assert_close(scores, expected, **TOL, msg=lambda m, run=run: f"{run}: {m}")
+        # The predictions file reports the same best classes and log-likelihoods.
+        for record, row in zip(records, expected, strict=True):
+            top = torch.topk(row, k=min(5, len(class_names)))
+            assert [c for c, _ in record["top_classes"]] == [class_names[i] for i in top.indices], run
+            torch.testing.assert_close(torch.tensor([v for _, v in record["top_classes"]]), top.values, **TOL)
+
+
+def test_prompt_ensembling_scores_match_original(setup, tmp_path, monkeypatch):
+    """Hateful Memes at 4 shots: 6 orderings of each item's demonstrations, whose class log-likelihoods are averaged.
+    Both harnesses must rank the same prompts with the same scores, and our predictions file (`top_classes`, both
+    classes) must hold the original's averaged log-likelihoods, item by item."""
+    root, folder, original_model = setup
+    paths = make_hateful_memes(tmp_path / "data")
+    evaluate = load_original_evaluate()
+    theirs = Recorder()
+    monkeypatch.setattr(original_model, "get_rank_classifications", theirs.original_ranking(original_model))
+    averaged = []
+    get_predicted = evaluate.utils.get_predicted_classnames
+
+    def recording(logprobs, *args, **kwargs):
+        averaged.append(logprobs.clone())
+        return get_predicted(logprobs, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate.utils, "get_predicted_classnames", recording)
+    args = original_args(**paths, num_samples=8, query_set_size=6, batch_size=4)
+    evaluate.evaluate_classification(
+        args,
+        original_model,
+        seed=SEED,
+        num_shots=4,
+        dataset_name="hateful_memes",
+        no_kv_caching=True,
+        use_prompt_ensembling=True,
+    )
+    extra = ["--num_samples=8", "--query_set_size=6", "--batch_size=4", "--no_caching_for_classification"]
+    extra.append("--classification_prompt_ensembling")
+    our_prompts, scores, records = _ours(tmp_path, folder, "hateful_memes", paths, 4, monkeypatch, "ours", extra)
+
+    prompts, expected_per_prompt = _rows(theirs)
+    assert len(theirs.calls) == 2 * 6  # two batches of 4, six orderings each
+    assert our_prompts == prompts
+    torch.testing.assert_close(scores, expected_per_prompt, **TOL)
+    expected = torch.cat(averaged).float()  # (8, 2): the mean over orderings the original ranks by
+    # Calls run batch by batch, ordering by ordering: (batch, ordering, item, class) -> (item, ordering, class).
+    per_ordering = expected_per_prompt.view(2, 6, 4, 2).transpose(1, 2).reshape(8, 6, 2)
+    torch.testing.assert_close(per_ordering.mean(1), expected, **TOL)
+    assert (per_ordering.std(1) > 1e-3).all()  # the orderings score differently: the average is not any one of them
+    ours = torch.tensor([[dict(r["top_classes"])[c] for c in ("no", "yes")] for r in records])
+    torch.testing.assert_close(ours, expected, **TOL)
