@@ -154,6 +154,19 @@ def make_vqa(root: Path, name: str, num_train: int = 10, num_test: int = 6, seed
     return flags
 
 
+def set_vqa_test_answers(paths: dict[str, str], name: str, answers: dict[int, str]) -> None:
+    """Make `answers[question_id]` all ten human answers of those test questions (the others keep theirs)."""
+    path = Path(paths[f"{name}_test_annotations_json_path"])
+    data = json.loads(path.read_text())
+    for annotation in data["annotations"]:
+        if annotation["question_id"] in answers:
+            answer = answers[annotation["question_id"]]
+            annotation["multiple_choice_answer"] = answer
+            for slot in annotation["answers"]:
+                slot["answer"] = answer
+    _dump(path, data)
+
+
 def make_hateful_memes(root: Path, num_train: int = 10, num_test: int = 8, seed: int = 3) -> dict[str, str]:
     rng = random.Random(seed)
     image_dir = _path(root, "hateful_memes_image_dir_path")
