@@ -15,13 +15,13 @@ import json
 import pytest
 import torch
 from eval_data import make_hateful_memes, tiny_model_folder
+from eval_recording import SEED, Recorder, run_ours
 from reference_eval import (
     OriginalEvalModel,
     init_single_process_group,
     load_original_evaluate,
     original_args,
 )
-from test_eval_parity import SEED, Recorder, run_ours
 
 BATCH = 8  # the CLI's default --batch_size
 TOL = dict(atol=1e-4, rtol=0)

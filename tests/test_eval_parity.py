@@ -9,14 +9,12 @@ score.
 
 from __future__ import annotations
 
-import hashlib
 import json
 
 import pytest
 import torch
 from eval_data import (
     FAMILY,
-    cli_flags,
     make_coco,
     make_flickr,
     make_hateful_memes,
@@ -25,6 +23,7 @@ from eval_data import (
     set_vqa_test_answers,
     tiny_model_folder,
 )
+from eval_recording import COMMON, SEED, Recorder, run_ours
 from reference_eval import (
     OriginalEvalModel,
     init_single_process_group,
@@ -34,13 +33,9 @@ from reference_eval import (
 )
 
 from modeling_flamingo.evaluation import tasks as our_tasks
-from modeling_flamingo.evaluation.__main__ import main
 from modeling_flamingo.evaluation.classnames import IMAGENET_CLASSNAMES
-from modeling_flamingo.evaluation.eval_model import FlamingoEvalModel
 from modeling_flamingo.testing import FAMILIES
 
-SEED = 7
-COMMON = {"num_samples": 5, "query_set_size": 8, "batch_size": 2}
 # The full matrix runs on FAMILY (llama); each other family of the released models (MosaicGPT, GPT-NeoX, MPT) runs
 # one 4-shot case per task, where its attention, cache and padding paths are exercised.
 OTHER_FAMILIES = [family for family in FAMILIES if family != FAMILY]
@@ -54,64 +49,6 @@ def setup(request, tmp_path_factory):
     folder, original, tokenizer = tiny_model_folder(root, family)
     init_single_process_group(root)
     return root, folder, OriginalEvalModel(original, tokenizer, image_size=42)
-
-
-def _fingerprints(batch_images) -> list[list[str]]:
-    """Identify each image by its pixels (the original's ImageNet loader drops file names when converting to RGB)."""
-    return [[hashlib.sha1(image.convert("RGB").tobytes()).hexdigest() for image in images] for images in batch_images]
-
-
-class Recorder:
-    """Wraps a method to record (prompts, images) of each call and what it returned."""
-
-    def __init__(self):
-        self.calls = []
-
-    def original_generation(self, eval_model):
-        inner = eval_model.get_outputs
-
-        def wrapped(batch_text, batch_images, **kwargs):
-            out = inner(batch_text=batch_text, batch_images=batch_images, **kwargs)
-            self.calls.append((batch_text, _fingerprints(batch_images), out))
-            return out
-
-        return wrapped
-
-    def original_ranking(self, eval_model):
-        inner = eval_model.get_rank_classifications
-
-        def wrapped(batch_text, batch_images, *args, **kwargs):
-            out = inner(batch_text, batch_images, *args, **kwargs)
-            self.calls.append((batch_text, _fingerprints(batch_images), out))
-            return out
-
-        return wrapped
-
-
-def _ours(monkeypatch, method: str, recorder: Recorder):
-    inner = getattr(FlamingoEvalModel, method)
-
-    def wrapped(self, batch_text, batch_images, *args, **kwargs):
-        out = inner(self, batch_text, batch_images, *args, **kwargs)
-        recorder.calls.append(
-            (list(batch_text), _fingerprints([[i.load_image() for i in imgs] for imgs in batch_images]), out)
-        )
-        return out
-
-    monkeypatch.setattr(FlamingoEvalModel, method, wrapped)
-
-
-def run_ours(root, folder, task_flag, paths, shots, monkeypatch, method, extra=()):
-    recorder = Recorder()
-    _ours(monkeypatch, method, recorder)
-    results_file = root / f"ours-{task_flag}-{shots}.json"
-    argv = ["--model", str(folder), f"--{task_flag}", *cli_flags(paths), "--shots", str(shots)]
-    argv += ["--trial_seeds", str(SEED), "--results_file", str(results_file)]
-    argv += [f"--{k}={v}" for k, v in COMMON.items()] + list(extra)
-    assert main(argv) == 0
-    results = json.loads(results_file.read_text())
-    (name,) = results
-    return recorder, results[name][0]["trials"][0], results_file
 
 
 @pytest.mark.parametrize(
