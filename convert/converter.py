@@ -452,7 +452,7 @@ def _plan(spec: ConversionSpec, hub: HubOptions, log: Callable[[str], None]) -> 
     ckpt_keys = _checkpoint_keys(checkpoint, layers_attr)  # canonical original key -> stored key
     ckpt_infos = checkpoint.infos()
     ckpt_shapes = {k: tuple(ckpt_infos[stored].shape) for k, stored in ckpt_keys.items()}
-    checkpoint_sha256 = _sha256(ckpt_src.path)
+    checkpoint_sha256 = file_sha256(ckpt_src.path)
 
     every_n = _cross_attn_interval(ckpt_shapes, layers_attr, num_layers, spec.cross_attn_every_n_layers)
     emb_name, out_emb_name = _embedding_names(text_config)
@@ -593,12 +593,12 @@ def _local_file_hashes(sources: dict[str, Resolved], checkpoint_sha256: str) -> 
         if role == "checkpoint":
             out[role] = [(src.path.name, checkpoint_sha256)]
         elif src.path.is_file():
-            out[role] = [(src.path.name, _sha256(src.path))]
+            out[role] = [(src.path.name, file_sha256(src.path))]
         elif role == "tokenizer":
             files = sorted(p for p in src.path.iterdir() if p.is_file() and _TOKENIZER_FILE.match(p.name))
-            out[role] = [(p.name, _sha256(p)) for p in files]
+            out[role] = [(p.name, file_sha256(p)) for p in files]
         else:
-            out[role] = [(f.path.name, _sha256(f.path)) for f in WeightFolder.find(src.path, "weight file")]
+            out[role] = [(f.path.name, file_sha256(f.path)) for f in WeightFolder.find(src.path, "weight file")]
     return out
 
 
@@ -940,7 +940,8 @@ def _meta_model(config):
         return FlamingoForConditionalGeneration(config)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's content, read in 8 MB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(8 << 20):

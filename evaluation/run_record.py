@@ -15,7 +15,6 @@ once, not on every run.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -23,6 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from modeling_flamingo.convert.converter import file_sha256
 from modeling_flamingo.evaluation.datasets import EvalInputError
 from modeling_flamingo.evaluation.results import atomic_write_text, markdown_path
 
@@ -138,11 +138,7 @@ def file_hashes(paths: Iterable[str | os.PathLike]) -> dict[str, str]:
         key = _stat_key(os.stat(real))
         entry = cache.get(real)
         if not (isinstance(entry, dict) and entry.get("stat") == key):
-            digest = hashlib.sha256()
-            with open(real, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 24), b""):
-                    digest.update(chunk)
-            entry = cache[real] = {"stat": key, "sha256": digest.hexdigest()}
+            entry = cache[real] = {"stat": key, "sha256": file_sha256(real)}
             updated = True
         hashes[os.fspath(path)] = entry["sha256"]
     if updated:
@@ -164,16 +160,13 @@ def model_identity(name_or_path: str) -> dict[str, Any]:
         )
         hashes = file_hashes(os.path.join(name_or_path, name) for name in names)
         return {"folder": os.path.realpath(name_or_path), "files": dict(zip(names, hashes.values(), strict=True))}
-    from huggingface_hub import try_to_load_from_cache
-    from huggingface_hub.errors import HFValidationError
-
     from modeling_flamingo.convert.hub import hub_cache_dir
 
-    try:  # from_pretrained has just resolved the repo into the hub cache: its `main` ref is the commit loaded
-        config = try_to_load_from_cache(name_or_path, "config.json", cache_dir=hub_cache_dir())
-    except HFValidationError:  # neither a folder nor a repo id: a model built in memory
-        config = None
-    return {"repo": name_or_path, "commit": Path(config).parent.name if isinstance(config, str) else None}
+    # from_pretrained has just resolved the repo into the hub cache: its `main` ref is the commit loaded. Read from the
+    # ref, not from a file of the snapshot: an original release holds no config.json, only checkpoint.pt.
+    ref = Path(hub_cache_dir()) / f"models--{name_or_path.replace('/', '--')}" / "refs" / "main"
+    commit = ref.read_text(encoding="utf-8").strip() if ref.is_file() else ""
+    return {"repo": name_or_path, "commit": commit or None}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -269,8 +269,8 @@ def test_unchanged_files_are_hashed_once(tmp_path, monkeypatch):
     path.write_bytes(b"\0" * 1000)
     first = run_record.file_hashes([path])
     hashed = []
-    inner = run_record.hashlib.sha256
-    monkeypatch.setattr(run_record.hashlib, "sha256", lambda: hashed.append(1) or inner())
+    inner = run_record.file_sha256
+    monkeypatch.setattr(run_record, "file_sha256", lambda path: hashed.append(1) or inner(path))
     assert run_record.file_hashes([path]) == first and hashed == []
     stat = path.stat()
     path.write_bytes(b"\1" * 1000)  # same size, modification time set back
@@ -300,6 +300,21 @@ def test_hub_model_is_identified_by_its_commit(tmp_path, monkeypatch):
     assert found == [
         f"--model someone/flamingo at commit {'a' * 40}, this run uses --model someone/flamingo at commit {'b' * 40}"
     ]
+
+
+def test_original_release_is_identified_by_its_commit(tmp_path, monkeypatch):
+    """An original OpenFlamingo release holds only checkpoint.pt (no config.json): its commit still comes from the
+    `main` ref the hub cache resolved."""
+    from modeling_flamingo.evaluation import run_record
+
+    repo = tmp_path / "hub" / "models--openflamingo--OpenFlamingo-3B-vitl-mpt1b"
+    (repo / "snapshots" / ("c" * 40)).mkdir(parents=True)
+    (repo / "snapshots" / ("c" * 40) / "checkpoint.pt").write_bytes(b"weights")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("c" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    identity = run_record.model_identity("openflamingo/OpenFlamingo-3B-vitl-mpt1b")
+    assert identity == {"repo": "openflamingo/OpenFlamingo-3B-vitl-mpt1b", "commit": "c" * 40}
 
 
 def test_fresh_run_into_another_runs_predictions_is_refused(env, finished, tmp_path, capsys, no_model_load):
