@@ -21,9 +21,6 @@ autocast (the loss is the fp32 one), so fp16 numerics and its gradient scaler ne
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-import types
 from unittest import mock
 
 import pytest
@@ -51,11 +48,8 @@ from train_reference import (
     original_batches,
     original_name,
     original_param_groups,
+    train_utils,
 )
-
-if importlib.util.find_spec("wandb") is None:
-    sys.modules.setdefault("wandb", types.ModuleType("wandb"))
-from open_flamingo.train import train_utils  # noqa: E402
 
 # MPT: the family of the released 3B/9B models, whose output head is tied to the input embeddings.
 FAMILY = "mpt"

@@ -8,10 +8,6 @@ step must agree; the optimiser's parameter groups must be the original's.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-import types
-
 import pytest
 import torch
 
@@ -40,13 +36,8 @@ from train_reference import (
     original_batches,
     original_name,
     original_param_groups,
+    train_utils,
 )
-
-# The original's train_utils imports wandb at module level and uses it only when reporting to it: a stand-in when
-# wandb is not installed (never in place of the real one, which the logging tests use in the same session).
-if importlib.util.find_spec("wandb") is None:
-    sys.modules.setdefault("wandb", types.ModuleType("wandb"))
-from open_flamingo.train import train_utils  # noqa: E402
 
 LR = 1e-3
 

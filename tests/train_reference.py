@@ -3,12 +3,22 @@ formats, and our parameters' names and gradients under the original's names."""
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+import types
+
 import torch
 from torch import nn
 
 from modeling_flamingo.convert.mapping import canonical_original_key, original_key, strip_wrapper_prefixes
 from modeling_flamingo.training.export import _to_original_lm_name
 from modeling_flamingo.training.token_rows import ROWS_PARAMETER
+
+# The original's train_utils imports wandb at module level and uses it only when reporting to it: a stand-in when
+# wandb is not installed (never in place of the real one, which the logging tests use in the same session).
+if importlib.util.find_spec("wandb") is None:
+    sys.modules.setdefault("wandb", types.ModuleType("wandb"))
+from open_flamingo.train import train_utils  # noqa: E402, F401 (the original's loop, for the parity tests)
 
 
 class DDPLike(nn.Module):
