@@ -4,6 +4,7 @@ both implementations, the language model alone, the CPU peak-memory child proces
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,3 +59,67 @@ def test_eval_benchmark_runs_one_cell(tmp_path):
     assert 3 <= int(split["ours"]["images encoded"]) <= 4
     for harness in ("original", "ours"):
         assert float(split[harness]["LM decode s"]) > 0
+
+
+def _machine_module():
+    spec = importlib.util.spec_from_file_location("_machine", ROOT / "benchmarks" / "_machine.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks its module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+class FakeClock:
+    """A load-average sequence, one reading per call, and a clock that `sleep` advances (nothing really sleeps)."""
+
+    def __init__(self, loads: list[float]):
+        self.loads, self.now, self.sleeps = list(loads), 0.0, []
+
+    def loadavg(self):
+        load = self.loads.pop(0) if len(self.loads) > 1 else self.loads[0]
+        return (load, load, load)
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+def _check(machine, fake: FakeClock, wait: float):
+    return machine.check_load(
+        wait, 0.5, poll_s=10, loadavg=fake.loadavg, sleep=fake.sleep, clock=lambda: fake.now, cpus=4
+    )
+
+
+def test_load_guard_measures_at_once_on_a_quiet_machine(capsys):
+    machine = _machine_module()
+    fake = FakeClock([1.5])  # below 0.5 per core on 4 cores
+    load = _check(machine, fake, wait=60)
+    assert (load.busy, load.threshold, load.waited_s, fake.sleeps) == (False, 2.0, 0.0, [])
+    assert capsys.readouterr().err == ""
+    load.finish(lambda: (3.0, 2.0, 1.0))
+    assert load.describe() == "4 cores, 1-minute load average 1.50 at the start, 3.00 at the end (busy above 2.00)"
+
+
+def test_load_guard_waits_for_the_machine_to_become_quiet(capsys):
+    machine = _machine_module()
+    fake = FakeClock([3.0, 2.5, 1.0])  # busy for two readings, then quiet
+    load = _check(machine, fake, wait=60)
+    assert fake.sleeps == [10, 10]
+    assert (load.busy, load.start[0], load.waited_s) == (False, 1.0, 20)
+    assert capsys.readouterr().err == ""
+    assert "waited 20 s" in load.describe() and "busy machine" not in load.describe()
+
+
+def test_load_guard_warns_when_still_busy_and_says_so_in_the_results(capsys):
+    machine = _machine_module()
+    fake = FakeClock([3.0])
+    load = _check(machine, fake, wait=25)  # waits at most 25 s: 10 + 10 + 5
+    assert fake.sleeps == [10, 10, 5]
+    assert load.busy and load.waited_s == 25
+    err = capsys.readouterr().err
+    assert err.startswith("warning: the machine is busy after waiting 25 s: 1-minute load average 3.00 on 4 cores")
+    assert "measured on a busy machine" in load.describe()
+
+    fake = FakeClock([3.0])
+    assert _check(machine, fake, wait=0).busy and fake.sleeps == []  # the default: warn, do not wait
+    assert "warning: the machine is busy: 1-minute" in capsys.readouterr().err
