@@ -40,7 +40,7 @@ def test_eval_benchmark_runs_one_cell(tmp_path):
     out = tmp_path / "RESULTS.md"
     out.write_text("# Benchmarks\n\n## Load time\n\nkept\n")
     args = ["--shots", "1", "--num-samples", "2", "--query-set-size", "4", "--batch-size", "2", "--repeats", "1"]
-    assert bench.main([*args, "--out", str(out)]) == 0
+    assert bench.main([*args, "--tasks", "captioning", "--out", str(out)]) == 0
 
     text = out.read_text()
     assert "## Load time\n\nkept" in text  # other sections survive
@@ -61,12 +61,52 @@ def test_eval_benchmark_runs_one_cell(tmp_path):
         assert float(split[harness]["LM decode s"]) > 0
 
 
-def _machine_module():
-    spec = importlib.util.spec_from_file_location("_machine", ROOT / "benchmarks" / "_machine.py")
+def test_eval_benchmark_runs_classification(tmp_path):
+    """The classification benchmark end to end at tiny sizes (Hateful Memes and the first 5 ImageNet names, 2 test
+    items, 1 shot): both harnesses on their cached paths, every class log-likelihood compared, the score of each,
+    the time split, the machine's load, and its own section of the results file (the captioning one is kept)."""
+    bench = _load("bench_eval")
+    out = tmp_path / "RESULTS.md"
+    out.write_text("# Benchmarks\n\n## Evaluation: captioning\n\nkept\n")
+    args = ["--tasks", "classification", "--classification-shots", "1", "--classification-samples", "2"]
+    args += ["--imagenet-classes", "5", "--query-set-size", "2", "--batch-size", "2", "--repeats", "1"]
+    assert bench.main([*args, "--out", str(out)]) == 0
+
+    text = out.read_text()
+    assert "## Evaluation: captioning\n\nkept" in text
+    assert text.count("## Evaluation: classification") == 1
+    assert "1-minute load average" in text
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| ")]
+    (header, *speed_rows), (split_header, *split_rows) = rows[:3], rows[3:]
+    cells = {row[0]: dict(zip(header, row, strict=True)) for row in speed_rows}
+    assert sorted(cells) == ["hateful_memes", "imagenet"]
+    assert (cells["hateful_memes"]["classes"], cells["imagenet"]["classes"]) == ("2", "5")
+    for task, row in cells.items():
+        assert (row["shots"], row["batch"], row["test items"]) == ("1", "2", "2"), task
+        assert row["same scores"] == "yes", task  # every item's class log-likelihoods within 1e-4, same AUC / accuracy
+        assert float(row["max log-likelihood difference"]) <= 1e-4, task
+        assert row["AUC / accuracy (orig)"] == row["AUC / accuracy (ours)"], task
+        assert float(row["items/s (orig)"]) > 0 and float(row["items/s (ours)"]) > 0, task
+    split = {(row[0], row[1]): dict(zip(split_header, row, strict=True)) for row in split_rows}
+    assert len(split) == 4
+    # The original encodes every image of every prompt (2 items x 2 images); ours each distinct image once.
+    assert int(split["imagenet", "original"]["images encoded"]) == 4
+    assert int(split["imagenet", "ours"]["images encoded"]) <= 3
+    # The original feeds the tokens of multi-token class names one forward at a time from the prompts' cache.
+    assert float(split["imagenet", "original"]["LM on class names s"]) > 0
+
+
+def _load(name: str):
+    """A benchmark script as a module (registered in `sys.modules`, where its dataclasses look it up)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass looks its module up there
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def _machine_module():
+    return _load("_machine")
 
 
 class FakeClock:
