@@ -219,13 +219,17 @@ def make_classification_data(root: Path, task: str, num_samples: int, query_set_
     return make_imagenet(root, num_classes=num_samples, per_class=(0, 1))
 
 
-@dataclasses.dataclass
 class Ranking:
-    """What one classification trial computed: each ranked prompt, its (C,) class log-likelihoods, and the score."""
+    """What one classification trial computed: each ranked prompt, its (C,) class log-likelihoods, and the score.
 
-    prompts: list[str]
-    scores: torch.Tensor  # (N, C) float32, rows in ranking order
-    score: float  # ROC AUC (Hateful Memes) or top-1 accuracy (ImageNet)
+    Args:
+        prompts: the N prompts, in ranking order.
+        scores: (N, C) float32 class log-likelihoods, rows in ranking order.
+        score: ROC AUC (Hateful Memes) or top-1 accuracy (ImageNet).
+    """
+
+    def __init__(self, prompts: list[str], scores: torch.Tensor, score: float):
+        self.prompts, self.scores, self.score = prompts, scores, score
 
     def __eq__(self, other) -> bool:
         return self.prompts == other.prompts and torch.equal(self.scores, other.scores) and self.score == other.score
