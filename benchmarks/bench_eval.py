@@ -34,8 +34,9 @@ Forward hooks on the vision tower, the resampler and the language model (a few m
 every timed run) split the best run's time: images through the vision tower and resampler (and how many), the
 language model's prefill and decoding steps, and the rest (data, image preprocessing, beam-search bookkeeping).
 
-It prints markdown tables and writes them, with the machine, its load average (`benchmarks/_machine.py`: a warning,
-or with `--wait-quiet SECONDS` a bounded wait, when the machine is busy) and versions, to `benchmarks/RESULTS.md` (or
+It prints markdown tables and writes them, with the machine, its load average (`benchmarks/_machine.py`: read at the
+start of the run, before the models are built, and at the end of each part; a warning, or with `--wait-quiet SECONDS`
+a bounded wait, when the machine is busy at the start) and versions, to `benchmarks/RESULTS.md` (or
 `--out`), replacing its own sections there (one per part) and keeping the others.
 """
 
@@ -618,8 +619,11 @@ def main(argv=None) -> int:
     shots += [args.classification_shots] if "classification" in args.tasks else []
     if max(shots) > args.query_set_size:
         p.error(f"--query-set-size {args.query_set_size} is smaller than {max(shots)} shots")
-    if "imagenet" in args.classification_tasks and not 1 <= args.classification_samples <= args.imagenet_classes:
-        p.error("--classification-samples must be between 1 and --imagenet-classes (one ImageNet test item per class)")
+    if "classification" in args.tasks:
+        if "imagenet" in args.classification_tasks and args.classification_samples > args.imagenet_classes:
+            p.error("--classification-samples is more than --imagenet-classes (one ImageNet test item per class)")
+        if args.classification_samples < 2:
+            p.error("--classification-samples must be 2 or more (Hateful Memes' ROC AUC needs both labels)")
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -640,7 +644,6 @@ def main(argv=None) -> int:
             text = run(args, original, ours, tokenizer, image_size, tmp / task, load)
             print("\n" + text)
             write_results_section(Path(args.out), section, text)
-            load = check_load(0, args.max_load_per_core)  # the next section's own start
     return 0
 
 
