@@ -35,6 +35,9 @@ from modeling_flamingo.testing import (
     tiny_vision_config,
 )
 from modeling_flamingo.training import (
+    EmbeddingGradientMask,
+    TrainableTokenRows,
+    build_optimizer,
     freeze_for_flamingo_training,
 )
 from modeling_flamingo.training.model_init import assemble_flamingo
@@ -210,6 +213,42 @@ def test_left_padding_gives_each_sample_s_unpadded_result(family):
             expected = model(**alone).logits
         torch.testing.assert_close(logits[b, -length:], expected[0], atol=1e-5, rtol=1e-5)
         assert generated[b, -(length + NEW_TOKENS) :].tolist() == model.generate(**alone, **kwargs)[0].tolist()
+
+
+def test_a_training_step_moves_only_the_trainable_set(family):
+    model = copy.deepcopy(family.opened).train()
+    freeze_for_flamingo_training(model)
+    plain = copy.deepcopy(model)
+    new_rows = sorted({model.config.media_token_id, model.config.eoc_token_id})
+    # What the trainer does (training/trainer.py): the two new rows through TrainableTokenRows where it knows the
+    # layout, else the dense embedding with the other rows' gradients masked.
+    rows = TrainableTokenRows(model, new_rows) if TrainableTokenRows.supports(model) else None
+    if rows is None:
+        EmbeddingGradientMask(new_rows).register_hook(model.get_input_embeddings().weight)
+    family.tokenizer.padding_side = "right"
+    batch = make_batch(family.tokenizer, MMC4_TEXTS[:2], 2, interleaved=True, seed=0)
+    with torch.no_grad():  # the hooked model computes what the plain one does (without dropout)
+        torch.testing.assert_close(model.eval()(**batch).logits, plain.eval()(**batch).logits, atol=1e-5, rtol=1e-5)
+    model.train()
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    optimizer = build_optimizer(model, learning_rate=1e-2, weight_decay=0.1)
+    model(**batch).loss.backward()
+    optimizer.step()
+    if rows is not None:
+        rows.sync_()
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    embedding = next(
+        n for n, p in model.named_parameters(remove_duplicate=False) if p is model.get_input_embeddings().weight
+    )
+    moved_modules = {name for name in changed if name.startswith("perceiver.") or ".gated_cross_attn_layer." in name}
+    tied = {n for n in changed if torch.equal(after[n], after[embedding]) and n != embedding}
+    assert changed - moved_modules - tied == {embedding}
+    assert any(name.startswith("perceiver.") for name in changed)
+    assert sum(".gated_cross_attn_layer." in name for name in changed) >= model.config.num_cross_attn_layers
+    changed_rows = (after[embedding] != before[embedding]).any(dim=1).nonzero().flatten().tolist()
+    assert changed_rows == new_rows
 
 
 def _trainable_gradients(model, batch: dict, checkpointing: bool) -> tuple[dict[str, torch.Tensor], int]:
