@@ -402,16 +402,9 @@ class FlamingoPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
+    # With the vision tower's and the language model's layer classes, which `__init__` adds from the built model.
     # FlamingoDecoderLayer is not listed: a device map may put a cross-attention block and its decoder layer apart.
-    _no_split_modules = [
-        "CLIPEncoderLayer",
-        "FlamingoPerceiverResampler",
-        "FlamingoGatedCrossAttentionBlock",
-        "LlamaDecoderLayer",
-        "GPTNeoXLayer",
-        "MptBlock",
-        "MosaicGPTBlock",
-    ]
+    _no_split_modules = ["FlamingoPerceiverResampler", "FlamingoGatedCrossAttentionBlock"]
     _skip_keys_device_placement = ["past_key_values", "cache", "cross_attention_key_values"]
     _supports_sdpa = True
     _supports_attention_backend = True
@@ -485,6 +478,13 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
             if block is not None:
                 layers[i].cross_attn_index = cross_attn_index
                 cross_attn_index += 1
+        # The units of device maps and FSDP: the classes of this model's own layers, whatever the families.
+        vision_layers = _layer_lists(self.vision_encoder, config.vision_config.num_hidden_layers)
+        self._no_split_modules = [
+            *self._no_split_modules,
+            *{type(layer).__name__ for name in vision_layers for layer in _get_attr_path(self.vision_encoder, name)},
+            *{type(layer.decoder_layer).__name__ for layer in layers},
+        ]
         self.post_init()
         if config.eoc_token_id is not None:
             self.generation_config.eos_token_id = config.eoc_token_id

@@ -41,6 +41,7 @@ from modeling_flamingo.training import (
     freeze_for_flamingo_training,
 )
 from modeling_flamingo.training.model_init import assemble_flamingo
+from modeling_flamingo.training.trainer import fsdp_wrap_classes
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
@@ -107,6 +108,32 @@ def test_decoder_layers_are_found_through_the_language_model_s_own_accessors(fam
         family.model.decoder_layers
     )
     assert layer_class.__name__ in family.model._no_split_modules
+
+
+def test_fsdp_units_are_found_in_the_built_model(family):
+    classes = fsdp_wrap_classes(family.model)
+    decoder_layer = type(family.model.decoder_layers[0].decoder_layer).__name__
+    expected = {"CLIPEncoderLayer", "FlamingoPerceiverResampler", "FlamingoGatedCrossAttentionBlock", decoder_layer}
+    assert expected <= set(classes)
+    assert set(classes) <= {type(module).__name__ for module in family.model.modules()}
+
+
+def test_fsdp_units_do_not_depend_on_the_parts_declaring_them(monkeypatch):
+    # As a language model or vision tower from remote code may: no `_no_split_modules` of their own.
+    from transformers.models.clip.modeling_clip import CLIPPreTrainedModel
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2PreTrainedModel
+
+    monkeypatch.setattr(Qwen2PreTrainedModel, "_no_split_modules", None)
+    monkeypatch.setattr(CLIPPreTrainedModel, "_no_split_modules", None)
+    with torch.device("meta"):
+        model = FlamingoForConditionalGeneration(tiny_flamingo_config("qwen2"))
+    expected = [
+        "CLIPEncoderLayer",
+        "FlamingoGatedCrossAttentionBlock",
+        "FlamingoPerceiverResampler",
+        "Qwen2DecoderLayer",
+    ]
+    assert fsdp_wrap_classes(model) == expected
 
 
 def test_closed_gates_give_exactly_the_language_model_s_logits(family):
