@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 from transformers import AutoConfig, PretrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
@@ -10,13 +12,26 @@ from modeling_flamingo.configuration.configuration_mosaic_gpt import MosaicGPTCo
 # Registered where defined, so that a hub folder carrying these files (trust_remote_code) registers them too.
 AutoConfig.register("mosaic_gpt", MosaicGPTConfig, exist_ok=True)
 
-# Where each supported language model keeps its list of decoder layers (attribute path from the causal LM).
-DECODER_LAYERS_ATTR_NAMES = {
+# Deprecated: the model finds any language model's decoder layers itself (`find_decoder_layers_attr_name` in
+# modeling_flamingo.py). Kept, with a warning, for code that imports it; these paths are what it finds.
+_DEPRECATED_DECODER_LAYERS_ATTR_NAMES = {
     "llama": "model.layers",
     "gpt_neox": "gpt_neox.layers",
     "mpt": "transformer.blocks",
     "mosaic_gpt": "transformer.blocks",
 }
+
+
+def __getattr__(name: str):
+    if name == "DECODER_LAYERS_ATTR_NAMES":
+        warnings.warn(
+            "DECODER_LAYERS_ATTR_NAMES is deprecated and will be removed: FlamingoForConditionalGeneration finds the "
+            "decoder layers of any causal LM and records the path in `config.decoder_layers_attr_name`.",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return _DEPRECATED_DECODER_LAYERS_ATTR_NAMES
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class FlamingoConfig(PretrainedConfig):
@@ -31,7 +46,7 @@ class FlamingoConfig(PretrainedConfig):
             The CLIP vision tower. Its patch tokens of the last block (before `post_layernorm`, CLS dropped) feed
             the resampler.
         text_config (`dict` or `PretrainedConfig`, *optional*):
-            The language model: `llama`, `gpt_neox`, `mpt` or `mosaic_gpt`.
+            The language model: any decoder-only causal LM of transformers (`AutoModelForCausalLM`), or `mosaic_gpt`.
         cross_attn_every_n_layers (`int`, defaults to 4):
             A gated cross-attention block runs before decoder layer `i` (0-based) when `(i + 1) % n == 0`.
         perceiver_depth, perceiver_heads, perceiver_head_dim, perceiver_num_latents, perceiver_ff_mult:
@@ -47,8 +62,9 @@ class FlamingoConfig(PretrainedConfig):
         media_token_id (`int`, *optional*), eoc_token_id (`int`, *optional*):
             Ids of `<image>` and `<|endofchunk|>` in the tokenizer.
         decoder_layers_attr_name (`str`, *optional*):
-            Attribute path of the decoder layer list inside the language model; inferred from
-            `text_config.model_type` when not given.
+            Attribute path of the decoder layer list inside the causal LM (e.g. `"model.layers"`). When not given, the
+            model finds it when it is built (the `nn.ModuleList` of `num_hidden_layers` entries in the LM's
+            `get_decoder()`) and records it here.
     """
 
     model_type = "openflamingo"
@@ -91,14 +107,6 @@ class FlamingoConfig(PretrainedConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        if self.decoder_layers_attr_name is None:
-            model_type = self.text_config.model_type
-            if model_type not in DECODER_LAYERS_ATTR_NAMES:
-                raise ValueError(
-                    f"Unsupported language model type {model_type!r}: give `decoder_layers_attr_name` or use one of "
-                    f"{sorted(DECODER_LAYERS_ATTR_NAMES)}."
-                )
-            self.decoder_layers_attr_name = DECODER_LAYERS_ATTR_NAMES[model_type]
         if self.cross_attn_every_n_layers < 1:
             raise ValueError(f"`cross_attn_every_n_layers` must be >= 1, got {self.cross_attn_every_n_layers}.")
         # MPT, MosaicGPT and tied LLaMA/GPT-NeoX variants compute logits with their input embeddings.
@@ -115,4 +123,4 @@ class FlamingoConfig(PretrainedConfig):
 
 AutoConfig.register("openflamingo", FlamingoConfig, exist_ok=True)
 
-__all__ = ["FlamingoConfig", "DECODER_LAYERS_ATTR_NAMES"]
+__all__ = ["FlamingoConfig"]
