@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 from transformers import AutoConfig, PretrainedConfig
@@ -168,7 +169,9 @@ class FlamingoConfig(PretrainedConfig):
                 f"{vision.num_patches} is not a square number."
             )
         if getattr(vision, "vision_use_head", False):
-            vision.vision_use_head = False  # SigLIP's attention-pooling head: Flamingo reads the tokens, not a pool
+            # SigLIP's attention-pooling head: Flamingo reads the tokens, not a pool. A copy: the caller's config stays.
+            self.vision_config = copy.deepcopy(vision)
+            self.vision_config.vision_use_head = False
 
     @property
     def num_cross_attn_layers(self) -> int:

@@ -100,9 +100,10 @@ def test_config_picks_the_features_of_each_tower_and_refuses_what_cannot_run():
     assert (old.vision_feature_layer, old.vision_feature_select_strategy) == (-1, "default")
 
     for tower in SIGLIP_TOWERS:
-        config = tiny_flamingo_config("llama", vision_config=tiny_siglip_vision_config(tower).to_dict())
+        vision_config = tiny_siglip_vision_config(tower)
+        config = tiny_flamingo_config("llama", vision_config=vision_config)
         assert config.vision_feature_select_strategy == "full"  # no CLS token to drop
-        assert config.vision_config.vision_use_head is False
+        assert config.vision_config.vision_use_head is False and vision_config.vision_use_head is True
 
     siglip = tiny_siglip_vision_config("siglip").to_dict()
     bad = [
@@ -184,6 +185,8 @@ def test_assembled_flamingo_is_its_language_model_until_trained(parts):
     _, model, processor, lm, _ = parts
     inputs = _inputs(processor)
     assert inputs["pixel_values"].shape[-3:] == (3, 32, 32)
+    with pytest.raises(ValueError, match="pixel_values images must be 3x32x32 .* got 3x42x42"):
+        model(**{**inputs, "pixel_values": torch.zeros(2, 2, 1, 3, 42, 42)})
     with torch.no_grad():
         logits = model(**inputs).logits
         expected = lm(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
