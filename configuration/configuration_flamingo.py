@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 from transformers import AutoConfig, PretrainedConfig
 from transformers.configuration_utils import SubConfigSpec
@@ -13,8 +14,9 @@ from modeling_flamingo.configuration.configuration_mosaic_gpt import MosaicGPTCo
 # Registered where defined, so that a hub folder carrying these files (trust_remote_code) registers them too.
 AutoConfig.register("mosaic_gpt", MosaicGPTConfig, exist_ok=True)
 
-# Where each supported language model keeps its list of decoder layers (attribute path from the causal LM).
-DECODER_LAYERS_ATTR_NAMES = {
+# Deprecated: the model finds any language model's decoder layers itself (`find_decoder_layers_attr_name` in
+# modeling_flamingo.py). Kept, with a warning, for code that imports it; these paths are what it finds.
+_DEPRECATED_DECODER_LAYERS_ATTR_NAMES = {
     "llama": "model.layers",
     "gpt_neox": "gpt_neox.layers",
     "mpt": "transformer.blocks",
@@ -33,6 +35,18 @@ def vision_image_size(vision_config: PretrainedConfig) -> int:
     if hasattr(vision_config, "image_size"):
         return vision_config.image_size
     return math.isqrt(vision_config.num_patches) * vision_config.patch_size
+
+
+def __getattr__(name: str):
+    if name == "DECODER_LAYERS_ATTR_NAMES":
+        warnings.warn(
+            "DECODER_LAYERS_ATTR_NAMES is deprecated and will be removed: FlamingoForConditionalGeneration finds the "
+            "decoder layers of any causal LM and records the path in `config.decoder_layers_attr_name`.",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return _DEPRECATED_DECODER_LAYERS_ATTR_NAMES
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class FlamingoConfig(PretrainedConfig):
@@ -60,7 +74,7 @@ class FlamingoConfig(PretrainedConfig):
             Defaults to `"default"` for towers with a CLS token and `"full"` for those without (SigLIP, SigLIP2),
             where `"default"` is refused.
         text_config (`dict` or `PretrainedConfig`, *optional*):
-            The language model: `llama`, `gpt_neox`, `mpt` or `mosaic_gpt`.
+            The language model: any decoder-only causal LM of transformers (`AutoModelForCausalLM`), or `mosaic_gpt`.
         cross_attn_every_n_layers (`int`, defaults to 4):
             A gated cross-attention block runs before decoder layer `i` (0-based) when `(i + 1) % n == 0`.
         perceiver_depth, perceiver_heads, perceiver_head_dim, perceiver_num_latents, perceiver_ff_mult:
@@ -76,8 +90,9 @@ class FlamingoConfig(PretrainedConfig):
         media_token_id (`int`, *optional*), eoc_token_id (`int`, *optional*):
             Ids of `<image>` and `<|endofchunk|>` in the tokenizer.
         decoder_layers_attr_name (`str`, *optional*):
-            Attribute path of the decoder layer list inside the language model; inferred from
-            `text_config.model_type` when not given.
+            Attribute path of the decoder layer list inside the causal LM (e.g. `"model.layers"`). When not given, the
+            model finds it when it is built (the `nn.ModuleList` of `num_hidden_layers` entries in the LM's
+            `get_decoder()`) and records it here.
     """
 
     model_type = "openflamingo"
@@ -122,14 +137,6 @@ class FlamingoConfig(PretrainedConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        if self.decoder_layers_attr_name is None:
-            model_type = self.text_config.model_type
-            if model_type not in DECODER_LAYERS_ATTR_NAMES:
-                raise ValueError(
-                    f"Unsupported language model type {model_type!r}: give `decoder_layers_attr_name` or use one of "
-                    f"{sorted(DECODER_LAYERS_ATTR_NAMES)}."
-                )
-            self.decoder_layers_attr_name = DECODER_LAYERS_ATTR_NAMES[model_type]
         if self.cross_attn_every_n_layers < 1:
             raise ValueError(f"`cross_attn_every_n_layers` must be >= 1, got {self.cross_attn_every_n_layers}.")
         # MPT, MosaicGPT and tied LLaMA/GPT-NeoX variants compute logits with their input embeddings.
@@ -184,4 +191,4 @@ class FlamingoConfig(PretrainedConfig):
 
 AutoConfig.register("openflamingo", FlamingoConfig, exist_ok=True)
 
-__all__ = ["FlamingoConfig", "DECODER_LAYERS_ATTR_NAMES", "VISION_TOWER_HAS_CLS_TOKEN", "vision_image_size"]
+__all__ = ["FlamingoConfig", "VISION_TOWER_HAS_CLS_TOKEN", "vision_image_size"]

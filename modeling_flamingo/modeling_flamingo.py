@@ -6,10 +6,11 @@ Layout of the module tree (and so of the state dict):
   `config.vision_feature_layer` (before `post_layernorm`; CLIP's CLS token dropped) are the image tokens, as
   open_clip <= 2.20 returned them when OpenFlamingo was trained.
 - `perceiver`: `FlamingoPerceiverResampler`, turning each image's tokens into `perceiver_num_latents` latents.
-- `language_model`: the causal LM (`LlamaForCausalLM`, `GPTNeoXForCausalLM`, `MptForCausalLM` or our
-  `MosaicGPTForCausalLM`). Each entry of its decoder layer list is replaced by a `FlamingoDecoderLayer` holding the
-  original layer as `decoder_layer` and, every `cross_attn_every_n_layers` layers, a
-  `FlamingoGatedCrossAttentionBlock` as `gated_cross_attn_layer`, which runs first.
+- `language_model`: any decoder-only causal LM of transformers (`AutoModelForCausalLM`), or our
+  `MosaicGPTForCausalLM`. Each entry of its decoder layer list (found by `find_decoder_layers_attr_name`, or named by
+  `config.decoder_layers_attr_name`) is replaced by a `FlamingoDecoderLayer` holding the original layer as
+  `decoder_layer` and, every `cross_attn_every_n_layers` layers, a `FlamingoGatedCrossAttentionBlock` as
+  `gated_cross_attn_layer`, which runs first.
 """
 
 from __future__ import annotations
@@ -98,6 +99,57 @@ def _get_attr_path(obj: Any, path: str) -> Any:
     for name in path.split("."):
         obj = getattr(obj, name)
     return obj
+
+
+def _layer_lists(root: nn.Module, num_layers: int) -> list[str]:
+    """Names (relative to `root`) of the shallowest `nn.ModuleList`s under `root` with `num_layers` entries."""
+    found = [
+        name
+        for name, module in root.named_modules()
+        if name and isinstance(module, nn.ModuleList) and len(module) == num_layers
+    ]
+    depth = min((name.count(".") for name in found), default=0)
+    return [name for name in found if name.count(".") == depth]
+
+
+def find_decoder_layers_attr_name(language_model: PreTrainedModel) -> str:
+    """The attribute path, from the causal LM, of its list of decoder layers (e.g. `"model.layers"`).
+
+    Found through the model's own accessor: `get_decoder()` gives the decoder (`LlamaModel`, `GPT2Model`, ...), whose
+    `nn.ModuleList` of `config.num_hidden_layers` entries is the layer list (`model.layers` for LLaMA, Mistral, Qwen,
+    Gemma, Phi-3, OLMo2; `transformer.h` for GPT-2 and Falcon; `gpt_neox.layers`; `transformer.blocks` for MPT).
+
+    Raises:
+        ValueError: no such list, or several: `FlamingoConfig(decoder_layers_attr_name=...)` names it instead.
+    """
+    num_layers = language_model.config.num_hidden_layers
+    decoder = language_model.get_decoder() if hasattr(language_model, "get_decoder") else language_model
+    prefix = next(name for name, module in language_model.named_modules() if module is decoder)
+    candidates = _layer_lists(decoder, num_layers)
+    if len(candidates) != 1:
+        found = f"several ({', '.join(candidates)})" if candidates else "none"
+        raise ValueError(
+            f"Cannot find the decoder layers of {type(language_model).__name__}: its decoder "
+            f"{type(decoder).__name__} should hold one nn.ModuleList of its {num_layers} layers, and holds {found}. "
+            "Name the list with FlamingoConfig(decoder_layers_attr_name=...), its attribute path in the causal LM "
+            "(e.g. 'model.layers')."
+        )
+    return f"{prefix}.{candidates[0]}" if prefix else candidates[0]
+
+
+def _decoder_layer_list(language_model: PreTrainedModel, path: str) -> nn.ModuleList:
+    """The decoder layer list at `path` (a config's `decoder_layers_attr_name`), checked to be one."""
+    try:
+        layers = _get_attr_path(language_model, path)
+    except AttributeError:
+        layers = None
+    num_layers = language_model.config.num_hidden_layers
+    if not isinstance(layers, nn.ModuleList) or len(layers) != num_layers:
+        raise ValueError(
+            f"decoder_layers_attr_name {path!r} does not name an nn.ModuleList of the {num_layers} decoder layers of "
+            f"{type(language_model).__name__}: fix it, or leave it unset to have the layers found."
+        )
+    return layers
 
 
 class FlamingoFeedForward(nn.Module):
@@ -332,7 +384,19 @@ class FlamingoDecoderLayer(nn.Module):
         self.cross_attn_index: int | None = None
         self._conditioning: FlamingoMediaConditioning | None = None
 
+    def __getattr__(self, name: str) -> Any:
+        # Some language models read attributes of their layers in their forward (e.g. `decoder_layer.attention_type`
+        # to pick a sliding or global mask): those of the wrapped layer are this module's.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "decoder_layer":
+                raise
+            return getattr(self.decoder_layer, name)
+
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        """The gated cross-attention block (where there is one), then the language model's layer called with every
+        argument it was given, returning what it returns (a tensor or a tuple, depending on the family)."""
         if self.gated_cross_attn_layer is not None:
             cond = self._conditioning
             if cond is None:
@@ -377,16 +441,9 @@ class FlamingoPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
+    # With the vision tower's and the language model's layer classes, which `__init__` adds from the built model.
     # FlamingoDecoderLayer is not listed: a device map may put a cross-attention block and its decoder layer apart.
-    _no_split_modules = [
-        "CLIPEncoderLayer",
-        "FlamingoPerceiverResampler",
-        "FlamingoGatedCrossAttentionBlock",
-        "LlamaDecoderLayer",
-        "GPTNeoXLayer",
-        "MptBlock",
-        "MosaicGPTBlock",
-    ]
+    _no_split_modules = ["FlamingoPerceiverResampler", "FlamingoGatedCrossAttentionBlock"]
     _skip_keys_device_placement = ["past_key_values", "cache", "cross_attention_key_values"]
     _supports_sdpa = True
     _supports_attention_backend = True
@@ -449,7 +506,10 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
         self.language_model = _language_model_from_config(config.text_config)
         dim_visual = config.vision_config.hidden_size
         dim = config.text_config.hidden_size
-        layers = _get_attr_path(self.language_model, config.decoder_layers_attr_name)
+        if config.decoder_layers_attr_name is None:
+            # Recorded in the config: the saved folder, the converter's key mapping and LoRA's targets use the path.
+            config.decoder_layers_attr_name = find_decoder_layers_attr_name(self.language_model)
+        layers = _decoder_layer_list(self.language_model, config.decoder_layers_attr_name)
         cross_attn_index = 0
         for i, layer in enumerate(layers):
             block = FlamingoGatedCrossAttentionBlock(config, dim, dim_visual) if config.has_cross_attn(i) else None
@@ -457,6 +517,13 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
             if block is not None:
                 layers[i].cross_attn_index = cross_attn_index
                 cross_attn_index += 1
+        # The units of device maps and FSDP: the classes of this model's own layers, whatever the families.
+        vision_layers = _layer_lists(self.vision_encoder, config.vision_config.num_hidden_layers)
+        self._no_split_modules = [
+            *self._no_split_modules,
+            *{type(layer).__name__ for name in vision_layers for layer in _get_attr_path(self.vision_encoder, name)},
+            *{type(layer.decoder_layer).__name__ for layer in layers},
+        ]
         self.post_init()
         if config.eoc_token_id is not None:
             self.generation_config.eos_token_id = config.eoc_token_id

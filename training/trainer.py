@@ -766,11 +766,12 @@ def build_trackers(args: argparse.Namespace) -> list[GeneralTracker]:
 
 
 def fsdp_wrap_classes(model: FlamingoForConditionalGeneration) -> list[str]:
-    """The FSDP units: the classes of `model._no_split_modules` the model holds (CLIP encoder layers, the resampler,
-    the gated cross-attention blocks and the language model's decoder layers). Accelerate's default takes the whole
-    list, which names every supported language model's layer class and fails on the ones this model lacks."""
+    """The FSDP units: the classes of `model._no_split_modules` the model holds (the vision tower's encoder layers,
+    the resampler, the gated cross-attention blocks and the language model's decoder layers, taken from the built
+    model). Accelerate's default takes the whole list, which also gathers the lists of the vision tower's and language
+    model's own classes, and fails on the classes this model lacks (e.g. CLIP's text embeddings)."""
     present = {type(module).__name__ for module in model.modules()}
-    return [name for name in model._no_split_modules if name in present]
+    return sorted(name for name in model._no_split_modules if name in present)
 
 
 def _deepspeed_on_cpu() -> bool:
