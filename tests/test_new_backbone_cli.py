@@ -1,5 +1,5 @@
-"""A new Flamingo in one command: `openflamingo-train --init_from` on a language model and a SigLIP tower saved to
-folders, a few training steps, the exported model evaluated with `openflamingo-eval` and served by the web app's
+"""A new Flamingo in one command: `openflamingo-train --init_from` on a Qwen2 language model and a SigLIP tower saved
+to folders, a few training steps, the exported model evaluated with `openflamingo-eval` and served by the web app's
 engine."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from eval_data import cli_flags, make_coco
 from PIL import Image
 from train_data_helpers import make_laion_shards, make_mmc4_shards
-from transformers import AutoModelForCausalLM, LlamaConfig, SiglipConfig, SiglipModel
+from transformers import AutoModelForCausalLM, Qwen2Config, SiglipConfig, SiglipModel
 
 from modeling_flamingo import FlamingoForConditionalGeneration, FlamingoProcessor
 from modeling_flamingo.app.engine import FlamingoEngine, GenerationSettings, load_model
@@ -30,8 +30,9 @@ DATA_FLAGS = [
 
 
 def tiny_lm(vocab_size: int):
-    """A tiny causal LM of a family the Flamingo code names nowhere (Llama-3 style: GQA, rope scaling)."""
-    config = LlamaConfig(
+    """A tiny Qwen2, a family the Flamingo code names nowhere, shaped like the small Qwen2.5 models: grouped-query
+    attention, biased q/k/v projections, a tied head."""
+    config = Qwen2Config(
         vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=128,
@@ -39,7 +40,7 @@ def tiny_lm(vocab_size: int):
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,
-        rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+        tie_word_embeddings=True,
         bos_token_id=1,
         eos_token_id=0,
     )
@@ -50,7 +51,7 @@ def tiny_lm(vocab_size: int):
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
     root = tmp_path_factory.mktemp("new_backbone")
-    tokenizer = make_tiny_tokenizer(bos_token="<s>")
+    tokenizer = make_tiny_tokenizer()
     tiny_lm(len(tokenizer)).save_pretrained(root / "lm")
     tokenizer.save_pretrained(root / "lm")
     torch.manual_seed(1)
@@ -86,7 +87,7 @@ def test_one_command_trains_exports_evaluates_and_serves_a_new_flamingo(parts, c
     model = FlamingoForConditionalGeneration.from_pretrained(run / "model").eval()
     assert model.config.vision_config.model_type == "siglip_vision_model"
     assert model.config.vision_feature_select_strategy == "full"
-    assert model.config.text_config.num_key_value_heads == 2
+    assert model.config.text_config.model_type == "qwen2" and model.config.tie_word_embeddings
     assert all(b.attn_gate.item() != 0 for b in model.gated_cross_attn_layers)  # the gates started to open
     processor = FlamingoProcessor.from_pretrained(run / "model")
     image_processor = processor.image_processor
@@ -122,6 +123,6 @@ def test_a_vision_encoder_path_that_is_no_vision_tower_is_one_error_line(parts, 
     )
     assert status == 1
     lines = capsys.readouterr().err.strip().splitlines()
-    assert lines == [f"error: Vision tower {parts['lm']}: a 'llama' model is not supported; give a CLIP, SigLIP or "
+    assert lines == [f"error: Vision tower {parts['lm']}: a 'qwen2' model is not supported; give a CLIP, SigLIP or "
                      "SigLIP2 model (folder or hub id)."]  # fmt: skip
     assert not (tmp_path / "run").exists()
