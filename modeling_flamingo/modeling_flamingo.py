@@ -2,8 +2,9 @@
 
 Layout of the module tree (and so of the state dict):
 
-- `vision_encoder`: `CLIPVisionModel`; its last block's patch tokens (before `post_layernorm`, CLS dropped) are the
-  image tokens, as open_clip <= 2.20 returned them when OpenFlamingo was trained.
+- `vision_encoder`: `CLIPVisionModel`, `SiglipVisionModel` or `Siglip2VisionModel`; the tokens of its hidden state
+  `config.vision_feature_layer` (before `post_layernorm`; CLIP's CLS token dropped) are the image tokens, as
+  open_clip <= 2.20 returned them when OpenFlamingo was trained.
 - `perceiver`: `FlamingoPerceiverResampler`, turning each image's tokens into `perceiver_num_latents` latents.
 - `language_model`: any decoder-only causal LM of transformers (`AutoModelForCausalLM`), or our
   `MosaicGPTForCausalLM`. Each entry of its decoder layer list (found by `find_decoder_layers_attr_name`, or named by
@@ -29,6 +30,8 @@ from transformers import (
     GenerationMixin,
     PretrainedConfig,
     PreTrainedModel,
+    Siglip2VisionModel,
+    SiglipVisionModel,
 )
 from transformers import initialization as init
 from transformers.cache_utils import Cache
@@ -36,7 +39,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import ModelOutput
 
-from modeling_flamingo.configuration.configuration_flamingo import FlamingoConfig
+from modeling_flamingo.configuration.configuration_flamingo import FlamingoConfig, vision_image_size
 from modeling_flamingo.configuration.configuration_mosaic_gpt import MosaicGPTConfig
 from modeling_flamingo.modeling_mosaic_gpt import CACHE_NAME, MosaicGPTForCausalLM, accepts_cache_alias
 
@@ -54,6 +57,42 @@ def _language_model_from_config(text_config: PretrainedConfig) -> PreTrainedMode
     if text_config.model_type == MosaicGPTConfig.model_type:
         return MosaicGPTForCausalLM._from_config(text_config)
     return AutoModelForCausalLM.from_config(text_config)
+
+
+def _vision_model_from_config(vision_config: PretrainedConfig) -> PreTrainedModel:
+    """A fresh vision tower for `vision_config` (CLIP, SigLIP or SigLIP2), without the parts Flamingo never runs.
+
+    SigLIP's `last_hidden_state` is the last layer's output passed through `post_layernorm`, where CLIP's is the raw
+    output; the resampler takes the raw output of both (see `FlamingoConfig.vision_feature_layer`), so SigLIP's
+    final norm becomes an identity here: one tower forward gives the wanted tokens, with no hook and no list of every
+    layer's hidden states. (Its pooling head is already off: `FlamingoConfig` sets `vision_use_head=False`.)
+    """
+    if vision_config.model_type == "clip_vision_model":
+        return CLIPVisionModel._from_config(vision_config)
+    siglip = SiglipVisionModel if vision_config.model_type == "siglip_vision_model" else Siglip2VisionModel
+    tower = siglip._from_config(vision_config)
+    tower.post_layernorm = nn.Identity()
+    return tower
+
+
+def _siglip2_fixed_resolution_inputs(pixel_values: torch.Tensor, patch_size: int) -> dict[str, torch.Tensor]:
+    """Square images as the NaFlex inputs of `Siglip2VisionModel`, as `Siglip2ImageProcessor` makes them from an image
+    resized to the same square: every patch real, all images on the same grid.
+
+    Args:
+        pixel_values: (N, C, H, W) with H = W a multiple of `patch_size`.
+    Returns:
+        `pixel_values` (N, g * g, P * P * C) patches in row-major order, each flattened as (P, P, C);
+        `pixel_attention_mask` (N, g * g) ones; `spatial_shapes` (N, 2) holding (g, g); g = H / P, P = `patch_size`.
+    """
+    N, C, H, W = pixel_values.shape
+    g = H // patch_size
+    patches = pixel_values.reshape(N, C, g, patch_size, g, patch_size).permute(0, 2, 4, 3, 5, 1)
+    return {
+        "pixel_values": patches.reshape(N, g * g, patch_size * patch_size * C),
+        "pixel_attention_mask": torch.ones(N, g * g, dtype=torch.long, device=pixel_values.device),
+        "spatial_shapes": torch.tensor([[g, g]], device=pixel_values.device).expand(N, 2),
+    }
 
 
 def _get_attr_path(obj: Any, path: str) -> Any:
@@ -462,7 +501,7 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
 
     def __init__(self, config: FlamingoConfig):
         super().__init__(config)
-        self.vision_encoder = CLIPVisionModel._from_config(config.vision_config)
+        self.vision_encoder = _vision_model_from_config(config.vision_config)
         self.perceiver = FlamingoPerceiverResampler(config)
         self.language_model = _language_model_from_config(config.text_config)
         dim_visual = config.vision_config.hidden_size
@@ -531,11 +570,10 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
                 f"(batch, images, channels, height, width); got {tuple(pixel_values.shape)}."
             )
         B, T, Fr, C, H, W = pixel_values.shape
-        vc = self.config.vision_config
-        if (C, H, W) != (vc.num_channels, vc.image_size, vc.image_size):
+        channels, size = self.config.vision_config.num_channels, vision_image_size(self.config.vision_config)
+        if (C, H, W) != (channels, size, size):
             raise ValueError(
-                f"pixel_values images must be {vc.num_channels}x{vc.image_size}x{vc.image_size} (channels, height, "
-                f"width); got {C}x{H}x{W}."
+                f"pixel_values images must be {channels}x{size}x{size} (channels, height, width); got {C}x{H}x{W}."
             )
         max_frames = self.config.max_num_frames or 1
         if Fr > max_frames:
@@ -577,9 +615,23 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
         # The vision tower is frozen in every release: skip its autograd graph unless someone unfroze it.
         track = torch.is_grad_enabled() and any(p.requires_grad for p in self.vision_encoder.parameters())
         with torch.set_grad_enabled(track):
-            tokens = self.vision_encoder(pixel_values=pixel_values).last_hidden_state[:, 1:]
+            tokens = self._vision_tokens(pixel_values)
         tokens = tokens.reshape(B, T, Fr, tokens.shape[1], tokens.shape[2])
         return self.perceiver(tokens.to(self.perceiver.latents.dtype))
+
+    def _vision_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) images -> (N, v, d_visual) the tokens of hidden state `config.vision_feature_layer`."""
+        inputs = {"pixel_values": pixel_values}
+        if self.config.vision_config.model_type == "siglip2_vision_model":
+            inputs = _siglip2_fixed_resolution_inputs(pixel_values, self.config.vision_config.patch_size)
+        layer = self.config.vision_feature_layer
+        if layer == -1:
+            # CLIP's last_hidden_state is its last layer's raw output, and so is SigLIP's here (its post_layernorm
+            # is an identity in this model).
+            tokens = self.vision_encoder(**inputs).last_hidden_state
+        else:
+            tokens = self.vision_encoder(**inputs, output_hidden_states=True).hidden_states[layer]
+        return tokens[:, 1:] if self.config.vision_feature_select_strategy == "default" else tokens
 
     def image_indices_from_input_ids(self, input_ids: torch.LongTensor) -> torch.LongTensor:
         """(B, T) ids -> (B, T) number of `<image>` tokens at or before each position."""

@@ -227,18 +227,35 @@ CROSS_ATTN_EVERY = {"llama": 2, "gpt_neox": 2, "mpt": 4, "mosaic_gpt": 1, **dict
 
 
 def tiny_flamingo_config(family: str, tokenizer=None, cross_attn_every_n_layers: int | None = None, **kwargs):
-    """A tiny FlamingoConfig whose token ids come from `tokenizer` (with the Flamingo tokens added)."""
+    """A tiny FlamingoConfig whose token ids come from `tokenizer` (with the Flamingo tokens added); the CLIP tower
+    of `tiny_vision_config` unless `vision_config` is given."""
     from modeling_flamingo.configuration.configuration_flamingo import FlamingoConfig
 
     if tokenizer is None:
         tokenizer = add_flamingo_tokens(make_tiny_tokenizer(bos_token="<s>" if family == "llama" else None))
     text = tiny_text_config(family)
     text.vocab_size = len(tokenizer)
+    kwargs.setdefault("vision_config", tiny_vision_config().to_dict())
     return FlamingoConfig(
-        vision_config=tiny_vision_config().to_dict(),
         text_config=text.to_dict(),
         cross_attn_every_n_layers=cross_attn_every_n_layers or CROSS_ATTN_EVERY[family],
         media_token_id=tokenizer.encode("<image>")[-1],
         eoc_token_id=tokenizer.encode("<|endofchunk|>")[-1],
         **kwargs,
     )
+
+
+SIGLIP_TOWERS = ("siglip", "siglip2")
+
+
+def tiny_siglip_vision_config(tower: str = "siglip", hidden: int = 64, num_layers: int = 2):
+    """A SigLIP or SigLIP2 (NaFlex) vision tower taking 32-px images in 8-px patches (16 tokens, no CLS token)."""
+    from transformers import Siglip2VisionConfig, SiglipVisionConfig
+
+    shape = {"hidden_size": hidden, "intermediate_size": 4 * hidden, "num_hidden_layers": num_layers}
+    shape |= {"num_attention_heads": 4, "patch_size": 8}
+    if tower == "siglip":
+        return SiglipVisionConfig(image_size=32, **shape)
+    if tower == "siglip2":
+        return Siglip2VisionConfig(num_patches=16, **shape)
+    raise ValueError(f"unknown tower {tower!r}; choose from {SIGLIP_TOWERS}")

@@ -798,10 +798,11 @@ def _changeable_on_resume(args: argparse.Namespace) -> tuple[str, ...]:
 
 
 def _checkpointed_names(model) -> set[str]:
-    """The parameters a (non-FSDP) checkpoint stores: the trainable ones and the input embeddings."""
+    """The parameters a (non-FSDP) checkpoint stores: the trainable ones and the input embeddings, each under one
+    name (a head tied to the input embeddings shares their tensor, which safetensors stores once)."""
     keys = {name for name, p in model.named_parameters() if p.requires_grad and not is_token_rows_name(name)}
     emb = _input_embedding_weight(model)
-    keys |= {name for name, p in model.named_parameters(remove_duplicate=False) if p is emb}
+    keys |= {name for name, p in model.named_parameters() if p is emb}
     return keys
 
 
