@@ -387,11 +387,9 @@ class FlamingoTrainer:
             raise ValueError(f"{folder / TRAINER_STATE_NAME} is not a valid trainer state: {exc}") from None
 
     def _saved_keys(self) -> set[str]:
-        # A head tied to the input embedding (Qwen2, Gemma, GPT-2, MPT) is the same tensor under a second name: it is
-        # stored once, under the embedding's name (safetensors refuses aliases), and loading that sets both.
-        emb = _input_embedding_weight(self.unwrapped)
-        aliases = [n for n, p in self.unwrapped.named_parameters(remove_duplicate=False) if p is emb][1:]
-        return _checkpointed_names(self.unwrapped) - set(aliases)
+        # A head tied to the input embedding (Qwen2, Gemma, GPT-2, MPT) is stored once, under the embedding's name
+        # (`_checkpointed_names`; safetensors refuses aliases), and loading that sets both.
+        return _checkpointed_names(self.unwrapped)
 
     def _filter_saved_weights(self, models, weights, output_dir) -> None:
         keep = self._saved_keys()
