@@ -56,6 +56,9 @@ from modeling_flamingo.modeling_flamingo import FlamingoGatedCrossAttentionBlock
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _machine import add_load_arguments, check_load  # noqa: E402
 
 from reference import build_original, ours_from_original  # noqa: E402
 
@@ -363,8 +366,10 @@ def main(argv=None) -> int:
     )
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS.md"))
     p.add_argument("--peaks-to", help=argparse.SUPPRESS)  # internal: the CPU peak-memory child writes here
+    add_load_arguments(p)
     args = p.parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    load = None if args.peaks_to else check_load(args.wait_quiet, args.max_load_per_core)
 
     if args.compile:
         torch.manual_seed(0)
@@ -430,6 +435,8 @@ def main(argv=None) -> int:
     )
     s = SIZES[args.size]
     machine = machine_line(device)
+    load.finish()
+    machine += f"; {load.describe()}"
     text = (
         f"## Generation: `{args.size}` ({args.device}, {args.dtype}, {args.cache} cache)\n\n"
         f"Model: MPT LM {s['lm_width']} wide x {s['lm_layers']} layers, CLIP {s['vision_width']} wide x "

@@ -1,3 +1,12 @@
-from .configuration_flamingo import DECODER_LAYERS_ATTR_NAMES, FlamingoConfig
+from .configuration_flamingo import FlamingoConfig
 
-__all__ = ["DECODER_LAYERS_ATTR_NAMES", "FlamingoConfig"]
+
+def __getattr__(name: str):
+    if name == "DECODER_LAYERS_ATTR_NAMES":  # deprecated: warns on use, not on import
+        from . import configuration_flamingo
+
+        return configuration_flamingo.DECODER_LAYERS_ATTR_NAMES
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["FlamingoConfig"]

@@ -419,8 +419,6 @@ def _quiet_transformers() -> Iterator[None]:
 
 
 def _plan(spec: ConversionSpec, hub: HubOptions, log: Callable[[str], None]) -> _Plan:
-    from modeling_flamingo.configuration.configuration_flamingo import DECODER_LAYERS_ATTR_NAMES
-
     # 1. Locate everything (downloads happen here).
     ckpt_src = resolve_checkpoint(spec.checkpoint, spec.checkpoint_revision, hub)
     lm_src = resolve_model_folder(spec.language_model, spec.language_model_revision, hub, "language model")
@@ -438,12 +436,7 @@ def _plan(spec: ConversionSpec, hub: HubOptions, log: Callable[[str], None]) -> 
     model_type = text_config.model_type
     log(f"language model: {lm_src.describe()} ({model_type}, {text_config.num_hidden_layers} layers)")
     log(f"vision model: {vision_src.describe()}; tokenizer: {tok_src.describe()}")
-    if model_type not in DECODER_LAYERS_ATTR_NAMES:
-        raise ConversionError(
-            f"unsupported language model type {model_type!r} in {lm_src.path / 'config.json'}; supported: "
-            f"{', '.join(sorted(DECODER_LAYERS_ATTR_NAMES))}"
-        )
-    layers_attr = DECODER_LAYERS_ATTR_NAMES[model_type]
+    layers_attr = _decoder_layers_attr_name(text_config, lm_src.path / "config.json")
     num_layers = text_config.num_hidden_layers
 
     # 3. The checkpoint: names and shapes; aliases checked equal.
@@ -831,6 +824,17 @@ def _language_model_config(path: Path):
         return CONFIG_MAPPING[model_type].from_dict(data)
     except Exception as exc:
         raise ConversionError(f"cannot read language model config {path}: {first_line(exc)}") from exc
+
+
+def _decoder_layers_attr_name(text_config, path: Path) -> str:
+    """Where the language model keeps its decoder layers, found on a weightless (meta-device) instance of it."""
+    from modeling_flamingo.modeling_flamingo import _language_model_from_config, find_decoder_layers_attr_name
+
+    try:
+        with torch.device("meta"):
+            return find_decoder_layers_attr_name(_language_model_from_config(text_config))
+    except ValueError as exc:
+        raise ConversionError(f"unsupported language model {text_config.model_type!r} in {path}: {exc}") from exc
 
 
 def _load_tokenizer(folder: Path):

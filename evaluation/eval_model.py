@@ -5,8 +5,12 @@ Speed-ups over the original's evaluation wrapper, none of which changes what is 
 - every image goes through the vision tower and the resampler once per run: its resampler latents (what the model's
   `image_features=` input takes) are kept in a bounded LRU cache keyed by the image file, so a query-set image used
   as a demonstration by many test items, or across shots and trials, is encoded once;
-- class ranking encodes the shared context once per batch and scores many class names per forward pass, continuing
-  from copies of the context's cache (the original loops over class names, one token per forward).
+- class ranking encodes the prompts once per batch, with the logits of their last position only, which score every
+  class name's first token; names of one token need nothing more, and the others are fed without their last token,
+  many names of one length per forward pass, continuing from the prompts' cache, repeated once per number of names
+  per pass and shared by every pass (the original loops over class names, one token per forward, from a copy of the
+  cache, and takes a log-softmax over the whole vocabulary at every prompt position for each name). Class names are
+  tokenized once per task.
 """
 
 from __future__ import annotations
@@ -86,6 +90,7 @@ class FlamingoEvalModel:
         self.cache = LatentsCache(latents_cache_bytes)
         self.image_batch_size = image_batch_size
         self.class_batch_size = class_batch_size
+        self._class_tokens: tuple[tuple[str, ...], list[list[int]]] | None = None
 
     @classmethod
     def from_pretrained(
@@ -205,69 +210,138 @@ class FlamingoEvalModel:
             (B, C) float32 log-likelihoods on the CPU.
         """
         inputs = self.tokenizer(list(batch_text), padding="longest", return_tensors="pt").to(self.device)
-        ctx_ids, ctx_mask = inputs["input_ids"], inputs["attention_mask"]
         image_features = self.batch_image_features(batch_images, context)
-        class_tokens = [self.tokenizer(name, add_special_tokens=False)["input_ids"] for name in class_names]
-        if any(len(tokens) == 0 for tokens in class_tokens):
-            raise ValueError(
-                f"A class name tokenizes to nothing: {[n for n, t in zip(class_names, class_tokens, strict=True) if not t]}"
-            )
-        B = ctx_ids.shape[0]
-        per_chunk = max(1, self.class_batch_size // B)
-        scores = torch.empty(B, len(class_names), dtype=torch.float32)
-
+        class_tokens = self._tokenize_class_names(class_names)
         with torch.inference_mode():
             if use_cache:
-                ctx = self.model(
-                    input_ids=ctx_ids, attention_mask=ctx_mask, image_features=image_features, use_cache=True
+                scores = self._rank_cached(inputs["input_ids"], inputs["attention_mask"], image_features, class_tokens)
+            else:
+                scores = self._rank_uncached(
+                    inputs["input_ids"], inputs["attention_mask"], image_features, class_tokens
                 )
-                first_logprobs = torch.log_softmax(ctx.logits[:, -1].float(), dim=-1)  # (B, V)
-                last_image = ctx.image_indices[:, -1:]
-                key_values = ctx.cross_attention_key_values
-                if key_values is not None and self.model.config.only_attend_immediate_media:
-                    # Class tokens attend only to the prompt's last image: repeat just that image's keys/values.
-                    key_values, last_image = _select_current_image(key_values, last_image)
-
-            for start in range(0, len(class_names), per_chunk):
-                chunk = class_tokens[start : start + per_chunk]
-                K, L = len(chunk), max(len(tokens) for tokens in chunk)
-                tokens = torch.full((K, L), self.tokenizer.pad_token_id, dtype=torch.long)
-                token_mask = torch.zeros(K, L, dtype=ctx_mask.dtype)
-                for k, ids in enumerate(chunk):
-                    tokens[k, : len(ids)] = torch.tensor(ids)
-                    token_mask[k, : len(ids)] = 1
-                tokens, token_mask = tokens.to(self.device), token_mask.to(self.device)
-                rows_tokens = tokens.repeat(B, 1)  # (B*K, L), row b*K + k
-                rows_mask = torch.cat([ctx_mask.repeat_interleave(K, 0), token_mask.repeat(B, 1)], dim=1)
-                if use_cache:
-                    cache = copy.deepcopy(getattr(ctx, CACHE_NAME))
-                    cache.batch_repeat_interleave(K)
-                    out = self.model(
-                        input_ids=rows_tokens,
-                        attention_mask=rows_mask,
-                        past_key_values=cache,
-                        image_indices=last_image.repeat_interleave(K, 0).expand(-1, L),
-                        cross_attention_key_values=None
-                        if key_values is None
-                        else tuple((k.repeat_interleave(K, 0), v.repeat_interleave(K, 0)) for k, v in key_values),
-                        use_cache=True,
-                    )
-                    # Position j predicts token j + 1; the first class token comes from the prompt's last position.
-                    step_logprobs = torch.log_softmax(out.logits[:, :-1].float(), dim=-1)  # (B*K, L-1, V)
-                    first = first_logprobs.repeat_interleave(K, 0)[:, None]  # (B*K, 1, V)
-                    logprobs = torch.cat([first, step_logprobs], dim=1)  # (B*K, L, V)
-                else:
-                    out = self.model(
-                        input_ids=torch.cat([ctx_ids.repeat_interleave(K, 0), rows_tokens], dim=1),
-                        attention_mask=rows_mask,
-                        image_features=None if image_features is None else image_features.repeat_interleave(K, 0),
-                        logits_to_keep=L + 1,
-                    )
-                    logprobs = torch.log_softmax(out.logits[:, :-1].float(), dim=-1)  # (B*K, L, V)
-                token_logprobs = logprobs.gather(2, rows_tokens[:, :, None]).squeeze(2)  # (B*K, L)
-                row_mask = token_mask.repeat(B, 1).float()
-                total = (token_logprobs * row_mask).sum(1)
-                if normalize_length:
-                    total = total / row_mask.sum(1)
-                scores[:, start : start + K] = total.view(B, K).cpu()
+        if normalize_length:
+            scores = scores / torch.tensor([len(tokens) for tokens in class_tokens], dtype=torch.float32)
         return scores
+
+    def _tokenize_class_names(self, class_names: Sequence[str]) -> list[list[int]]:
+        """Token ids of each class name, kept for the last list of names (a task ranks the same names every batch)."""
+        key = tuple(class_names)
+        if self._class_tokens is None or self._class_tokens[0] != key:
+            tokens = [self.tokenizer(name, add_special_tokens=False)["input_ids"] for name in class_names]
+            empty = [name for name, ids in zip(class_names, tokens, strict=True) if not ids]
+            if empty:
+                raise ValueError(f"A class name tokenizes to nothing: {empty}")
+            self._class_tokens = (key, tokens)
+        return self._class_tokens[1]
+
+    def _rank_cached(
+        self,
+        ctx_ids: torch.Tensor,
+        ctx_mask: torch.Tensor,
+        image_features: torch.Tensor | None,
+        class_tokens: list[list[int]],
+    ) -> torch.Tensor:
+        """(B, C) summed log-probabilities of the class tokens, continuing from the prompts' cache.
+
+        The prompts (B, S) are encoded once, with the logits of their last position only (each name's first token).
+        A name of L tokens then needs its first L - 1 tokens fed (position j predicts token j + 1): names of one token
+        need no forward at all, and the others go by length, `class_batch_size // B` names of one length per forward,
+        so no row is padded. The context's cache is repeated once for a number of names per forward and shared by
+        every forward of that size (a dynamic cache concatenates new keys/values into new tensors, leaving it as it
+        was).
+        """
+        B = ctx_ids.shape[0]
+        ctx = self.model(
+            input_ids=ctx_ids,
+            attention_mask=ctx_mask,
+            image_features=image_features,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        first_ids = torch.tensor([tokens[0] for tokens in class_tokens], device=ctx.logits.device)
+        last_logits = ctx.logits[:, -1].float()  # (B, V)
+        scores = (last_logits[:, first_ids] - last_logits.logsumexp(-1, keepdim=True)).cpu()  # (B, C)
+
+        last_image = ctx.image_indices[:, -1:]
+        key_values = ctx.cross_attention_key_values
+        if key_values is not None and self.model.config.only_attend_immediate_media:
+            # Class tokens attend only to the prompt's last image: repeat just that image's keys/values.
+            key_values, last_image = _select_current_image(key_values, last_image)
+
+        by_length: dict[int, list[int]] = {}
+        for c, tokens in enumerate(class_tokens):
+            if len(tokens) > 1:
+                by_length.setdefault(len(tokens), []).append(c)
+        per_chunk = max(1, self.class_batch_size // B)
+        chunks = [names[i : i + per_chunk] for names in by_length.values() for i in range(0, len(names), per_chunk)]
+        repeated = None  # (K, cache, cross-attention keys/values, image indices) for K names per forward
+        for chunk in sorted(chunks, key=len, reverse=True):  # the full-size chunks share one repeated context
+            K = len(chunk)
+            if repeated is None or repeated[0] != K:
+                repeated = cache = kv = image = None  # free the previous size's copy before making this one
+                cache = copy.deepcopy(getattr(ctx, CACHE_NAME))
+                cache.batch_repeat_interleave(K)
+                kv = (
+                    None
+                    if key_values is None
+                    else [(k.repeat_interleave(K, 0), v.repeat_interleave(K, 0)) for k, v in key_values]
+                )
+                repeated = (K, cache, kv, last_image.repeat_interleave(K, 0))
+            _, cache, kv, image = repeated
+            tokens = torch.tensor([class_tokens[c] for c in chunk], device=ctx_ids.device)  # (K, L)
+            rows = tokens.repeat(B, 1)  # (B*K, L), row b*K + k
+            mask = torch.cat([ctx_mask.repeat_interleave(K, 0), torch.ones_like(rows[:, :-1])], dim=1)
+            out = self.model(
+                input_ids=rows[:, :-1],
+                attention_mask=mask,
+                past_key_values=_shared_copy(cache),
+                image_indices=image.expand(-1, rows.shape[1] - 1),
+                cross_attention_key_values=None if kv is None else tuple(kv),
+                use_cache=True,
+            )
+            logits = out.logits.float()  # (B*K, L-1, V)
+            rest = logits.gather(2, rows[:, 1:, None]).squeeze(2) - logits.logsumexp(-1)  # (B*K, L-1)
+            scores[:, chunk] += rest.sum(1).view(B, K).cpu()
+        return scores
+
+    def _rank_uncached(
+        self,
+        ctx_ids: torch.Tensor,
+        ctx_mask: torch.Tensor,
+        image_features: torch.Tensor | None,
+        class_tokens: list[list[int]],
+    ) -> torch.Tensor:
+        """(B, C) summed log-probabilities of the class tokens, one full forward of prompt + class name per row."""
+        B = ctx_ids.shape[0]
+        per_chunk = max(1, self.class_batch_size // B)
+        scores = torch.empty(B, len(class_tokens), dtype=torch.float32)
+        for start in range(0, len(class_tokens), per_chunk):
+            chunk = class_tokens[start : start + per_chunk]
+            K, L = len(chunk), max(len(tokens) for tokens in chunk)
+            tokens = torch.full((K, L), self.tokenizer.pad_token_id, dtype=torch.long)
+            token_mask = torch.zeros(K, L, dtype=ctx_mask.dtype)
+            for k, ids in enumerate(chunk):
+                tokens[k, : len(ids)] = torch.tensor(ids)
+                token_mask[k, : len(ids)] = 1
+            tokens, token_mask = tokens.to(self.device), token_mask.to(self.device)
+            rows_tokens = tokens.repeat(B, 1)  # (B*K, L), row b*K + k
+            rows_mask = torch.cat([ctx_mask.repeat_interleave(K, 0), token_mask.repeat(B, 1)], dim=1)
+            out = self.model(
+                input_ids=torch.cat([ctx_ids.repeat_interleave(K, 0), rows_tokens], dim=1),
+                attention_mask=rows_mask,
+                image_features=None if image_features is None else image_features.repeat_interleave(K, 0),
+                logits_to_keep=L + 1,
+            )
+            logprobs = torch.log_softmax(out.logits[:, :-1].float(), dim=-1)  # (B*K, L, V)
+            token_logprobs = logprobs.gather(2, rows_tokens[:, :, None]).squeeze(2)  # (B*K, L)
+            total = (token_logprobs * token_mask.repeat(B, 1).float()).sum(1)
+            scores[:, start : start + K] = total.view(B, K).cpu()
+        return scores
+
+
+def _shared_copy(cache):
+    """A copy of a dynamic cache whose layers hold the same tensors: a forward on it concatenates the new keys/values
+    into new tensors, so `cache` stays the context's, for the next forward, without copying it again."""
+    copied = copy.copy(cache)
+    copied.layers = [copy.copy(layer) for layer in cache.layers]
+    return copied

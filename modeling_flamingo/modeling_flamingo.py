@@ -2,13 +2,15 @@
 
 Layout of the module tree (and so of the state dict):
 
-- `vision_encoder`: `CLIPVisionModel`; its last block's patch tokens (before `post_layernorm`, CLS dropped) are the
-  image tokens, as open_clip <= 2.20 returned them when OpenFlamingo was trained.
+- `vision_encoder`: `CLIPVisionModel`, `SiglipVisionModel` or `Siglip2VisionModel`; the tokens of its hidden state
+  `config.vision_feature_layer` (before `post_layernorm`; CLIP's CLS token dropped) are the image tokens, as
+  open_clip <= 2.20 returned them when OpenFlamingo was trained.
 - `perceiver`: `FlamingoPerceiverResampler`, turning each image's tokens into `perceiver_num_latents` latents.
-- `language_model`: the causal LM (`LlamaForCausalLM`, `GPTNeoXForCausalLM`, `MptForCausalLM` or our
-  `MosaicGPTForCausalLM`). Each entry of its decoder layer list is replaced by a `FlamingoDecoderLayer` holding the
-  original layer as `decoder_layer` and, every `cross_attn_every_n_layers` layers, a
-  `FlamingoGatedCrossAttentionBlock` as `gated_cross_attn_layer`, which runs first.
+- `language_model`: any decoder-only causal LM of transformers (`AutoModelForCausalLM`), or our
+  `MosaicGPTForCausalLM`. Each entry of its decoder layer list (found by `find_decoder_layers_attr_name`, or named by
+  `config.decoder_layers_attr_name`) is replaced by a `FlamingoDecoderLayer` holding the original layer as
+  `decoder_layer` and, every `cross_attn_every_n_layers` layers, a `FlamingoGatedCrossAttentionBlock` as
+  `gated_cross_attn_layer`, which runs first.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from transformers import (
     GenerationMixin,
     PretrainedConfig,
     PreTrainedModel,
+    Siglip2VisionModel,
+    SiglipVisionModel,
 )
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
@@ -36,7 +40,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import ModelOutput
 
-from modeling_flamingo.configuration.configuration_flamingo import FlamingoConfig
+from modeling_flamingo.configuration.configuration_flamingo import FlamingoConfig, vision_image_size
 from modeling_flamingo.configuration.configuration_mosaic_gpt import MosaicGPTConfig
 from modeling_flamingo.modeling_mosaic_gpt import CACHE_NAME, MosaicGPTForCausalLM, accepts_cache_alias
 
@@ -56,10 +60,97 @@ def _language_model_from_config(text_config: PretrainedConfig) -> PreTrainedMode
     return AutoModelForCausalLM.from_config(text_config)
 
 
+def _vision_model_from_config(vision_config: PretrainedConfig) -> PreTrainedModel:
+    """A fresh vision tower for `vision_config` (CLIP, SigLIP or SigLIP2), without the parts Flamingo never runs.
+
+    SigLIP's `last_hidden_state` is the last layer's output passed through `post_layernorm`, where CLIP's is the raw
+    output; the resampler takes the raw output of both (see `FlamingoConfig.vision_feature_layer`), so SigLIP's
+    final norm becomes an identity here: one tower forward gives the wanted tokens, with no hook and no list of every
+    layer's hidden states. (Its pooling head is already off: `FlamingoConfig` sets `vision_use_head=False`.)
+    """
+    if vision_config.model_type == "clip_vision_model":
+        return CLIPVisionModel._from_config(vision_config)
+    siglip = SiglipVisionModel if vision_config.model_type == "siglip_vision_model" else Siglip2VisionModel
+    tower = siglip._from_config(vision_config)
+    tower.post_layernorm = nn.Identity()
+    return tower
+
+
+def _siglip2_fixed_resolution_inputs(pixel_values: torch.Tensor, patch_size: int) -> dict[str, torch.Tensor]:
+    """Square images as the NaFlex inputs of `Siglip2VisionModel`, as `Siglip2ImageProcessor` makes them from an image
+    resized to the same square: every patch real, all images on the same grid.
+
+    Args:
+        pixel_values: (N, C, H, W) with H = W a multiple of `patch_size`.
+    Returns:
+        `pixel_values` (N, g * g, P * P * C) patches in row-major order, each flattened as (P, P, C);
+        `pixel_attention_mask` (N, g * g) ones; `spatial_shapes` (N, 2) holding (g, g); g = H / P, P = `patch_size`.
+    """
+    N, C, H, W = pixel_values.shape
+    g = H // patch_size
+    patches = pixel_values.reshape(N, C, g, patch_size, g, patch_size).permute(0, 2, 4, 3, 5, 1)
+    return {
+        "pixel_values": patches.reshape(N, g * g, patch_size * patch_size * C),
+        "pixel_attention_mask": torch.ones(N, g * g, dtype=torch.long, device=pixel_values.device),
+        "spatial_shapes": torch.tensor([[g, g]], device=pixel_values.device).expand(N, 2),
+    }
+
+
 def _get_attr_path(obj: Any, path: str) -> Any:
     for name in path.split("."):
         obj = getattr(obj, name)
     return obj
+
+
+def _layer_lists(root: nn.Module, num_layers: int) -> list[str]:
+    """Names (relative to `root`) of the shallowest `nn.ModuleList`s under `root` with `num_layers` entries."""
+    found = [
+        name
+        for name, module in root.named_modules()
+        if name and isinstance(module, nn.ModuleList) and len(module) == num_layers
+    ]
+    depth = min((name.count(".") for name in found), default=0)
+    return [name for name in found if name.count(".") == depth]
+
+
+def find_decoder_layers_attr_name(language_model: PreTrainedModel) -> str:
+    """The attribute path, from the causal LM, of its list of decoder layers (e.g. `"model.layers"`).
+
+    Found through the model's own accessor: `get_decoder()` gives the decoder (`LlamaModel`, `GPT2Model`, ...), whose
+    `nn.ModuleList` of `config.num_hidden_layers` entries is the layer list (`model.layers` for LLaMA, Mistral, Qwen,
+    Gemma, Phi-3, OLMo2; `transformer.h` for GPT-2 and Falcon; `gpt_neox.layers`; `transformer.blocks` for MPT).
+
+    Raises:
+        ValueError: no such list, or several: `FlamingoConfig(decoder_layers_attr_name=...)` names it instead.
+    """
+    num_layers = language_model.config.num_hidden_layers
+    decoder = language_model.get_decoder() if hasattr(language_model, "get_decoder") else language_model
+    prefix = next(name for name, module in language_model.named_modules() if module is decoder)
+    candidates = _layer_lists(decoder, num_layers)
+    if len(candidates) != 1:
+        found = f"several ({', '.join(candidates)})" if candidates else "none"
+        raise ValueError(
+            f"Cannot find the decoder layers of {type(language_model).__name__}: its decoder "
+            f"{type(decoder).__name__} should hold one nn.ModuleList of its {num_layers} layers, and holds {found}. "
+            "Name the list with FlamingoConfig(decoder_layers_attr_name=...), its attribute path in the causal LM "
+            "(e.g. 'model.layers')."
+        )
+    return f"{prefix}.{candidates[0]}" if prefix else candidates[0]
+
+
+def _decoder_layer_list(language_model: PreTrainedModel, path: str) -> nn.ModuleList:
+    """The decoder layer list at `path` (a config's `decoder_layers_attr_name`), checked to be one."""
+    try:
+        layers = _get_attr_path(language_model, path)
+    except AttributeError:
+        layers = None
+    num_layers = language_model.config.num_hidden_layers
+    if not isinstance(layers, nn.ModuleList) or len(layers) != num_layers:
+        raise ValueError(
+            f"decoder_layers_attr_name {path!r} does not name an nn.ModuleList of the {num_layers} decoder layers of "
+            f"{type(language_model).__name__}: fix it, or leave it unset to have the layers found."
+        )
+    return layers
 
 
 class FlamingoFeedForward(nn.Module):
@@ -294,7 +385,19 @@ class FlamingoDecoderLayer(nn.Module):
         self.cross_attn_index: int | None = None
         self._conditioning: FlamingoMediaConditioning | None = None
 
+    def __getattr__(self, name: str) -> Any:
+        # Some language models read attributes of their layers in their forward (e.g. `decoder_layer.attention_type`
+        # to pick a sliding or global mask): those of the wrapped layer are this module's.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "decoder_layer":
+                raise
+            return getattr(self.decoder_layer, name)
+
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        """The gated cross-attention block (where there is one), then the language model's layer called with every
+        argument it was given, returning what it returns (a tensor or a tuple, depending on the family)."""
         if self.gated_cross_attn_layer is not None:
             cond = self._conditioning
             if cond is None:
@@ -339,16 +442,9 @@ class FlamingoPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
+    # With the vision tower's and the language model's layer classes, which `__init__` adds from the built model.
     # FlamingoDecoderLayer is not listed: a device map may put a cross-attention block and its decoder layer apart.
-    _no_split_modules = [
-        "CLIPEncoderLayer",
-        "FlamingoPerceiverResampler",
-        "FlamingoGatedCrossAttentionBlock",
-        "LlamaDecoderLayer",
-        "GPTNeoXLayer",
-        "MptBlock",
-        "MosaicGPTBlock",
-    ]
+    _no_split_modules = ["FlamingoPerceiverResampler", "FlamingoGatedCrossAttentionBlock"]
     _skip_keys_device_placement = ["past_key_values", "cache", "cross_attention_key_values"]
     _supports_sdpa = True
     _supports_attention_backend = True
@@ -406,12 +502,15 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
 
     def __init__(self, config: FlamingoConfig):
         super().__init__(config)
-        self.vision_encoder = CLIPVisionModel._from_config(config.vision_config)
+        self.vision_encoder = _vision_model_from_config(config.vision_config)
         self.perceiver = FlamingoPerceiverResampler(config)
         self.language_model = _language_model_from_config(config.text_config)
         dim_visual = config.vision_config.hidden_size
         dim = config.text_config.hidden_size
-        layers = _get_attr_path(self.language_model, config.decoder_layers_attr_name)
+        if config.decoder_layers_attr_name is None:
+            # Recorded in the config: the saved folder, the converter's key mapping and LoRA's targets use the path.
+            config.decoder_layers_attr_name = find_decoder_layers_attr_name(self.language_model)
+        layers = _decoder_layer_list(self.language_model, config.decoder_layers_attr_name)
         cross_attn_index = 0
         for i, layer in enumerate(layers):
             block = FlamingoGatedCrossAttentionBlock(config, dim, dim_visual) if config.has_cross_attn(i) else None
@@ -419,6 +518,13 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
             if block is not None:
                 layers[i].cross_attn_index = cross_attn_index
                 cross_attn_index += 1
+        # The units of device maps and FSDP: the classes of this model's own layers, whatever the families.
+        vision_layers = _layer_lists(self.vision_encoder, config.vision_config.num_hidden_layers)
+        self._no_split_modules = [
+            *self._no_split_modules,
+            *{type(layer).__name__ for name in vision_layers for layer in _get_attr_path(self.vision_encoder, name)},
+            *{type(layer.decoder_layer).__name__ for layer in layers},
+        ]
         self.post_init()
         if config.eoc_token_id is not None:
             self.generation_config.eos_token_id = config.eoc_token_id
@@ -465,11 +571,10 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
                 f"(batch, images, channels, height, width); got {tuple(pixel_values.shape)}."
             )
         B, T, Fr, C, H, W = pixel_values.shape
-        vc = self.config.vision_config
-        if (C, H, W) != (vc.num_channels, vc.image_size, vc.image_size):
+        channels, size = self.config.vision_config.num_channels, vision_image_size(self.config.vision_config)
+        if (C, H, W) != (channels, size, size):
             raise ValueError(
-                f"pixel_values images must be {vc.num_channels}x{vc.image_size}x{vc.image_size} (channels, height, "
-                f"width); got {C}x{H}x{W}."
+                f"pixel_values images must be {channels}x{size}x{size} (channels, height, width); got {C}x{H}x{W}."
             )
         max_frames = self.config.max_num_frames or 1
         if Fr > max_frames:
@@ -511,9 +616,23 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
         # The vision tower is frozen in every release: skip its autograd graph unless someone unfroze it.
         track = torch.is_grad_enabled() and any(p.requires_grad for p in self.vision_encoder.parameters())
         with torch.set_grad_enabled(track):
-            tokens = self.vision_encoder(pixel_values=pixel_values).last_hidden_state[:, 1:]
+            tokens = self._vision_tokens(pixel_values)
         tokens = tokens.reshape(B, T, Fr, tokens.shape[1], tokens.shape[2])
         return self.perceiver(tokens.to(self.perceiver.latents.dtype))
+
+    def _vision_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) images -> (N, v, d_visual) the tokens of hidden state `config.vision_feature_layer`."""
+        inputs = {"pixel_values": pixel_values}
+        if self.config.vision_config.model_type == "siglip2_vision_model":
+            inputs = _siglip2_fixed_resolution_inputs(pixel_values, self.config.vision_config.patch_size)
+        layer = self.config.vision_feature_layer
+        if layer == -1:
+            # CLIP's last_hidden_state is its last layer's raw output, and so is SigLIP's here (its post_layernorm
+            # is an identity in this model).
+            tokens = self.vision_encoder(**inputs).last_hidden_state
+        else:
+            tokens = self.vision_encoder(**inputs, output_hidden_states=True).hidden_states[layer]
+        return tokens[:, 1:] if self.config.vision_feature_select_strategy == "default" else tokens
 
     def image_indices_from_input_ids(self, input_ids: torch.LongTensor) -> torch.LongTensor:
         """(B, T) ids -> (B, T) number of `<image>` tokens at or before each position."""

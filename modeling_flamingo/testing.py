@@ -66,15 +66,23 @@ def make_tiny_tokenizer(vocab_size: int = 320, bos_token: str | None = None) -> 
 # the original code hard-codes them.
 
 FAMILIES = ("llama", "gpt_neox", "mpt", "mosaic_gpt")
+# Newer language models, found and wrapped with no code of their own (tests/test_families.py). "llama3" is LLaMA with
+# Llama-3's settings (grouped-query attention, llama3 rope scaling); windows of 4 tokens make the sliding-window
+# layers of mistral, gemma2 and gemma3_text matter at test lengths.
+EXTRA_FAMILIES = ("llama3", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "olmo2", "gpt2")
+ALL_FAMILIES = FAMILIES + EXTRA_FAMILIES
+_SLIDING_WINDOW = 4
 
 # Hub files of MPT and RedPajama have more embedding rows than tokens; the original shrinks them to len(tokenizer).
 TINY_LM_VOCAB = 336
 
 
 def tiny_text_config(family: str, vocab_size: int = TINY_LM_VOCAB, num_layers: int = 4, hidden: int = 64):
-    """A 4-layer, 64-wide language model config of the given family."""
+    """A 4-layer, 64-wide language model config of the given family (one of `ALL_FAMILIES`)."""
     from transformers import GPTNeoXConfig, LlamaConfig, MptConfig
 
+    if family in EXTRA_FAMILIES:
+        return _extra_text_config(family, vocab_size, num_layers, hidden)
     if family == "llama":
         return LlamaConfig(
             vocab_size=vocab_size,
@@ -123,7 +131,80 @@ def tiny_text_config(family: str, vocab_size: int = TINY_LM_VOCAB, num_layers: i
             attn_qk_ln=True,
             low_precision_layernorm=True,
         )
-    raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
+    raise ValueError(f"unknown family {family!r}; choose from {ALL_FAMILIES}")
+
+
+def _extra_text_config(family: str, vocab_size: int, num_layers: int, hidden: int):
+    """`tiny_text_config` of the `EXTRA_FAMILIES`: 4 heads of 16, grouped-query attention (2 key/value heads) where
+    the family has it, each family's own head tying (tied: qwen2 as Qwen2-0.5B, gemma2, gemma3_text, gpt2)."""
+    import transformers
+
+    common = {
+        "vocab_size": vocab_size,
+        "hidden_size": hidden,
+        "intermediate_size": 4 * hidden,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "bos_token_id": None,
+        "eos_token_id": 0,
+        "pad_token_id": None,
+    }
+    head_dim = hidden // 4
+    alternating = ["sliding_attention", "full_attention"] * (num_layers // 2) + ["sliding_attention"] * (num_layers % 2)
+    if family == "llama3":
+        rope = {
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        }
+        return transformers.LlamaConfig(**common, rope_parameters=rope, tie_word_embeddings=False)
+    if family == "mistral":
+        return transformers.MistralConfig(**common, sliding_window=_SLIDING_WINDOW, tie_word_embeddings=False)
+    if family == "qwen2":
+        return transformers.Qwen2Config(**common, tie_word_embeddings=True)
+    if family == "qwen3":
+        return transformers.Qwen3Config(**common, head_dim=head_dim, tie_word_embeddings=False)
+    if family == "gemma2":
+        return transformers.Gemma2Config(
+            **common,
+            head_dim=head_dim,
+            query_pre_attn_scalar=head_dim,
+            sliding_window=_SLIDING_WINDOW,
+            layer_types=alternating,
+            final_logit_softcapping=30.0,
+            attn_logit_softcapping=50.0,
+            tie_word_embeddings=True,
+        )
+    if family == "gemma3_text":
+        return transformers.Gemma3TextConfig(
+            **common,
+            head_dim=head_dim,
+            query_pre_attn_scalar=head_dim,
+            sliding_window=_SLIDING_WINDOW,
+            layer_types=alternating,
+            final_logit_softcapping=30.0,
+            tie_word_embeddings=True,
+        )
+    if family == "phi3":
+        return transformers.Phi3Config(**common, tie_word_embeddings=False)
+    if family == "olmo2":
+        return transformers.Olmo2Config(**common, tie_word_embeddings=False)
+    # gpt2: learned absolute positions, Conv1D projections, tied head.
+    return transformers.GPT2Config(
+        vocab_size=vocab_size,
+        n_embd=hidden,
+        n_layer=num_layers,
+        n_head=4,
+        n_positions=512,
+        bos_token_id=0,
+        eos_token_id=0,
+        tie_word_embeddings=True,
+    )
 
 
 def tiny_vision_config(image_size: int = 42, hidden: int = 64, num_layers: int = 2):
@@ -142,22 +223,39 @@ def tiny_vision_config(image_size: int = 42, hidden: int = 64, num_layers: int =
     )
 
 
-CROSS_ATTN_EVERY = {"llama": 2, "gpt_neox": 2, "mpt": 4, "mosaic_gpt": 1}
+CROSS_ATTN_EVERY = {"llama": 2, "gpt_neox": 2, "mpt": 4, "mosaic_gpt": 1, **dict.fromkeys(EXTRA_FAMILIES, 2)}
 
 
 def tiny_flamingo_config(family: str, tokenizer=None, cross_attn_every_n_layers: int | None = None, **kwargs):
-    """A tiny FlamingoConfig whose token ids come from `tokenizer` (with the Flamingo tokens added)."""
+    """A tiny FlamingoConfig whose token ids come from `tokenizer` (with the Flamingo tokens added); the CLIP tower
+    of `tiny_vision_config` unless `vision_config` is given."""
     from modeling_flamingo.configuration.configuration_flamingo import FlamingoConfig
 
     if tokenizer is None:
         tokenizer = add_flamingo_tokens(make_tiny_tokenizer(bos_token="<s>" if family == "llama" else None))
     text = tiny_text_config(family)
     text.vocab_size = len(tokenizer)
+    kwargs.setdefault("vision_config", tiny_vision_config().to_dict())
     return FlamingoConfig(
-        vision_config=tiny_vision_config().to_dict(),
         text_config=text.to_dict(),
         cross_attn_every_n_layers=cross_attn_every_n_layers or CROSS_ATTN_EVERY[family],
         media_token_id=tokenizer.encode("<image>")[-1],
         eoc_token_id=tokenizer.encode("<|endofchunk|>")[-1],
         **kwargs,
     )
+
+
+SIGLIP_TOWERS = ("siglip", "siglip2")
+
+
+def tiny_siglip_vision_config(tower: str = "siglip", hidden: int = 64, num_layers: int = 2):
+    """A SigLIP or SigLIP2 (NaFlex) vision tower taking 32-px images in 8-px patches (16 tokens, no CLS token)."""
+    from transformers import Siglip2VisionConfig, SiglipVisionConfig
+
+    shape = {"hidden_size": hidden, "intermediate_size": 4 * hidden, "num_hidden_layers": num_layers}
+    shape |= {"num_attention_heads": 4, "patch_size": 8}
+    if tower == "siglip":
+        return SiglipVisionConfig(image_size=32, **shape)
+    if tower == "siglip2":
+        return Siglip2VisionConfig(num_patches=16, **shape)
+    raise ValueError(f"unknown tower {tower!r}; choose from {SIGLIP_TOWERS}")

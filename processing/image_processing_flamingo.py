@@ -20,9 +20,18 @@ from transformers.image_utils import (
     is_valid_image,
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+from transformers.models.siglip2.image_processing_pil_siglip2 import Siglip2ImageProcessorPil
 from transformers.utils import TensorType
 
-from modeling_flamingo.configuration.configuration_flamingo import FlamingoConfig
+from modeling_flamingo.configuration.configuration_flamingo import FlamingoConfig, vision_image_size
+
+# Vision towers preprocessed as their own image processors do (square resize, their filter, mean and std) rather than
+# with open_clip's transform.
+_TOWER_IMAGE_PROCESSORS = {
+    "siglip_vision_model": SiglipImageProcessorPil,
+    "siglip2_vision_model": Siglip2ImageProcessorPil,
+}
 
 
 def image_problem(image: ImageInput | None) -> str | None:
@@ -148,9 +157,23 @@ class FlamingoImageProcessor(CLIPImageProcessorPil):
 
     @classmethod
     def from_flamingo_config(cls, config: FlamingoConfig, **kwargs) -> FlamingoImageProcessor:
-        """An image processor sized for `config.vision_config.image_size` (shortest side and square crop)."""
-        image_size = config.vision_config.image_size
-        return cls(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}, **kwargs)
+        """The preprocessing of the model's vision tower, sized for its images (`vision_image_size`).
+
+        CLIP: open_clip's transform (shortest side, then square centre crop; OpenAI CLIP mean and std), what
+        OpenFlamingo was trained with. SigLIP and SigLIP2: what their own image processors do to a square image,
+        resize to the square (no crop, the aspect ratio is not kept) with their resampling filter, mean and std
+        (`SiglipImageProcessorPil` / `Siglip2ImageProcessorPil`: 0.5 and 0.5). The saved `preprocessor_config.json`
+        records these settings, so `FlamingoProcessor.from_pretrained` gives the tower's preprocessing back.
+        """
+        image_size = vision_image_size(config.vision_config)
+        square = {"height": image_size, "width": image_size}
+        model_type = config.vision_config.model_type
+        if model_type in _TOWER_IMAGE_PROCESSORS:
+            tower = _TOWER_IMAGE_PROCESSORS[model_type]
+            settings = {"size": square, "do_center_crop": False, "resample": tower.resample}
+            settings |= {"image_mean": list(tower.image_mean), "image_std": list(tower.image_std)}
+            return cls(**{**settings, "crop_size": square, **kwargs})
+        return cls(size={"shortest_edge": image_size}, crop_size=square, **kwargs)
 
     def fetch_images(self, image_url_or_urls: str | list | ImageInput):
         """Open local image files as they are (no EXIF transpose, no RGB conversion), keeping any list nesting."""

@@ -42,7 +42,7 @@ def test_eval_benchmark_runs_one_cell(tmp_path):
     out = tmp_path / "RESULTS.md"
     out.write_text("# Benchmarks\n\n## Load time\n\nkept\n")
     args = ["--shots", "1", "--num-samples", "2", "--query-set-size", "4", "--batch-size", "2", "--repeats", "1"]
-    assert bench.main([*args, "--out", str(out)]) == 0
+    assert bench.main([*args, "--tasks", "captioning", "--out", str(out)]) == 0
 
     text = out.read_text()
     assert "## Load time\n\nkept" in text  # other sections survive
@@ -61,6 +61,110 @@ def test_eval_benchmark_runs_one_cell(tmp_path):
     assert 3 <= int(split["ours"]["images encoded"]) <= 4
     for harness in ("original", "ours"):
         assert float(split[harness]["LM decode s"]) > 0
+
+
+def test_eval_benchmark_runs_classification(tmp_path):
+    """The classification benchmark end to end at tiny sizes (Hateful Memes and the first 5 ImageNet names, 2 test
+    items, 1 shot): both harnesses on their cached paths, every class log-likelihood compared, the score of each,
+    the time split, the machine's load, and its own section of the results file (the captioning one is kept)."""
+    bench = _load("bench_eval")
+    out = tmp_path / "RESULTS.md"
+    out.write_text("# Benchmarks\n\n## Evaluation: captioning\n\nkept\n")
+    args = ["--tasks", "classification", "--classification-shots", "1", "--classification-samples", "2"]
+    args += ["--imagenet-classes", "5", "--query-set-size", "2", "--batch-size", "2", "--repeats", "1"]
+    assert bench.main([*args, "--out", str(out)]) == 0
+
+    text = out.read_text()
+    assert "## Evaluation: captioning\n\nkept" in text
+    assert text.count("## Evaluation: classification") == 1
+    assert "1-minute load average" in text
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| ")]
+    (header, *speed_rows), (split_header, *split_rows) = rows[:3], rows[3:]
+    cells = {row[0]: dict(zip(header, row, strict=True)) for row in speed_rows}
+    assert sorted(cells) == ["hateful_memes", "imagenet"]
+    assert (cells["hateful_memes"]["classes"], cells["imagenet"]["classes"]) == ("2", "5")
+    for task, row in cells.items():
+        assert (row["shots"], row["batch"], row["test items"]) == ("1", "2", "2"), task
+        assert row["same scores"] == "yes", task  # every item's class log-likelihoods within 1e-4, same AUC / accuracy
+        assert float(row["max log-likelihood difference"]) <= 1e-4, task
+        assert row["AUC / accuracy (orig)"] == row["AUC / accuracy (ours)"], task
+        assert float(row["items/s (orig)"]) > 0 and float(row["items/s (ours)"]) > 0, task
+    split = {(row[0], row[1]): dict(zip(split_header, row, strict=True)) for row in split_rows}
+    assert len(split) == 4
+    # The original encodes every image of every prompt (2 items x 2 images); ours each distinct image once.
+    assert int(split["imagenet", "original"]["images encoded"]) == 4
+    assert int(split["imagenet", "ours"]["images encoded"]) <= 3
+    # The original feeds the tokens of multi-token class names one forward at a time from the prompts' cache.
+    assert float(split["imagenet", "original"]["LM on class names s"]) > 0
+
+
+def _load(name: str):
+    """A benchmark script as a module (registered in `sys.modules`, where its dataclasses look it up)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _machine_module():
+    return _load("_machine")
+
+
+class FakeClock:
+    """A load-average sequence, one reading per call, and a clock that `sleep` advances (nothing really sleeps)."""
+
+    def __init__(self, loads: list[float]):
+        self.loads, self.now, self.sleeps = list(loads), 0.0, []
+
+    def loadavg(self):
+        load = self.loads.pop(0) if len(self.loads) > 1 else self.loads[0]
+        return (load, load, load)
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+def _check(machine, fake: FakeClock, wait: float):
+    return machine.check_load(
+        wait, 0.5, poll_s=10, loadavg=fake.loadavg, sleep=fake.sleep, clock=lambda: fake.now, cpus=4
+    )
+
+
+def test_load_guard_measures_at_once_on_a_quiet_machine(capsys):
+    machine = _machine_module()
+    fake = FakeClock([1.5])  # below 0.5 per core on 4 cores
+    load = _check(machine, fake, wait=60)
+    assert (load.busy, load.threshold, load.waited_s, fake.sleeps) == (False, 2.0, 0.0, [])
+    assert capsys.readouterr().err == ""
+    load.finish(lambda: (3.0, 2.0, 1.0))
+    assert load.describe() == "4 cores, 1-minute load average 1.50 at the start, 3.00 at the end (busy above 2.00)"
+
+
+def test_load_guard_waits_for_the_machine_to_become_quiet(capsys):
+    machine = _machine_module()
+    fake = FakeClock([3.0, 2.5, 1.0])  # busy for two readings, then quiet
+    load = _check(machine, fake, wait=60)
+    assert fake.sleeps == [10, 10]
+    assert (load.busy, load.start[0], load.waited_s) == (False, 1.0, 20)
+    assert capsys.readouterr().err == ""
+    assert "waited 20 s" in load.describe() and "busy machine" not in load.describe()
+
+
+def test_load_guard_warns_when_still_busy_and_says_so_in_the_results(capsys):
+    machine = _machine_module()
+    fake = FakeClock([3.0])
+    load = _check(machine, fake, wait=25)  # waits at most 25 s: 10 + 10 + 5
+    assert fake.sleeps == [10, 10, 5]
+    assert load.busy and load.waited_s == 25
+    err = capsys.readouterr().err
+    assert err.startswith("warning: the machine is busy after waiting 25 s: 1-minute load average 3.00 on 4 cores")
+    assert "measured on a busy machine" in load.describe()
+
+    fake = FakeClock([3.0])
+    assert _check(machine, fake, wait=0).busy and fake.sleeps == []  # the default: warn, do not wait
+    assert "warning: the machine is busy: 1-minute" in capsys.readouterr().err
 
 
 def test_gpu_script_dry_run(tmp_path):

@@ -14,7 +14,7 @@ import json
 
 import pytest
 import torch
-from eval_data import make_hateful_memes, tiny_model_folder
+from eval_data import make_hateful_memes, tiny_model_folder, write_image
 from eval_recording import SEED, Recorder, run_ours
 from reference_eval import (
     OriginalEvalModel,
@@ -22,6 +22,9 @@ from reference_eval import (
     load_original_evaluate,
     original_args,
 )
+
+from modeling_flamingo.evaluation.datasets import EvalItem
+from modeling_flamingo.evaluation.eval_model import FlamingoEvalModel
 
 BATCH = 8  # the CLI's default --batch_size
 TOL = dict(atol=1e-4, rtol=0)
@@ -144,3 +147,47 @@ def test_prompt_ensembling_scores_match_original(setup, tmp_path, monkeypatch):
     assert (per_ordering.std(1) > 1e-3).all()  # the orderings score differently: the average is not any one of them
     ours = torch.tensor([[dict(r["top_classes"])[c] for c in ("no", "yes")] for r in records])
     torch.testing.assert_close(ours, expected, **TOL)
+
+
+def test_cached_ranking_of_names_of_every_length(setup, tmp_path):
+    """The cached ranking feeds each name's first L - 1 tokens (names of one token need no forward), groups names by
+    length (`class_batch_size // B` per forward, the last group's remainder in a smaller one) and reuses the
+    repeated context across forwards. Its log-likelihoods (mean and sum) must equal our uncached path's and the
+    original's uncached `get_rank_classifications` (1e-4) on a left-padded batch of 3 with 1 or 2 images per
+    prompt, for any chunk size; and the forwards are the context's plus one per chunk of multi-token names."""
+    _, folder, original_model = setup
+    eval_model = FlamingoEvalModel.from_pretrained(str(folder))
+    tokenizer = eval_model.tokenizer
+    names = ["a", "b", "at", "ox", "tench", "goldfish", "great white shark", "cat", "electric ray", "ram"]
+    lengths = [len(tokenizer(name, add_special_tokens=False)["input_ids"]) for name in names]
+    assert lengths.count(1) >= 2 and len(set(lengths)) >= 4  # names of one token, and several other lengths
+    items = []
+    for i in range(4):
+        write_image(tmp_path / f"{i}.jpg", seed=100 + i)
+        items.append(EvalItem(id=i, image_path=str(tmp_path / f"{i}.jpg")))
+    texts = [
+        "<image>Output:tench<|endofchunk|><image>Output:",
+        "<image>Output:",
+        "<image>Output:great white shark<|endofchunk|><image>Output:",
+    ]
+    batch_images = [[items[0], items[1]], [items[2]], [items[3], items[0]]]
+    pil_images = [[item.load_image() for item in images] for images in batch_images]
+    assert len({len(tokenizer(text)["input_ids"]) for text in texts}) == 3  # left padding in the batch
+
+    forwards = []
+    hook = eval_model.model.register_forward_pre_hook(lambda module, args: forwards.append(1))
+    for normalize in (True, False):
+        expected = original_model.get_rank_classifications(texts, pil_images, names, False, normalize).float()
+        uncached = eval_model.rank_classifications(texts, batch_images, names, False, normalize)
+        torch.testing.assert_close(uncached, expected, **TOL)
+        for per_forward in (1, 2, 3, len(names)):  # class names per forward (rows = 3 x that)
+            eval_model.class_batch_size = 3 * per_forward
+            forwards.clear()
+            cached = eval_model.rank_classifications(texts, batch_images, names, True, normalize)
+            torch.testing.assert_close(cached, expected, **TOL, msg=lambda m, k=per_forward: f"{k} per forward: {m}")
+            by_length = [lengths.count(n) for n in set(lengths) if n > 1]
+            assert len(forwards) == 1 + sum(-(-count // per_forward) for count in by_length)
+    hook.remove()
+    # The names' token ids are kept for the last list: another list (here reversed) is tokenized afresh.
+    reversed_scores = eval_model.rank_classifications(texts, batch_images, names[::-1], True, False)
+    torch.testing.assert_close(reversed_scores, expected.flip(1), **TOL)

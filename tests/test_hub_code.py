@@ -50,10 +50,20 @@ from modeling_flamingo.hub_code import (
     rewrite_for_hub,
     write_remote_code,
 )
-from modeling_flamingo.testing import FAMILIES, make_tiny_tokenizer, tiny_flamingo_config, tiny_vision_config
+from modeling_flamingo.testing import (
+    FAMILIES,
+    make_tiny_tokenizer,
+    tiny_flamingo_config,
+    tiny_siglip_vision_config,
+    tiny_vision_config,
+)
 
 PROMPTS = ["<image>Two cats.<|endofchunk|><image>A sink.<|endofchunk|><image>An image of", "<image>A dog runs"]
 MAX_NEW_TOKENS = 4
+
+
+# Every family with CLIP, and one with SigLIP2, whose fixed-resolution patches are made inside the model.
+CASES = (*FAMILIES, "llama+siglip2")
 
 
 def _images(folder: Path) -> list[Path]:
@@ -76,14 +86,20 @@ def _batch_images(images: list) -> list[list]:
     return [[a, b, c], [b]]
 
 
-def tiny_model_and_processor(family: str) -> tuple[FlamingoForConditionalGeneration, FlamingoProcessor]:
-    """A seeded tiny model with open gates (so the images matter) and its processor."""
+def tiny_model_and_processor(case: str) -> tuple[FlamingoForConditionalGeneration, FlamingoProcessor]:
+    """A seeded tiny model with open gates (so the images matter) and its processor; `case` is a family, with the
+    CLIP tower, or `family+tower` for a SigLIP tower."""
+    family, _, tower = case.partition("+")
     tokenizer = make_tiny_tokenizer(bos_token="<s>" if family == "llama" else None)
     size = tiny_vision_config().image_size
     image_processor = FlamingoImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     processor = FlamingoProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    vision = {"vision_config": tiny_siglip_vision_config(tower).to_dict()} if tower else {}
+    config = tiny_flamingo_config(family, tokenizer=processor.tokenizer, **vision)
+    if tower:
+        processor.image_processor = FlamingoImageProcessor.from_flamingo_config(config)
     torch.manual_seed(0)
-    model = FlamingoForConditionalGeneration(tiny_flamingo_config(family, tokenizer=processor.tokenizer)).eval()
+    model = FlamingoForConditionalGeneration(config).eval()
     with torch.no_grad():
         for block in model.gated_cross_attn_layers:
             block.attn_gate.fill_(0.7)
@@ -201,7 +217,7 @@ def saved(tmp_path_factory) -> SimpleNamespace:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for family in FAMILIES:
+        for family in CASES:
             expected[family], folders[family] = _save_and_compute(family, root, images)
     finally:
         torch.set_num_threads(threads)
@@ -217,7 +233,7 @@ def saved(tmp_path_factory) -> SimpleNamespace:
         "OMP_NUM_THREADS": "1",
     }
     remote, errors = {}, {}
-    pending = list(FAMILIES)
+    pending = list(CASES)
     running: dict[str, subprocess.Popen] = {}
     while pending or running:
         while pending and len(running) < max(1, min(4, os.cpu_count() or 1)):
@@ -259,7 +275,7 @@ def _save_and_compute(family: str, root: Path, images: list) -> tuple[dict, Path
 # --- (a) loading without the package ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", CASES)
 def test_folder_loads_without_the_package_and_matches(saved, family):
     assert family not in saved.errors, f"the package-less process failed:\n{saved.errors[family]}"
     remote, expected = saved.remote[family], saved.expected[family]

@@ -137,6 +137,26 @@ def test_fsdp2_leaves_frozen_weights_and_old_token_rows_untouched(runs, family):
     assert sorted(changed) == sorted(new_rows)
 
 
+@pytest.mark.parametrize("family", ["qwen2", "gemma2"])
+def test_fsdp2_trains_newer_families_with_tied_heads_as_one_process(runs, family):
+    fsdp, single, _ = runs
+    _assert_same(_checkpoint(fsdp / family), _checkpoint(single / family), atol=1e-5)
+    trained = FlamingoForConditionalGeneration.from_pretrained(fsdp / family / "model")
+    assert trained.get_output_embeddings().weight is trained.get_input_embeddings().weight
+    initial, _ = tiny_model(family=family)
+    before, after = initial.state_dict(), trained.state_dict()
+    weight = initial.get_input_embeddings().weight
+    embedding = {name for name, value in before.items() if value.data_ptr() == weight.data_ptr()}
+    assert len(embedding) == 2  # the input embedding and the head tied to it
+    trained_modules = {name for name in before if name.startswith("perceiver.") or ".gated_cross_attn_layer." in name}
+    moved = {name for name in before if not torch.equal(after[name], before[name])}
+    assert moved - trained_modules == embedding
+    assert any(name.startswith("perceiver.") for name in moved) and any("gated_cross" in name for name in moved)
+    new_rows = sorted([initial.config.media_token_id, initial.config.eoc_token_id])
+    for name in embedding:
+        assert (after[name] != before[name]).any(dim=1).nonzero().flatten().tolist() == new_rows
+
+
 def test_fsdp2_resume_from_a_sharded_checkpoint_equals_a_straight_run(runs):
     fsdp, _, results = runs
     # The resumed run started from scrambled trainable weights: all of them came from checkpoint_2.

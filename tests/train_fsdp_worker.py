@@ -145,11 +145,14 @@ RUNS = {
     "gpt_neox": ("gpt_neox", 2, False, None),
     "mosaic_gpt_nan": ("mosaic_gpt", 2, True, None),
     "mosaic_gpt_4": ("mosaic_gpt", 4, False, None),
+    # Newer families, tied heads: Qwen2's rows trained through TrainableTokenRows, Gemma2's scaled embedding densely.
+    "qwen2": ("qwen2", 2, False, None),
+    "gemma2": ("gemma2", 2, False, None),
 }
 # What each launch of the test runs, in order (a resumed run after the run it resumes).
 PLANS = {
-    "full": ["mosaic_gpt", "mosaic_gpt_resumed", "gpt_neox", "mosaic_gpt_nan"],
-    "single": ["mosaic_gpt", "gpt_neox", "mosaic_gpt_nan"],
+    "full": ["mosaic_gpt", "mosaic_gpt_resumed", "gpt_neox", "mosaic_gpt_nan", "qwen2", "gemma2"],
+    "single": ["mosaic_gpt", "gpt_neox", "mosaic_gpt_nan", "qwen2", "gemma2"],
     "hybrid": ["mosaic_gpt_4"],
     "single_hybrid": ["mosaic_gpt_4"],
 }

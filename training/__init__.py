@@ -11,6 +11,7 @@ from modeling_flamingo.training.export import (
     save_pretrained_folder,
 )
 from modeling_flamingo.training.labels import freeze_for_flamingo_training, mask_flamingo_labels
+from modeling_flamingo.training.model_init import assemble_flamingo, build_fresh_flamingo
 from modeling_flamingo.training.optim import (
     EmbeddingGradientMask,
     build_lr_scheduler,
@@ -34,6 +35,8 @@ __all__ = [
     "TrainableTokenRows",
     "TrainerState",
     "TrainingDivergedError",
+    "assemble_flamingo",
+    "build_fresh_flamingo",
     "build_lr_scheduler",
     "build_optimizer",
     "find_latest_checkpoint",

@@ -82,13 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
         model,
         "--vision_encoder_path",
         default="openai/clip-vit-large-patch14",
-        help="HF CLIP folder or hub id; the original's open_clip name ViT-L-14 means openai/clip-vit-large-patch14",
+        help="CLIP, SigLIP or SigLIP2 folder or hub id (a dual encoder's or a vision model's weights); the "
+        "original's open_clip name ViT-L-14 means openai/clip-vit-large-patch14",
     )
     _add(
         model,
         "--vision_encoder_pretrained",
         help="the original's open_clip weights tag for an open_clip --vision_encoder_path (default openai: the only "
-        "one with a transformers CLIP here); an HF CLIP brings its own weights",
+        "one with a transformers CLIP here); a transformers tower brings its own weights",
     )
     _add(model, "--lm_path", help="the language model (folder or hub id), for --init_from")
     _add(model, "--tokenizer_path", help="defaults to --lm_path")
@@ -258,7 +259,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _vision_encoder(parser: argparse.ArgumentParser, path: str, pretrained: str | None) -> str:
-    """The HF CLIP to load for `--vision_encoder_path` and the original's `--vision_encoder_pretrained`."""
+    """The transformers tower to load for `--vision_encoder_path` and the original's `--vision_encoder_pretrained`."""
     open_clip_names = {name for name, _ in _OPEN_CLIP_VISION_ENCODERS}
     if path in open_clip_names:
         tag = pretrained or _OPEN_CLIP_DEFAULT_PRETRAINED
@@ -271,8 +272,8 @@ def _vision_encoder(parser: argparse.ArgumentParser, path: str, pretrained: str 
         return _OPEN_CLIP_VISION_ENCODERS[path, tag]
     if pretrained not in (None, _OPEN_CLIP_DEFAULT_PRETRAINED):
         parser.error(
-            f"--vision_encoder_pretrained {pretrained} names open_clip weights, but --vision_encoder_path {path} is an "
-            "HF CLIP, which brings its own: give the HF folder or hub id of the weights you want"
+            f"--vision_encoder_pretrained {pretrained} names open_clip weights, but --vision_encoder_path {path} is a "
+            "transformers tower, which brings its own: give the folder or hub id of the weights you want"
         )
     return path
 

@@ -104,7 +104,11 @@ class TrainableTokenRows:
 
     @staticmethod
     def supports(model: nn.Module) -> bool:
-        return isinstance(model.get_input_embeddings(), nn.Embedding) and tied_output_projection(model)[0]
+        embedding = model.get_input_embeddings()
+        # The lookup hook puts raw rows in place of what the embedding returns: only right for a plain lookup, not
+        # for embeddings that transform it in their forward (Gemma's scaled embeddings multiply by sqrt(d)).
+        plain = type(embedding).forward in (nn.Embedding.forward, MosaicGPTSharedEmbedding.forward)
+        return isinstance(embedding, nn.Embedding) and plain and tied_output_projection(model)[0]
 
     @property
     def rows(self) -> torch.Tensor:

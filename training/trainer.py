@@ -387,7 +387,11 @@ class FlamingoTrainer:
             raise ValueError(f"{folder / TRAINER_STATE_NAME} is not a valid trainer state: {exc}") from None
 
     def _saved_keys(self) -> set[str]:
-        return _checkpointed_names(self.unwrapped)
+        # A head tied to the input embedding (Qwen2, Gemma, GPT-2, MPT) is the same tensor under a second name: it is
+        # stored once, under the embedding's name (safetensors refuses aliases), and loading that sets both.
+        emb = _input_embedding_weight(self.unwrapped)
+        aliases = [n for n, p in self.unwrapped.named_parameters(remove_duplicate=False) if p is emb][1:]
+        return _checkpointed_names(self.unwrapped) - set(aliases)
 
     def _filter_saved_weights(self, models, weights, output_dir) -> None:
         keep = self._saved_keys()
@@ -766,11 +770,12 @@ def build_trackers(args: argparse.Namespace) -> list[GeneralTracker]:
 
 
 def fsdp_wrap_classes(model: FlamingoForConditionalGeneration) -> list[str]:
-    """The FSDP units: the classes of `model._no_split_modules` the model holds (CLIP encoder layers, the resampler,
-    the gated cross-attention blocks and the language model's decoder layers). Accelerate's default takes the whole
-    list, which names every supported language model's layer class and fails on the ones this model lacks."""
+    """The FSDP units: the classes of `model._no_split_modules` the model holds (the vision tower's encoder layers,
+    the resampler, the gated cross-attention blocks and the language model's decoder layers, taken from the built
+    model). Accelerate's default takes the whole list, which also gathers the lists of the vision tower's and language
+    model's own classes, and fails on the classes this model lacks (e.g. CLIP's text embeddings)."""
     present = {type(module).__name__ for module in model.modules()}
-    return [name for name in model._no_split_modules if name in present]
+    return sorted(name for name in model._no_split_modules if name in present)
 
 
 def _deepspeed_on_cpu() -> bool:
@@ -793,10 +798,11 @@ def _changeable_on_resume(args: argparse.Namespace) -> tuple[str, ...]:
 
 
 def _checkpointed_names(model) -> set[str]:
-    """The parameters a (non-FSDP) checkpoint stores: the trainable ones and the input embeddings."""
+    """The parameters a (non-FSDP) checkpoint stores: the trainable ones and the input embeddings, each under one
+    name (a head tied to the input embeddings shares their tensor, which safetensors stores once)."""
     keys = {name for name, p in model.named_parameters() if p.requires_grad and not is_token_rows_name(name)}
     emb = _input_embedding_weight(model)
-    keys |= {name for name, p in model.named_parameters(remove_duplicate=False) if p is emb}
+    keys |= {name for name, p in model.named_parameters() if p is emb}
     return keys
 
 
