@@ -3,14 +3,16 @@ which repeats every prompt to all its beams (or returned sequences) before the p
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from unittest import mock
 
 import pytest
 import torch
+from test_families import Family
 from transformers import GenerationMixin
 
 from modeling_flamingo import FlamingoForConditionalGeneration
-from modeling_flamingo.testing import FAMILIES
+from modeling_flamingo.testing import EXTRA_FAMILIES, FAMILIES
 
 from reference import build_original, ours_from_original, random_pixels
 
@@ -120,5 +122,20 @@ def test_under_a_device_map(setup, tmp_path):
     assert "disk" in set(mapped.hf_device_map.values())
     shared, rows = _generate(mapped, tokenizer, batch, {"pixel_values": pixels}, reference=False, num_beams=3)
     reference, _ = _generate(model, tokenizer, batch, {"pixel_values": pixels}, reference=True, num_beams=3)
+    assert rows[0] == 2
+    _assert_same(shared, reference)
+
+
+@pytest.mark.parametrize("name", EXTRA_FAMILIES)
+def test_newer_language_models(name):
+    """The families found through `get_decoder()` (no original to build them from): open gates, so the images
+    matter, left padding, beams with two returned sequences each."""
+    family = Family(name)
+    batch = family.encode(PROMPTS)
+    pixels = batch.pop("pixel_values")
+    batch = SimpleNamespace(**batch)  # attribute access, as a tokenizer's BatchEncoding gives
+    kwargs = dict(num_beams=3, num_return_sequences=2)
+    shared, rows = _generate(family.opened, family.tokenizer, batch, {"pixel_values": pixels}, False, **kwargs)
+    reference, _ = _generate(family.opened, family.tokenizer, batch, {"pixel_values": pixels}, True, **kwargs)
     assert rows[0] == 2
     _assert_same(shared, reference)
