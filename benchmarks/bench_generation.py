@@ -27,6 +27,10 @@ are OpenFlamingo-style few-shot captions: `<image>Output: ...<|endofchunk|>` k t
 
 It prints a markdown table of ratios (ours / original) and writes it with the machine and versions to
 `benchmarks/RESULTS.md` (or `--out`).
+
+`--compile` measures instead our decode compiled (`torch.compile` through transformers' `compile_config`, inductor)
+against our eager decode, both with a static cache (`--cache static` is implied): decode tokens/s of each, best of N,
+alternating, after one untimed compiled call (the compilation), and whether their greedy tokens are equal.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ from pathlib import Path
 
 import psutil
 import torch
-from transformers import CLIPVisionConfig, LogitsProcessor, LogitsProcessorList, MptConfig
+from transformers import CLIPVisionConfig, CompileConfig, LogitsProcessor, LogitsProcessorList, MptConfig
 
 from modeling_flamingo.modeling_flamingo import FlamingoGatedCrossAttentionBlock
 
@@ -64,6 +68,8 @@ VOCAB_9B = 50283
 SIZES = {
     "scaled9b": dict(lm_width=512, lm_layers=8, lm_heads=8, vision_width=128, vision_layers=2, vision_heads=2),
     "3b": dict(lm_width=2048, lm_layers=24, lm_heads=16, vision_width=1024, vision_layers=24, vision_heads=16),
+    # The GPU script's dry run (benchmarks/gpu/run.sh --dry-run): the same layout, small enough for seconds on a CPU.
+    "tiny": dict(lm_width=64, lm_layers=4, lm_heads=4, vision_width=32, vision_layers=1, vision_heads=2),
 }
 
 
@@ -168,11 +174,11 @@ class Cell:
     """One (shots, batch) prompt and the calls that run it through each implementation ("original", "ours", or
     "lm": the bare language model on the same token ids, images left out)."""
 
-    def __init__(self, tokenizer, shots: int, batch: int, device, dtype, cache: str):
+    def __init__(self, tokenizer, shots: int, batch: int, device, dtype, cache: str, image_size: int = 224):
         self.batch = batch
         self.enc = tokenizer([prompt(shots)] * batch, return_tensors="pt").to(device)
         gen = torch.Generator().manual_seed(shots * 100 + batch)
-        self.pixels = torch.randn(batch, shots + 1, 1, 3, 224, 224, generator=gen).to(device, dtype)
+        self.pixels = torch.randn(batch, shots + 1, 1, 3, image_size, image_size, generator=gen).to(device, dtype)
         self.common = dict(do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=None)
         if cache != "dynamic":
             self.common["cache_implementation"] = cache
@@ -182,13 +188,14 @@ class Cell:
         return self.enc.input_ids.shape[1]
 
     @torch.no_grad()
-    def generate(self, impl: str, model, n: int, timer=None) -> torch.Tensor:
+    def generate(self, impl: str, model, n: int, timer=None, **extra) -> torch.Tensor:
         kwargs = dict(
             attention_mask=self.enc.attention_mask,
             max_new_tokens=n,
             min_new_tokens=n,
             logits_processor=LogitsProcessorList([timer] if timer else []),
             **self.common,
+            **extra,
         )
         if impl == "original":
             out = model.generate(self.pixels, self.enc.input_ids, **kwargs)
@@ -244,6 +251,63 @@ def block_seconds_per_step(cell: Cell, ours, new_tokens: int, device, repeats: i
     return best
 
 
+def compile_config(device: torch.device) -> CompileConfig:
+    """Inductor on the whole forward of a decoding step (no graph break allowed); CUDA graphs on a GPU."""
+    config = CompileConfig(fullgraph=True, mode="reduce-overhead" if device.type == "cuda" else "default")
+    config._compile_all_devices = True  # transformers auto-compiles on accelerators only
+    return config
+
+
+def measure_compiled(cell: Cell, ours, new_tokens: int, device, repeats: int) -> dict:
+    """Decode tokens/s of ours eager and compiled (static cache for both; `cell` must have been built with
+    `cache="static"`), best of `repeats`, alternating, after one untimed compiled call; and whether the greedy tokens
+    are equal."""
+    config = compile_config(device)
+    cell.generate("ours", ours, new_tokens, compile_config=config)  # compiles the decoding step
+    res = {mode: {"decode_s": float("inf")} for mode in ("eager", "compiled")}
+    for _ in range(repeats):
+        for mode, extra in (("eager", {}), ("compiled", {"compile_config": config})):
+            timer = StepTimer(device)
+            res[mode]["tokens"] = cell.generate("ours", ours, new_tokens, timer, **extra)
+            res[mode]["decode_s"] = min(res[mode]["decode_s"], timer.stamps[-1] - timer.stamps[0])
+    for r in res.values():
+        r["decode_tok_s"] = cell.batch * (new_tokens - 1) / r["decode_s"]
+    res["same_tokens"] = torch.equal(res["eager"]["tokens"], res["compiled"]["tokens"])
+    return res
+
+
+def compiled_section(args, ours, tokenizer, device, dtype) -> str:
+    """The `--compile` run: a table of eager against compiled decode of ours, one row per (shots, batch)."""
+    rows = []
+    for shots in args.shots:
+        for batch in args.batch:
+            cell = Cell(tokenizer, shots, batch, device, dtype, "static")
+            res = measure_compiled(cell, ours, args.new_tokens, device, args.repeats)
+            e, c = res["eager"], res["compiled"]
+            rows.append(
+                f"| {shots} | {batch} | {cell.prompt_len} | {e['decode_tok_s']:.1f} | {c['decode_tok_s']:.1f} "
+                f"| **{c['decode_tok_s'] / e['decode_tok_s']:.2f}x** | {'yes' if res['same_tokens'] else 'NO'} |"
+            )
+            print(rows[-1], flush=True)
+    return (
+        f"## Generation: compiled decoding, `{args.size}` ({args.device}, {args.dtype}, static cache)\n\n"
+        f"Ours only (the original's forward cannot be compiled whole), eager against `torch.compile` (inductor, "
+        f"`fullgraph=True`, through transformers' `compile_config`), both with a static cache; greedy, "
+        f"{args.new_tokens} new tokens; decode tokens/s, best of {args.repeats}, alternating, after one untimed "
+        f"compiled call. Model as in the `{args.size}` generation sections.\n\n"
+        f"Machine: {machine_line(device)}, 1-minute load average {os.getloadavg()[0]:.1f} at the end. Versions: "
+        f"torch {torch.__version__}, transformers {version('transformers')}.\n\n"
+        "| shots | batch | prompt tokens | decode tok/s (eager) | decode tok/s (compiled) | speed-up | same tokens |\n"
+        "|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
+    )
+
+
+def machine_line(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+
+
 def measure_peak(cell: Cell, impl: str, model, new_tokens: int, device) -> float:
     """Peak MiB above the starting point during generate(new_tokens)."""
     with PeakMemory(device) as mem:
@@ -297,12 +361,24 @@ def main(argv=None) -> int:
     p.add_argument(
         "--cache", choices=["dynamic", "static"], default="dynamic", help="language-model cache for both (generate's)"
     )
+    p.add_argument(
+        "--compile", action="store_true", help="ours compiled against ours eager, static cache (see the docstring)"
+    )
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS.md"))
     p.add_argument("--peaks-to", help=argparse.SUPPRESS)  # internal: the CPU peak-memory child writes here
     add_load_arguments(p)
     args = p.parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     load = None if args.peaks_to else check_load(args.wait_quiet, args.max_load_per_core)
+
+    if args.compile:
+        torch.manual_seed(0)
+        _, ours, tokenizer = build_pair(args.size)
+        ours.to(device, dtype).eval()
+        text = compiled_section(args, ours, tokenizer, device, dtype)
+        print("\n" + text)
+        write_results_section(Path(args.out), f"## Generation: compiled decoding, `{args.size}` ({args.device}", text)
+        return 0
 
     peaks = cpu_peaks_in_child(args) if device.type == "cpu" and not args.peaks_to else {}
 
@@ -358,12 +434,7 @@ def main(argv=None) -> int:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
     )
     s = SIZES[args.size]
-    machine = (
-        torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"{platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
-    )
+    machine = machine_line(device)
     load.finish()
     machine += f"; {load.describe()}"
     text = (

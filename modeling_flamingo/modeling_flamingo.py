@@ -27,6 +27,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
     CLIPVisionModel,
+    GenerationConfig,
     GenerationMixin,
     PretrainedConfig,
     PreTrainedModel,
@@ -34,7 +35,7 @@ from transformers import (
     SiglipVisionModel,
 )
 from transformers import initialization as init
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import ModelOutput
@@ -857,7 +858,8 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
         image_features: torch.FloatTensor | None = None,
         **kwargs,
     ):
-        """`GenerationMixin.generate` with the images encoded once, before beams or samples are expanded.
+        """`GenerationMixin.generate` with the images encoded once, before beams or samples are expanded, and each
+        prompt prefilled once for all its beams or returned sequences (`_prefill`).
 
         Returns prompt + new tokens, stopping at `<|endofchunk|>` unless `eos_token_id` says otherwise.
         """
@@ -880,6 +882,83 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
             input_ids=input_ids, attention_mask=attention_mask, image_features=image_features, **kwargs
         )
 
+    def _expand_inputs_for_generation(
+        self,
+        expand_size: int = 1,
+        is_encoder_decoder: bool = False,
+        input_ids: torch.LongTensor | None = None,
+        **model_kwargs,
+    ) -> tuple[torch.LongTensor, dict[str, Any]]:
+        """Expand the prompts to `expand_size` rows each (beams, or `num_return_sequences` samples), except the image
+        features: `_prefill` runs each prompt once and expands its results (see there), so they stay (B, ...)."""
+        image_features = model_kwargs.pop("image_features", None)
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
+        )
+        model_kwargs["image_features"] = image_features
+        if expand_size > 1:
+            model_kwargs[_PROMPT_REPEATS] = expand_size
+        return input_ids, model_kwargs
+
+    def _prefill(
+        self,
+        input_ids: torch.LongTensor,
+        generation_config: GenerationConfig,
+        model_kwargs: dict[str, Any],
+        is_first_iteration: bool = True,
+    ) -> FlamingoCausalLMOutputWithPast:
+        """The first forward of `generate`, run once per prompt rather than once per beam or returned sequence.
+
+        transformers repeats every prompt `k = max(num_beams, num_return_sequences)` times before the prefill, so each
+        prompt would be encoded `k` times. Here the first of its `k` identical rows goes through the model, and the
+        results are repeated afterwards: the language model's cache (`Cache.batch_repeat_interleave`), the
+        cross-attention keys and values, the image indices and the last position's logits. The rows being identical,
+        only the rounding can differ from a prefill of all B * k rows (a matrix product of another row count may sum
+        in another order: logits within ~1e-6, the same tokens in `tests/test_generation_shared_prefill.py`).
+
+        The shared path needs an empty `DynamicCache` (transformers' default) and an unchunked prefill of `input_ids`;
+        otherwise (a static or user-filled cache, `prefill_chunk_size`, `inputs_embeds`) every row is prefilled, as
+        transformers does.
+
+        Args:
+            input_ids: (B * k, T) the prompts, each repeated `k` times (`_expand_inputs_for_generation`).
+            model_kwargs: the model kwargs of `generate`, row tensors (B * k, ...) except `image_features` (B, ...).
+        Returns:
+            the prefill's output, every field with B * k rows; `model_kwargs` then holds the filled cache.
+        """
+        repeats = model_kwargs.pop(_PROMPT_REPEATS, 1)
+        cache = model_kwargs.get(CACHE_NAME)
+        shared = (
+            repeats > 1
+            and is_first_iteration
+            and generation_config.prefill_chunk_size is None
+            and model_kwargs.get("inputs_embeds") is None
+            and model_kwargs.get("cross_attention_key_values") is None
+            and type(cache) is DynamicCache
+            and cache.get_seq_length() == 0
+        )
+        if not shared:
+            if repeats > 1 and model_kwargs.get("image_features") is not None:
+                model_kwargs["image_features"] = model_kwargs["image_features"].repeat_interleave(repeats, dim=0)
+            return super()._prefill(input_ids, generation_config, model_kwargs, is_first_iteration=is_first_iteration)
+
+        # Every row tensor was expanded with `repeat_interleave`: rows 0, k, 2k, ... are the prompts themselves.
+        prompt_kwargs = {
+            key: _first_of_repeats(value, repeats) if key != "image_features" else value
+            for key, value in model_kwargs.items()
+        }
+        outputs = super()._prefill(
+            input_ids[::repeats], generation_config, prompt_kwargs, is_first_iteration=is_first_iteration
+        )
+        cache.batch_repeat_interleave(repeats)  # the same object as `model_kwargs[CACHE_NAME]`
+        for key, value in outputs.items():
+            if key != CACHE_NAME:
+                outputs[key] = _repeat_rows(value, repeats)
+        if model_kwargs.get("image_features") is not None and not self.config.only_attend_immediate_media:
+            # Later steps attend to every image and keep the features beside the keys/values, one row per beam.
+            model_kwargs["image_features"] = model_kwargs["image_features"].repeat_interleave(repeats, dim=0)
+        return outputs
+
     def prepare_inputs_for_generation(
         self,
         input_ids: torch.LongTensor,
@@ -889,6 +968,9 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
         image_indices: torch.LongTensor | None = None,
         **kwargs,
     ) -> dict[str, Any]:
+        if (repeats := kwargs.pop(_PROMPT_REPEATS, None)) is not None and image_features is not None:
+            # A decoding method that skipped `_prefill` (which consumes the marker) feeds every row to the model.
+            image_features = image_features.repeat_interleave(repeats, dim=0)
         # The cache stays in `kwargs`, under the name `generate` uses (`CACHE_NAME`).
         model_inputs = super().prepare_inputs_for_generation(input_ids, attention_mask=attention_mask, **kwargs)
         new_tokens = model_inputs["input_ids"].shape[1] if model_inputs.get("input_ids") is not None else None
@@ -925,6 +1007,27 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
             model_kwargs["cross_attention_key_values"] = key_values
         model_kwargs["image_indices"] = last
         return model_kwargs
+
+
+# Model kwarg of `generate` from `_expand_inputs_for_generation` to `_prefill`: how many rows each prompt was expanded to.
+_PROMPT_REPEATS = "_flamingo_prompt_repeats"
+
+
+def _first_of_repeats(value: Any, repeats: int) -> Any:
+    """One row per prompt out of a model kwarg whose rows `_expand_inputs_for_generation` repeated `repeats` times
+    (a (B * k, ...) tensor gives (B, ...)); anything else as is."""
+    if not isinstance(value, torch.Tensor) or value.ndim == 0:
+        return value
+    return value[::repeats]
+
+
+def _repeat_rows(value: Any, repeats: int) -> Any:
+    """(B, ...) -> (B * k, ...), each row followed by its copies, for a tensor or the tensors in nested tuples."""
+    if isinstance(value, torch.Tensor):
+        return value.repeat_interleave(repeats, dim=0)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_repeat_rows(item, repeats) for item in value)
+    return value
 
 
 def _referenced_images(image_indices: torch.LongTensor, num_images: int) -> torch.BoolTensor:

@@ -4,6 +4,8 @@ both implementations, the language model alone, the CPU peak-memory child proces
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -163,3 +165,29 @@ def test_load_guard_warns_when_still_busy_and_says_so_in_the_results(capsys):
     fake = FakeClock([3.0])
     assert _check(machine, fake, wait=0).busy and fake.sleeps == []  # the default: warn, do not wait
     assert "warning: the machine is busy: 1-minute" in capsys.readouterr().err
+
+
+def test_gpu_script_dry_run(tmp_path):
+    """`benchmarks/gpu/run.sh --dry-run` runs every GPU part on the CPU at tiny sizes and writes one results file
+    with a section per part, so the script is known to work before GPU time is spent (the numbers mean nothing)."""
+    out = tmp_path / "RESULTS-gpu.md"
+    env = {**os.environ, "PYTHON": sys.executable}
+    run = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu" / "run.sh"), "--dry-run", "--out", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    text = out.read_text()
+    assert text.startswith("# GPU benchmarks\n") and "run.sh --dry-run" in text
+    assert "Failed" not in text and "Not measured" not in text, text  # every part wrote its fragment
+    assert "## bf16 numerics" in text and "## 9B shapes" in text
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| ")]
+    numerics = {row[0]: row for row in rows if row[0].startswith("ours bf16 /")}
+    # In fp32 on the CPU both comparisons are of the same computation: full top-1 agreement, the same tokens.
+    assert [row[1] for row in numerics.values()] == ["1.0000", "1.0000"]
+    assert [row[3] for row in numerics.values()] == ["yes", "yes"]
+    decode = [row for row in rows if row[0] == "eager"]
+    assert [row[1] for row in decode] == ["1", "8"] and all(float(row[3]) > 0 for row in decode)
+    assert 'device_map="auto"' in text

@@ -1,0 +1,254 @@
+"""The GPU measurements of `benchmarks/gpu/run.sh`, one part per call; each writes a markdown fragment.
+
+    python benchmarks/gpu/gpu_bench.py numerics --fragment numerics.md      # bf16 against fp32 and the original
+    python benchmarks/gpu/gpu_bench.py nine-b --fragment nine_b.md          # 9B shapes: decode speed, device map
+
+`--dry-run` runs a part on the CPU at tiny sizes (fp32 in place of bf16, no compilation), so the whole script is
+known to work before GPU time is spent; the numbers it writes mean nothing.
+
+- numerics: `bench_generation.build_pair("scaled9b")` (the original and ours on the same random weights) on the GPU,
+  a 4-shot prompt, batch 2. Ours in bf16 against ours in fp32, and against the original in bf16: top-1 agreement
+  of the logits at every real prompt position, their largest absolute difference, and whether 16 greedy tokens are
+  the same.
+- nine-b: ours with the released 9B's shapes (CLIP ViT-L/14 into MPT-7B, cross-attention every 4 layers, the 9B's
+  vocabulary; random weights, gates closed as a fresh model's, so the tokens are meaningless but every layer runs),
+  bf16. Decode tokens/s eager and compiled (inductor with CUDA graphs, static cache) at batch 1 and 8 after a
+  4-shot prompt, each against the memory-bandwidth bound: every weight of the language model and its
+  cross-attention blocks plus the keys/values in the caches read once per step, at the bandwidth the GPU's name
+  says (H100 SXM 3.35 TB/s, H200 4.8 TB/s). Then the model saved and loaded back with `device_map="auto"` and
+  `max_memory={0: "22GiB", "cpu": ...}` and `torch.cuda.max_memory_allocated` while it generates after a 32-shot
+  prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import CLIPVisionConfig, MptConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import bench_generation as gen  # noqa: E402
+
+from modeling_flamingo import FlamingoConfig, FlamingoForConditionalGeneration  # noqa: E402
+from modeling_flamingo.testing import add_flamingo_tokens, make_tiny_tokenizer  # noqa: E402
+
+# Peak memory bandwidth by GPU name (the SXM parts; an H100 PCIe has 2.0 TB/s).
+BANDWIDTH = {"H200": 4.8e12, "H100": 3.35e12}
+
+# The released 9B: MPT-7B and CLIP ViT-L/14 at 224 px. The dry run keeps the layout at a size a CPU runs in seconds.
+NINE_B = dict(lm_width=4096, lm_layers=32, lm_heads=32, vision_width=1024, vision_layers=24, vision_heads=16)
+TINY = dict(lm_width=64, lm_layers=4, lm_heads=4, vision_width=32, vision_layers=1, vision_heads=2)
+
+
+def bandwidth(device: torch.device) -> tuple[float | None, str]:
+    """Bytes/s assumed for the decode bound, and the words saying so."""
+    if device.type != "cuda":
+        return None, "no bound (CPU dry run)"
+    name = torch.cuda.get_device_name(device)
+    for key, value in BANDWIDTH.items():
+        if key in name:
+            return value, f"{name}: {value / 1e12:.2f} TB/s assumed"
+    return None, f"{name}: bandwidth unknown, no bound"
+
+
+def nine_b_model(shape: dict, device: torch.device, dtype: torch.dtype):
+    """(model, tokenizer): ours with `shape`, random weights initialised on `device` in `dtype`."""
+    tokenizer = add_flamingo_tokens(make_tiny_tokenizer())
+    text = MptConfig(
+        vocab_size=gen.VOCAB_9B,
+        d_model=shape["lm_width"],
+        n_heads=shape["lm_heads"],
+        n_layers=shape["lm_layers"],
+        max_seq_len=2048,
+        attn_config={"alibi": True},
+        use_cache=True,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=shape["vision_width"],
+        intermediate_size=4 * shape["vision_width"],
+        num_hidden_layers=shape["vision_layers"],
+        num_attention_heads=shape["vision_heads"],
+        patch_size=14,
+        image_size=224,
+        hidden_act="quick_gelu",
+    )
+    config = FlamingoConfig(
+        vision_config=vision.to_dict(),
+        text_config=text.to_dict(),
+        cross_attn_every_n_layers=4,
+        media_token_id=tokenizer.encode("<image>")[-1],
+        eoc_token_id=tokenizer.encode("<|endofchunk|>")[-1],
+    )
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = FlamingoForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval(), tokenizer
+
+
+def decode_bytes_per_step(model, batch: int, context: int, dtype: torch.dtype) -> float:
+    """Bytes a decoding step must read at least: the language model's weights (cross-attention blocks included; the
+    tied embedding once, as the output head) and every layer's keys/values for `context` tokens, plus the
+    cross-attention keys/values of the current image."""
+    weights = sum(p.numel() for p in model.language_model.parameters()) * dtype.itemsize
+    text = model.config.text_config
+    kv = 2 * text.num_hidden_layers * batch * context * text.hidden_size * dtype.itemsize
+    inner = model.config.cross_attn_heads * model.config.cross_attn_head_dim
+    xkv = 2 * model.config.num_cross_attn_layers * batch * model.config.perceiver_num_latents * inner * dtype.itemsize
+    return weights + kv + xkv
+
+
+def part_numerics(args, device: torch.device) -> str:
+    low = torch.float32 if args.dry_run else torch.bfloat16
+    torch.manual_seed(0)
+    original, ours, tokenizer = gen.build_pair("scaled9b" if not args.dry_run else "tiny")
+    cell = gen.Cell(tokenizer, shots=4, batch=2, device=device, dtype=torch.float32, cache="dynamic")
+    results = {}
+    with torch.no_grad():
+        ours.to(device, torch.float32)
+        reference_logits = ours(input_ids=cell.enc.input_ids, pixel_values=cell.pixels).logits.float()
+        reference_tokens = cell.generate("ours", ours, 16)
+        ours.to(low)
+        original.to(device, low).eval()
+        pixels = cell.pixels.to(low)
+        cell.pixels = pixels
+        logits = {
+            "ours": ours(input_ids=cell.enc.input_ids, pixel_values=pixels).logits.float(),
+            "original": original(pixels, cell.enc.input_ids).logits.float(),
+        }
+        tokens = {"ours": cell.generate("ours", ours, 16), "original": cell.generate("original", original, 16)}
+    rows = [
+        ("ours bf16 / ours fp32", logits["ours"], reference_logits, tokens["ours"], reference_tokens),
+        ("ours bf16 / original bf16", logits["ours"], logits["original"], tokens["ours"], tokens["original"]),
+    ]
+    lines = []
+    for name, a, b, ta, tb in rows:
+        agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
+        lines.append(
+            f"| {name} | {agree:.4f} | {(a - b).abs().max().item():.3g} | {'yes' if torch.equal(ta, tb) else 'NO'} |"
+        )
+        results[name] = agree
+    dtype_name = "fp32 (dry run)" if args.dry_run else "bf16"
+    return (
+        f"## bf16 numerics (`{'tiny' if args.dry_run else 'scaled9b'}`, {device.type}, {dtype_name})\n\n"
+        "Same random weights in both implementations; a 4-shot prompt, batch 2: top-1 agreement of the logits at "
+        "every prompt position, their largest absolute difference, and 16 greedy tokens.\n\n"
+        "| comparison | top-1 agreement | max logit difference | same greedy tokens |\n|---|---|---|---|\n"
+        + "\n".join(lines)
+        + "\n"
+    )
+
+
+def part_nine_b(args, device: torch.device) -> str:
+    dtype = torch.float32 if args.dry_run else torch.bfloat16
+    shape = TINY if args.dry_run else NINE_B
+    t = time.perf_counter()
+    model, tokenizer = nine_b_model(shape, device, dtype)
+    params = sum(p.numel() for p in model.parameters())
+    built_s = time.perf_counter() - t
+    bytes_per_s, assumed = bandwidth(device)
+
+    rows, compile_error = [], None
+    for batch in (1, 8):
+        cell = gen.Cell(tokenizer, shots=4, batch=batch, device=device, dtype=dtype, cache="static")
+        res = None
+        if not args.dry_run:  # the tiny model decodes eagerly only: compiling takes minutes on a CPU
+            try:
+                res = gen.measure_compiled(cell, model, args.new_tokens, device, repeats=2)
+            except Exception as error:  # MPT's attention in transformers slices its cache by a data-dependent length
+                compile_error = f"{type(error).__name__}: {str(error).splitlines()[0]}"
+                print(f"compiled decode failed: {compile_error}", flush=True)
+        if res is None:
+            timer = gen.StepTimer(device)
+            cell.generate("ours", model, args.new_tokens, timer)
+            eager = batch * (args.new_tokens - 1) / (timer.stamps[-1] - timer.stamps[0])
+            res = {"eager": {"decode_tok_s": eager}, "compiled": {"decode_tok_s": float("nan")}, "same_tokens": None}
+        context = cell.prompt_len + args.new_tokens
+        step_bytes = decode_bytes_per_step(model, batch, context, dtype)
+        bound = batch * bytes_per_s / step_bytes if bytes_per_s else None
+        same = "n/a" if res["same_tokens"] is None else "yes" if res["same_tokens"] else "NO"  # None: not compiled
+        for mode in ("eager", "compiled"):
+            tok_s = res[mode]["decode_tok_s"]
+            fraction = f"{tok_s / bound:.0%}" if bound else "n/a"
+            rows.append(
+                f"| {mode} | {batch} | {cell.prompt_len} | {tok_s:.1f} | {step_bytes / 1e9:.2f} "
+                f"| {f'{bound:.1f}' if bound else 'n/a'} | {fraction} | {same} |"
+            )
+            print(rows[-1], flush=True)
+
+    # device_map="auto" under a 22 GiB budget on GPU 0, from a saved folder as a user loads it.
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        del model
+        gc.collect()
+        budget = {"cpu": "100GiB"} if device.type != "cuda" else {0: "22GiB", "cpu": "100GiB"}
+        mapped = FlamingoForConditionalGeneration.from_pretrained(
+            tmp, device_map="auto", max_memory=budget, dtype=dtype
+        )
+        # transformers sets hf_device_map only when the map spans more than one device.
+        placements = sorted({str(v) for v in getattr(mapped, "hf_device_map", {"": device.type}).values()})
+        cell = gen.Cell(tokenizer, shots=32, batch=1, device=device, dtype=dtype, cache="dynamic")
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t = time.perf_counter()
+        cell.generate("ours", mapped, args.new_tokens)
+        generate_s = time.perf_counter() - t
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+
+    return (
+        f"## 9B shapes (`{'tiny' if args.dry_run else '9b'}`, {device.type}, {dtype})\n\n"
+        f"Ours with {params / 1e9:.2f} B parameters ({'tiny layout, dry run' if args.dry_run else 'ViT-L/14 + MPT-7B'}"
+        f", random weights, built in {built_s:.0f} s). Decode: greedy, {args.new_tokens} new tokens after a 4-shot "
+        f"prompt, static cache, eager and compiled (inductor, CUDA graphs); bound = batch x bandwidth / bytes read "
+        f"per step (weights of the language model and its cross-attention blocks, the caches' keys/values); "
+        f"{assumed}.\n\n"
+        "| decode | batch | prompt tokens | tok/s | GB read per step | bound tok/s | fraction of bound "
+        "| same tokens as eager |\n|---|---|---|---|---|---|---|---|\n"
+        + "\n".join(rows)
+        + "\n\n"
+        + (f"Compiled decoding failed: `{compile_error}`.\n\n" if compile_error else "")
+        + f'`device_map="auto"`, `max_memory={budget}`: placements {", ".join(placements)}; after a 32-shot prompt '
+        f"({cell.prompt_len} tokens, 33 images), batch 1, {args.new_tokens} new tokens in {generate_s:.1f} s; "
+        f"`torch.cuda.max_memory_allocated`: "
+        + (f"**{peak:.2f} GiB**" if device.type == "cuda" else "n/a (CPU dry run)")
+        + ".\n"
+    )
+
+
+PARTS = {"numerics": part_numerics, "nine-b": part_nine_b}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("part", choices=sorted(PARTS))
+    p.add_argument("--fragment", required=True, help="markdown file this part writes")
+    p.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes, fp32, no compilation")
+    p.add_argument("--new-tokens", type=int, default=32)
+    args = p.parse_args(argv)
+    if args.dry_run:
+        args.new_tokens = min(args.new_tokens, 4)
+    elif not torch.cuda.is_available():
+        print("gpu_bench.py: no CUDA device; run with --dry-run on a CPU.", file=sys.stderr)
+        return 2
+    device = torch.device("cpu" if args.dry_run else "cuda")
+    text = PARTS[args.part](args, device)
+    print(text)
+    Path(args.fragment).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
