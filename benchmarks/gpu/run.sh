@@ -55,7 +55,7 @@ if [ -z "$DRY" ]; then
     # The evaluation and training benchmarks at short settings (both compare against the original on the CPU side
     # of the machine as they do here); each writes its own section into the fragment file.
     part "Evaluation benchmark" 110 "$WORK/eval.md" \
-        "$PYTHON" benchmarks/bench_eval.py --shots 4 --num-samples 8 --repeats 1 --out "$WORK/eval.md"
+        "$PYTHON" benchmarks/bench_eval.py --tasks captioning --shots 4 --num-samples 8 --repeats 1 --out "$WORK/eval.md"
     part "Training benchmark" 60 "$WORK/train.md" \
         "$PYTHON" benchmarks/bench_train.py --steps 2 --repeats 1 --out "$WORK/train.md"
 else
