@@ -1,15 +1,15 @@
 """ImageNet classification with all 1,000 class names, as users run it, compared per item and class.
 
-Our CLI ranks the full `IMAGENET_CLASSNAMES` for 3 test items (1 shot, so the prompts differ in length and the batch
-is left-padded) in four ways: cached context at batch 8 with the default `--class_batch_size` (64 rows: 21 names of a
-batch of 3 per forward, so the 1,000 names take many forwards), cached with all names of a length in one forward
-(`--class_batch_size=8000`), uncached at batch 8 (21 names per forward, in list order), and cached at batch 1 (64 names
-per forward). Every class log-likelihood of every item must agree (1e-4) across the four runs, the two duplicated
-names must score alike wherever they stand, and the predictions files must report the best five of the scores.
+Our CLI ranks the full `IMAGENET_CLASSNAMES` for 2 test items (1 shot, so the prompts differ in length and the batch
+is left-padded) in four ways: cached context at batch 8 with the default `--class_batch_size` (64 rows: 32 names of
+one token length per forward), cached with all names of a length in one forward (`--class_batch_size=8000`), uncached
+at batch 8 (32 names per forward, in list order), and cached at batch 1 (64 names per forward). Every class
+log-likelihood of every item must agree (1e-4) across the four runs, the two duplicated names must score alike
+wherever they stand, and the predictions files must report the best five of the scores.
 
 The original's `get_rank_classifications` takes about 0.1 s of CPU per class name and batch here (one full forward,
 vision tower included, per name), so all 1,000 names would take minutes: on the same prompts and images (batch of
-3, uncached path, as in `test_eval_classification_parity.py`), it ranks `ORIGINAL_SLICE`, the names most likely to
+2, uncached path, as in `test_eval_classification_parity.py`), it ranks `ORIGINAL_SLICE`, the names most likely to
 expose a bug: the longest in tokens, names that are token prefixes of others or share a long prefix, the two
 duplicated names, the first and last names, and those on either side of the uncached run's forward boundaries.
 """
@@ -49,8 +49,8 @@ ORIGINAL_SLICE = sorted(
         *_indices("chainsaw", "American robin", "American alligator", "American Staffordshire Terrier"),
         # the list's two duplicated names (four indices)
         *_indices("missile", "sunglasses"),
-        # first and last names, and both sides of chunk boundaries: 32 names per chunk at batch 2 (64 // 2, the last
-        # chunk from 992), 64 per chunk at batch 1 (the last from 960)
+        # first and last names, and both sides of list-order chunk boundaries (32 names per forward at batch 2, the
+        # uncached run's; 64 at batch 1)
         *(0, 31, 32, 63, 64, 959, 960, 991, 992, 999),
     }
 )
