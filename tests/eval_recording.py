@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 
+import torch
 from eval_data import cli_flags
 
 from modeling_flamingo.evaluation.__main__ import main
@@ -71,3 +72,22 @@ def run_ours(root, folder, task_flag, paths, shots, monkeypatch, method, extra=(
     results = json.loads(results_file.read_text())
     (name,) = results
     return recorder, results[name][0]["trials"][0], results_file
+
+
+def classification_rows(recorder: Recorder) -> tuple[list[tuple], torch.Tensor]:
+    """Each ranked prompt (text, image fingerprints) in evaluation order, and its (N, C) class log-likelihoods."""
+    prompts = [(text, tuple(images)) for call in recorder.calls for text, images in zip(call[0], call[1], strict=True)]
+    return prompts, torch.cat([call[2].float() for call in recorder.calls])
+
+
+def run_classification(root, folder, name, paths, shots, monkeypatch, run: str, extra: list[str]):
+    """Our CLI on `paths` (own output folder `root / run`): (recorded prompts, (N, C) scores, predictions records)."""
+    out = root / run
+    out.mkdir()
+    with monkeypatch.context() as m:
+        recorder, _, results_file = run_ours(
+            out, folder, f"eval_{name}", paths, shots, m, "rank_classifications", extra
+        )
+    (predictions,) = (results_file.with_suffix("") / "predictions").glob("*.jsonl")
+    records = [json.loads(line) for line in predictions.read_text().splitlines()]
+    return (*classification_rows(recorder), records)

@@ -71,10 +71,17 @@ def init_single_process_group(tmp_path: Path) -> None:
 
 
 class OriginalEvalModel:
-    """Evaluation wrapper of the original model, as the original repository's EvalModel (fp32, one device)."""
+    """Evaluation wrapper of the original model, as the original repository's EvalModel (one device).
 
-    def __init__(self, model, tokenizer, image_size: int):
-        self.model = model.eval()
+    `dtype` other than float32 casts the weights (`model.to(dtype)`, in place) and the images to it; token ids stay
+    integers. That is not what the original's own `--precision bf16` / `fp16` does: its EvalModel (655f693) keeps
+    fp32 weights and casts the images and the token ids, which fails at the first forward
+    (tests/test_eval_precision.py); its `amp_bf16` is CUDA autocast on fp32 weights.
+    """
+
+    def __init__(self, model, tokenizer, image_size: int, dtype: torch.dtype = torch.float32):
+        self.model = model.eval().to(dtype)
+        self.dtype = dtype
         self.tokenizer = tokenizer
         self.tokenizer.padding_side = "left"
         self.image_processor = open_clip.image_transform(image_size, is_train=False)
@@ -109,7 +116,7 @@ class OriginalEvalModel:
                 if out is None:
                     out = torch.zeros((len(batch), most, 1) + pixels.shape, dtype=pixels.dtype)
                 out[b, t, 0] = pixels
-        return out
+        return None if out is None else out.to(self.dtype)
 
     def _prepare_text(self, batch):
         enc = self.tokenizer(batch, padding="longest", truncation=True, return_tensors="pt", max_length=2000)

@@ -10,12 +10,10 @@ with those the original ranks its classes by.
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from eval_data import make_hateful_memes, tiny_model_folder, write_image
-from eval_recording import SEED, Recorder, run_ours
+from eval_recording import SEED, Recorder, classification_rows, run_classification
 from reference_eval import (
     OriginalEvalModel,
     init_single_process_group,
@@ -38,25 +36,6 @@ def setup(tmp_path_factory):
     return root, folder, OriginalEvalModel(original, tokenizer, image_size=42)
 
 
-def _rows(recorder: Recorder) -> tuple[list[tuple], torch.Tensor]:
-    """Each ranked prompt (text, image fingerprints) in evaluation order, and its (N, C) class log-likelihoods."""
-    prompts = [(text, tuple(images)) for call in recorder.calls for text, images in zip(call[0], call[1], strict=True)]
-    return prompts, torch.cat([call[2].float() for call in recorder.calls])
-
-
-def _ours(root, folder, name, paths, shots, monkeypatch, run: str, extra: list[str]):
-    """Our CLI on `paths` (own output folder per run): (recorded prompts, scores, predictions records)."""
-    out = root / run
-    out.mkdir()
-    with monkeypatch.context() as m:
-        recorder, _, results_file = run_ours(
-            out, folder, f"eval_{name}", paths, shots, m, "rank_classifications", extra
-        )
-    (predictions,) = (results_file.with_suffix("") / "predictions").glob("*.jsonl")
-    records = [json.loads(line) for line in predictions.read_text().splitlines()]
-    return (*_rows(recorder), records)
-
-
 @pytest.mark.parametrize(
     "name,shots,num_samples,chunked",
     [
@@ -77,7 +56,9 @@ def test_batch_cache_and_chunks_match_each_other_and_original(
         "cached, batch 1, unchunked": ["--batch_size=1", f"--class_batch_size={len(class_names)}"],
     }
     ours = {
-        run: _ours(tmp_path, folder, name, paths, shots, monkeypatch, run.replace(", ", "-"), common + extra)
+        run: run_classification(
+            tmp_path, folder, name, paths, shots, monkeypatch, run.replace(", ", "-"), common + extra
+        )
         for run, extra in runs.items()
     }
 
@@ -88,7 +69,7 @@ def test_batch_cache_and_chunks_match_each_other_and_original(
     evaluate.evaluate_classification(
         args, original_model, seed=SEED, num_shots=shots, dataset_name=name, no_kv_caching=True
     )
-    prompts, expected = _rows(theirs)
+    prompts, expected = classification_rows(theirs)
 
     assert expected.shape == (num_samples, len(class_names))
     assert [len(call[0]) for call in theirs.calls] == [BATCH]
@@ -134,9 +115,11 @@ def test_prompt_ensembling_scores_match_original(setup, tmp_path, monkeypatch):
     )
     extra = ["--num_samples=8", "--query_set_size=6", "--batch_size=4", "--no_caching_for_classification"]
     extra.append("--classification_prompt_ensembling")
-    our_prompts, scores, records = _ours(tmp_path, folder, "hateful_memes", paths, 4, monkeypatch, "ours", extra)
+    our_prompts, scores, records = run_classification(
+        tmp_path, folder, "hateful_memes", paths, 4, monkeypatch, "ours", extra
+    )
 
-    prompts, expected_per_prompt = _rows(theirs)
+    prompts, expected_per_prompt = classification_rows(theirs)
     assert len(theirs.calls) == 2 * 6  # two batches of 4, six orderings each
     assert our_prompts == prompts
     torch.testing.assert_close(scores, expected_per_prompt, **TOL)
