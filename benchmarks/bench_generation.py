@@ -50,9 +50,17 @@ from pathlib import Path
 
 import psutil
 import torch
-from transformers import CLIPVisionConfig, CompileConfig, LogitsProcessor, LogitsProcessorList, MptConfig
+from transformers import (
+    CLIPVisionConfig,
+    CompileConfig,
+    LlamaConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    MptConfig,
+)
 
-from modeling_flamingo.modeling_flamingo import FlamingoGatedCrossAttentionBlock
+from modeling_flamingo.configuration.configuration_flamingo import FlamingoConfig
+from modeling_flamingo.modeling_flamingo import FlamingoForConditionalGeneration, FlamingoGatedCrossAttentionBlock
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -111,6 +119,30 @@ def build_pair(size: str, every_n: int = 4):
     original.lang_encoder.resize_token_embeddings(VOCAB_9B)
     ours = ours_from_original(original, tokenizer, "mpt", vision_config=vision)
     return original, ours, tokenizer
+
+
+def llama_twin(ours: FlamingoForConditionalGeneration, size: str) -> FlamingoForConditionalGeneration:
+    """Ours with a LLaMA language model of `size`'s width, depth and vocabulary (random weights) beside `ours`' vision
+    tower config and token ids: for `--compile`, since transformers' `MptAttention` cannot be compiled whole (its cache
+    is sliced by a data-dependent length), so the MPT models of the other sections have no compiled decode."""
+    s = SIZES[size]
+    text = LlamaConfig(
+        vocab_size=VOCAB_9B,
+        hidden_size=s["lm_width"],
+        intermediate_size=4 * s["lm_width"],
+        num_hidden_layers=s["lm_layers"],
+        num_attention_heads=s["lm_heads"],
+        max_position_embeddings=2048,
+        use_cache=True,
+    )
+    config = FlamingoConfig(
+        vision_config=ours.config.vision_config.to_dict(),
+        text_config=text.to_dict(),
+        cross_attn_every_n_layers=ours.config.cross_attn_every_n_layers,
+        media_token_id=ours.config.media_token_id,
+        eoc_token_id=ours.config.eoc_token_id,
+    )
+    return FlamingoForConditionalGeneration(config).eval()
 
 
 def prompt(shots: int) -> str:
@@ -278,6 +310,7 @@ def measure_compiled(cell: Cell, ours, new_tokens: int, device, repeats: int) ->
 
 def compiled_section(args, ours, tokenizer, device, dtype) -> str:
     """The `--compile` run: a table of eager against compiled decode of ours, one row per (shots, batch)."""
+    lm = ", LLaMA" if args.lm == "llama" else ""
     rows = []
     for shots in args.shots:
         for batch in args.batch:
@@ -290,11 +323,17 @@ def compiled_section(args, ours, tokenizer, device, dtype) -> str:
             )
             print(rows[-1], flush=True)
     return (
-        f"## Generation: compiled decoding, `{args.size}` ({args.device}, {args.dtype}, static cache)\n\n"
+        f"## Generation: compiled decoding, `{args.size}`{lm} ({args.device}, {args.dtype}, static cache)\n\n"
         f"Ours only (the original's forward cannot be compiled whole), eager against `torch.compile` (inductor, "
         f"`fullgraph=True`, through transformers' `compile_config`), both with a static cache; greedy, "
         f"{args.new_tokens} new tokens; decode tokens/s, best of {args.repeats}, alternating, after one untimed "
-        f"compiled call. Model as in the `{args.size}` generation sections.\n\n"
+        f"compiled call. Model as in the `{args.size}` generation sections"
+        + (
+            ", with a LLaMA language model of the same width, depth and vocabulary (`llama_twin`)"
+            if args.lm == "llama"
+            else ""
+        )
+        + ".\n\n"
         f"Machine: {machine_line(device)}, 1-minute load average {os.getloadavg()[0]:.1f} at the end. Versions: "
         f"torch {torch.__version__}, transformers {version('transformers')}.\n\n"
         "| shots | batch | prompt tokens | decode tok/s (eager) | decode tok/s (compiled) | speed-up | same tokens |\n"
@@ -364,20 +403,39 @@ def main(argv=None) -> int:
     p.add_argument(
         "--compile", action="store_true", help="ours compiled against ours eager, static cache (see the docstring)"
     )
+    p.add_argument(
+        "--lm",
+        choices=["mpt", "llama"],
+        default="mpt",
+        help="with --compile: the language model (mpt as the 9B, which cannot be compiled whole; or llama of the "
+        "same size)",
+    )
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS.md"))
     p.add_argument("--peaks-to", help=argparse.SUPPRESS)  # internal: the CPU peak-memory child writes here
     add_load_arguments(p)
     args = p.parse_args(argv)
+    if args.compile and args.lm == "mpt":
+        p.error(
+            "--compile needs --lm llama: transformers' MptAttention slices its cache by a data-dependent length, so an "
+            "MPT model cannot be compiled whole"
+        )
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     load = None if args.peaks_to else check_load(args.wait_quiet, args.max_load_per_core)
 
     if args.compile:
         torch.manual_seed(0)
         _, ours, tokenizer = build_pair(args.size)
+        if args.lm == "llama":
+            torch.manual_seed(0)
+            ours = llama_twin(ours, args.size)
         ours.to(device, dtype).eval()
         text = compiled_section(args, ours, tokenizer, device, dtype)
         print("\n" + text)
-        write_results_section(Path(args.out), f"## Generation: compiled decoding, `{args.size}` ({args.device}", text)
+        write_results_section(
+            Path(args.out),
+            f"## Generation: compiled decoding, `{args.size}`{', LLaMA' if args.lm == 'llama' else ''} ({args.device}",
+            text,
+        )
         return 0
 
     peaks = cpu_peaks_in_child(args) if device.type == "cpu" and not args.peaks_to else {}
