@@ -92,26 +92,32 @@ def write_results_section(out: Path, marker: str, text: str) -> None:
     tmp.replace(out)
 
 
-def build_pair(size: str, every_n: int = 4):
-    s = SIZES[size]
+def scaled_configs(shape: dict) -> tuple[MptConfig, CLIPVisionConfig]:
+    """(language model, vision tower) configs of the 9B's layout (MPT with ALiBi, CLIP ViT/14 at 224 px, QuickGELU,
+    the 9B's vocabulary) at the widths and depths of `shape` (an entry of `SIZES`, or the GPU script's 9B shape)."""
     text = MptConfig(
         vocab_size=VOCAB_9B,
-        d_model=s["lm_width"],
-        n_heads=s["lm_heads"],
-        n_layers=s["lm_layers"],
+        d_model=shape["lm_width"],
+        n_heads=shape["lm_heads"],
+        n_layers=shape["lm_layers"],
         max_seq_len=2048,
         attn_config={"alibi": True},
         use_cache=True,
     )
     vision = CLIPVisionConfig(
-        hidden_size=s["vision_width"],
-        intermediate_size=4 * s["vision_width"],
-        num_hidden_layers=s["vision_layers"],
-        num_attention_heads=s["vision_heads"],
+        hidden_size=shape["vision_width"],
+        intermediate_size=4 * shape["vision_width"],
+        num_hidden_layers=shape["vision_layers"],
+        num_attention_heads=shape["vision_heads"],
         patch_size=14,
         image_size=224,
         hidden_act="quick_gelu",
     )
+    return text, vision
+
+
+def build_pair(size: str, every_n: int = 4):
+    text, vision = scaled_configs(SIZES[size])
     original, tokenizer = build_original(
         "mpt", cross_attn_every_n_layers=every_n, text_config=text, vision_config=vision
     )

@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import CLIPVisionConfig, MptConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -63,24 +62,7 @@ def bandwidth(device: torch.device) -> tuple[float | None, str]:
 def nine_b_model(shape: dict, device: torch.device, dtype: torch.dtype):
     """(model, tokenizer): ours with `shape`, random weights initialised on `device` in `dtype`."""
     tokenizer = add_flamingo_tokens(make_tiny_tokenizer())
-    text = MptConfig(
-        vocab_size=gen.VOCAB_9B,
-        d_model=shape["lm_width"],
-        n_heads=shape["lm_heads"],
-        n_layers=shape["lm_layers"],
-        max_seq_len=2048,
-        attn_config={"alibi": True},
-        use_cache=True,
-    )
-    vision = CLIPVisionConfig(
-        hidden_size=shape["vision_width"],
-        intermediate_size=4 * shape["vision_width"],
-        num_hidden_layers=shape["vision_layers"],
-        num_attention_heads=shape["vision_heads"],
-        patch_size=14,
-        image_size=224,
-        hidden_act="quick_gelu",
-    )
+    text, vision = gen.scaled_configs(shape)
     config = FlamingoConfig(
         vision_config=vision.to_dict(),
         text_config=text.to_dict(),
