@@ -169,7 +169,8 @@ def test_load_guard_warns_when_still_busy_and_says_so_in_the_results(capsys):
 
 def test_gpu_script_dry_run(tmp_path):
     """`benchmarks/gpu/run.sh --dry-run` runs every GPU part on the CPU at tiny sizes and writes one results file
-    with a section per part, so the script is known to work before GPU time is spent (the numbers mean nothing)."""
+    with a section per part, so the script is known to work before GPU time is spent (the numbers mean nothing):
+    MPT's eager decode rows, and compiled against eager decode on the LLaMA twin (MPT cannot be compiled whole)."""
     out = tmp_path / "RESULTS-gpu.md"
     env = {**os.environ, "PYTHON": sys.executable}
     run = subprocess.run(
@@ -182,12 +183,22 @@ def test_gpu_script_dry_run(tmp_path):
     text = out.read_text()
     assert text.startswith("# GPU benchmarks\n") and "run.sh --dry-run" in text
     assert "Failed" not in text and "Not measured" not in text, text  # every part wrote its fragment
-    assert "## bf16 numerics" in text and "## 9B shapes" in text
+    assert "## bf16 numerics" in text and "## 9B shapes: MPT" in text and "## 9B shapes: compiled decoding" in text
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| ")]
     numerics = {row[0]: row for row in rows if row[0].startswith("ours bf16 /")}
     # In fp32 on the CPU both comparisons are of the same computation: full top-1 agreement, the same tokens.
     assert [row[1] for row in numerics.values()] == ["1.0000", "1.0000"]
     assert [row[3] for row in numerics.values()] == ["yes", "yes"]
-    decode = [row for row in rows if row[0] == "eager"]
-    assert [row[1] for row in decode] == ["1", "8"] and all(float(row[3]) > 0 for row in decode)
+    decode = {(row[0], row[1], row[2]): row for row in rows if row[1] in ("eager", "compiled")}
+    assert sorted(decode) == [
+        ("LLaMA twin", "compiled", "1"),
+        ("LLaMA twin", "compiled", "8"),
+        ("LLaMA twin", "eager", "1"),
+        ("LLaMA twin", "eager", "8"),
+        ("MPT", "eager", "1"),
+        ("MPT", "eager", "8"),
+    ]
+    assert all(float(row[4]) > 0 for row in decode.values()), decode  # tokens/s: numbers, not nan
+    # The compiled decoding step gives eager's greedy tokens.
+    assert all(row[8] == "yes" for key, row in decode.items() if key[0] == "LLaMA twin"), decode
     assert 'device_map="auto"' in text
