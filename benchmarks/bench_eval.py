@@ -6,6 +6,7 @@ Run from the repository root in the test environment (it needs the original, `op
     .venv-test/bin/python benchmarks/bench_eval.py --wait-quiet 600          # both parts, scaled-down 9B, CPU, fp32
     .venv-test/bin/python benchmarks/bench_eval.py --tasks captioning        # COCO captioning at 4 and 32 shots
     .venv-test/bin/python benchmarks/bench_eval.py --tasks classification    # Hateful Memes and ImageNet, 4 shots
+    .venv-test/bin/python benchmarks/bench_eval.py --device cuda             # both models on the GPU
 
 - Models: `bench_generation.build_pair("scaled9b")`, the original and ours on the same random weights. Its
   tokenizer is the tests' tiny byte-level BPE with the caption words and filler tokens added until it has the 9B's
@@ -24,6 +25,10 @@ Run from the repository root in the test environment (it needs the original, `op
   by item and class by class (1e-4), with the ROC AUC / top-1 accuracy of each. The data are written so that the
   prompts of a batch have the same length (see `make_classification_data`): the original's cached path attends to
   left padding.
+
+`--device` (cpu by default): where both models run, the same weights moved there (the original's inputs through
+`OriginalEvalModel(device=...)`, ours through `FlamingoEvalModel`, which follows the model); on a GPU every clock
+(the trial's and the forward hooks') is read after `torch.cuda.synchronize()`.
 
 Timed: one whole trial call (annotations read, sampling, image loading and preprocessing, generation, predictions
 written), best of N, the implementations alternating. Not timed: building the models and data, and CIDEr, which both
@@ -129,7 +134,7 @@ class OriginalHarness:
 
     def __init__(self, original, tokenizer, image_size: int, paths: dict, workdir: Path, **common):
         self.evaluate = load_original_evaluate()
-        self.eval_model = OriginalEvalModel(original, tokenizer, image_size=image_size)
+        self.eval_model = OriginalEvalModel(original, tokenizer, image_size=image_size, device=_device(original))
         self.paths, self.common, self.workdir = paths, common, workdir
         self.predictions: dict = {}
 
@@ -252,7 +257,7 @@ class OriginalClassifier:
 
     def __init__(self, original, tokenizer, image_size: int, task: str, class_names, paths: dict, **common):
         self.evaluate = load_original_evaluate()
-        self.eval_model = OriginalEvalModel(original, tokenizer, image_size=image_size)
+        self.eval_model = OriginalEvalModel(original, tokenizer, image_size=image_size, device=_device(original))
         self.task, self.class_names, self.paths, self.common = task, list(class_names), paths, common
 
     def run(self, shots: int, seed: int) -> Ranking:
@@ -380,14 +385,15 @@ class Breakdown:
         self.seconds: dict[str, float] = {"vision": 0.0}
         self.images = 0
         self._start: dict[int, float] = {}
+        self.device = _device(model)
 
     def _timed(self, module, kind: Callable[[tuple, dict], str]):
         def pre(mod, args, kwargs):
-            self._start[id(mod)] = time.perf_counter()
+            self._start[id(mod)] = now(self.device)
 
         def post(mod, args, kwargs, out):
             key = kind(args, kwargs)
-            self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - self._start.pop(id(mod))
+            self.seconds[key] = self.seconds.get(key, 0.0) + now(self.device) - self._start.pop(id(mod))
 
         return [
             module.register_forward_pre_hook(pre, with_kwargs=True),
@@ -410,6 +416,17 @@ class Breakdown:
     def __exit__(self, *exc):
         for handle in self.handles:
             handle.remove()
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def now(device: torch.device) -> float:
+    """`time.perf_counter()` once the work queued on `device` is done (a CUDA device runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def _prefill_or_decode(args: tuple, kwargs: dict) -> str:
@@ -448,9 +465,9 @@ def measure_cell(
     for _ in range(repeats):
         for name, harness in harnesses.items():
             with Breakdown(models[name], lm_kind) as split:
-                start = time.perf_counter()
+                start = now(split.device)
                 predictions = harness.run(shots, seed)
-                elapsed = time.perf_counter() - start
+                elapsed = now(split.device) - start
             if elapsed < res[name]["seconds"]:
                 res[name].update(seconds=elapsed, split=split)
             if "predictions" in res[name] and not same(res[name]["predictions"], predictions):
@@ -478,8 +495,10 @@ def versions() -> str:
     )
 
 
-def machine(load: MachineLoad) -> str:
-    return f"{platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}, {load.describe()}"
+def machine(load: MachineLoad, device: torch.device) -> str:
+    gpu = f"{torch.cuda.get_device_name(device)}; " if device.type == "cuda" else ""
+    cpu = f"{platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}"
+    return f"{gpu}{cpu}, {load.describe()}"
 
 
 def run_captioning(args, original, ours, tokenizer, image_size: int, tmp: Path, load: MachineLoad) -> str:
@@ -522,7 +541,7 @@ def run_captioning(args, original, ours, tokenizer, image_size: int, tmp: Path, 
     load.finish()
     s = SIZES[args.size]
     text = (
-        f"{SECTION} `{args.size}` (cpu, fp32)\n\n"
+        f"{SECTION} `{args.size}` ({args.device}, fp32)\n\n"
         f"Model: as the generation benchmark's `{args.size}` (MPT LM {s['lm_width']} wide x {s['lm_layers']} layers, "
         f"CLIP {s['vision_width']} wide x {s['vision_layers']} layers at 224 px, 64 latents, vocabulary {VOCAB_9B}). "
         f"Data: COCO Karpathy layout (`tests/eval_data.make_coco`), {args.num_samples} test items, query set of "
@@ -532,7 +551,7 @@ def run_captioning(args, original, ours, tokenizer, image_size: int, tmp: Path, 
         f"a fresh `FlamingoEvalModel` (empty latents cache) per run. Timed: one whole trial (data, sampling, images, "
         f"generation, predictions written), best of {args.repeats}, alternating; CIDEr is computed outside the "
         f"timing, the original's through pycocoevalcap, ours through `evaluation.metrics`.\n\n"
-        f"Machine: {machine(load)}. Versions: {versions()}.\n\n"
+        f"Machine: {machine(load, torch.device(args.device))}. Versions: {versions()}.\n\n"
         "| shots | batch | test items | prompt tokens (mean) | s (orig) | s (ours) | items/s (orig) | items/s (ours) "
         "| speed-up | identical predictions | CIDEr (orig) | CIDEr (ours) |\n"
         "|---|---|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n"
@@ -561,7 +580,7 @@ def run_classification(args, original, ours, tokenizer, image_size: int, tmp: Pa
             print(note, file=sys.stderr)
     load.finish()
     text = (
-        f"{CLASSIFICATION_SECTION} `{args.size}` (cpu, fp32)\n\n"
+        f"{CLASSIFICATION_SECTION} `{args.size}` ({args.device}, fp32)\n\n"
         f"Model: as the captioning benchmark's. Data (`tests/eval_data` writers, the tasks' real layouts): "
         f"{args.classification_samples} test items, query set of {args.query_set_size}, "
         f"{args.classification_shots} shots, seed {args.seed}, batch size {args.batch_size}; every prompt of a batch "
@@ -574,7 +593,7 @@ def run_classification(args, original, ours, tokenizer, image_size: int, tmp: Pa
         f"Timed: one whole trial, best of {args.repeats}, alternating. The class log-likelihoods of every item and "
         f"class are recorded on both sides and compared (largest absolute difference; same scores: at most {TOL} "
         "and the same ROC AUC / top-1 accuracy).\n\n"
-        f"Machine: {machine(load)}. Versions: {versions()}.\n\n"
+        f"Machine: {machine(load, torch.device(args.device))}. Versions: {versions()}.\n\n"
         "| task | classes | tokens per class name (mean) | shots | batch | test items | prompt tokens (mean) "
         "| s (orig) | s (ours) | items/s (orig) | items/s (ours) | speed-up | max log-likelihood difference "
         "| same scores | AUC / accuracy (orig) | AUC / accuracy (ours) |\n"
@@ -612,9 +631,15 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, one per core)")
+    p.add_argument("--device", default="cpu", help="where both models run: cpu (default) or cuda")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS.md"))
     add_load_arguments(p)
     args = p.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type not in ("cpu", "cuda"):
+        p.error(f"--device {args.device}: use cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: torch sees no CUDA device here; use --device cpu")
     shots = args.shots if "captioning" in args.tasks else []
     shots += [args.classification_shots] if "classification" in args.tasks else []
     if max(shots) > args.query_set_size:
@@ -631,6 +656,8 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     t = time.perf_counter()
     original, ours, tokenizer = build_models(args.size)
+    original.to(device)
+    ours.to(device)
     image_size = ours.config.vision_config.image_size
     print(f"built the models in {time.perf_counter() - t:.1f}s", file=sys.stderr)
 

@@ -127,26 +127,27 @@ def build_pair(size: str, every_n: int = 4):
     return original, ours, tokenizer
 
 
-def llama_twin(ours: FlamingoForConditionalGeneration, size: str) -> FlamingoForConditionalGeneration:
-    """Ours with a LLaMA language model of `size`'s width, depth and vocabulary (random weights) beside `ours`' vision
-    tower config and token ids: for `--compile`, since transformers' `MptAttention` cannot be compiled whole (its cache
-    is sliced by a data-dependent length), so the MPT models of the other sections have no compiled decode."""
-    s = SIZES[size]
+def llama_twin(flamingo: FlamingoConfig, shape: dict) -> FlamingoForConditionalGeneration:
+    """Ours with a LLaMA language model of `shape`'s width, depth and vocabulary (random weights; `shape` an entry of
+    `SIZES` or the GPU script's 9B shape) beside the vision tower config and token ids of `flamingo` (the MPT model's
+    config): for compiled decoding, since transformers' `MptAttention` cannot be compiled whole (its cache is sliced
+    by a data-dependent length), so the MPT models of the other sections have no compiled decode. Built on the
+    default device and dtype."""
     text = LlamaConfig(
         vocab_size=VOCAB_9B,
-        hidden_size=s["lm_width"],
-        intermediate_size=4 * s["lm_width"],
-        num_hidden_layers=s["lm_layers"],
-        num_attention_heads=s["lm_heads"],
+        hidden_size=shape["lm_width"],
+        intermediate_size=4 * shape["lm_width"],
+        num_hidden_layers=shape["lm_layers"],
+        num_attention_heads=shape["lm_heads"],
         max_position_embeddings=2048,
         use_cache=True,
     )
     config = FlamingoConfig(
-        vision_config=ours.config.vision_config.to_dict(),
+        vision_config=flamingo.vision_config.to_dict(),
         text_config=text.to_dict(),
-        cross_attn_every_n_layers=ours.config.cross_attn_every_n_layers,
-        media_token_id=ours.config.media_token_id,
-        eoc_token_id=ours.config.eoc_token_id,
+        cross_attn_every_n_layers=flamingo.cross_attn_every_n_layers,
+        media_token_id=flamingo.media_token_id,
+        eoc_token_id=flamingo.eoc_token_id,
     )
     return FlamingoForConditionalGeneration(config).eval()
 
@@ -289,18 +290,20 @@ def block_seconds_per_step(cell: Cell, ours, new_tokens: int, device, repeats: i
     return best
 
 
-def compile_config(device: torch.device) -> CompileConfig:
-    """Inductor on the whole forward of a decoding step (no graph break allowed); CUDA graphs on a GPU."""
-    config = CompileConfig(fullgraph=True, mode="reduce-overhead" if device.type == "cuda" else "default")
+def compile_config(device: torch.device, backend: str = "inductor") -> CompileConfig:
+    """`backend` (inductor; the GPU script's CPU dry run uses aot_eager, which traces the same graph without minutes
+    of C++ compilation) on the whole forward of a decoding step (no graph break allowed); CUDA graphs on a GPU."""
+    mode = "reduce-overhead" if device.type == "cuda" else "default"
+    config = CompileConfig(fullgraph=True, backend=backend, mode=mode)
     config._compile_all_devices = True  # transformers auto-compiles on accelerators only
     return config
 
 
-def measure_compiled(cell: Cell, ours, new_tokens: int, device, repeats: int) -> dict:
-    """Decode tokens/s of ours eager and compiled (static cache for both; `cell` must have been built with
-    `cache="static"`), best of `repeats`, alternating, after one untimed compiled call; and whether the greedy tokens
-    are equal."""
-    config = compile_config(device)
+def measure_compiled(cell: Cell, ours, new_tokens: int, device, repeats: int, backend: str = "inductor") -> dict:
+    """Decode tokens/s of ours eager and compiled with `backend` (static cache for both; `cell` must have been built
+    with `cache="static"`), best of `repeats`, alternating, after one untimed compiled call; and whether the greedy
+    tokens are equal."""
+    config = compile_config(device, backend)
     cell.generate("ours", ours, new_tokens, compile_config=config)  # compiles the decoding step
     res = {mode: {"decode_s": float("inf")} for mode in ("eager", "compiled")}
     for _ in range(repeats):
@@ -433,7 +436,7 @@ def main(argv=None) -> int:
         _, ours, tokenizer = build_pair(args.size)
         if args.lm == "llama":
             torch.manual_seed(0)
-            ours = llama_twin(ours, args.size)
+            ours = llama_twin(ours.config, SIZES[args.size])
         ours.to(device, dtype).eval()
         text = compiled_section(args, ours, tokenizer, device, dtype)
         print("\n" + text)

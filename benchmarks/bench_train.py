@@ -3,7 +3,8 @@
 Run from the repository root in the test environment (it needs the original, `open-flamingo`, installed as
 `tests/run.sh` installs it):
 
-    .venv-test/bin/python benchmarks/bench_train.py            # scaled-down 9B (bench_generation.py's), CPU, fp32
+    .venv-test/bin/python benchmarks/bench_train.py                  # scaled-down 9B (bench_generation.py's), CPU, fp32
+    .venv-test/bin/python benchmarks/bench_train.py --device cuda    # both implementations on the GPU
 
 Both models are built once from the same random weights (bench_generation's `build_pair`: MPT language model 512
 wide x 8 layers, CLIP 128 wide x 2 layers at 224 px, cross-attention every 4 layers, the 9B's vocabulary). One step
@@ -15,8 +16,12 @@ AdamW step.
 - step time: wall time of `--steps` steps after one warm-up step, best of `--repeats`, the implementations
   alternating; the original driven through `open_flamingo.train.train_utils.train_one_epoch` with loaders holding
   that many batches, ours through `FlamingoTrainer.forward_backward` + `optimizer_step` (the body of its loop).
-- peak memory: RSS above the start of the steps, sampled every millisecond, in a child process per implementation
-  whose glibc returns blocks of 64 KiB or more when freed (see bench_generation.py).
+- peak memory: in a child process per implementation, above the start of the steps: on the CPU the RSS, sampled
+  every millisecond, with a glibc that returns blocks of 64 KiB or more when freed (see bench_generation.py); on a
+  GPU the CUDA allocator's peak.
+- `--device` (cpu by default): where both implementations run, the same weights moved there (the original's loop
+  reads its batches onto it through its `device_id`, ours through Accelerate, which is kept off the GPU on
+  `--device cpu`); on a GPU the clocks are read after `torch.cuda.synchronize()`.
 
 Writes a "Training step" section into `benchmarks/RESULTS.md` (or `--out`).
 """
@@ -26,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -34,6 +38,7 @@ import time
 import types
 from importlib.metadata import version
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -93,8 +98,9 @@ class _Wrapped(torch.nn.Module):
 
 
 class OriginalLoop:
-    def __init__(self, original, tokenizer, batches: dict[str, dict]):
-        self.model = _Wrapped(original).train()
+    def __init__(self, original, tokenizer, batches: dict[str, dict], device: torch.device):
+        self.model = _Wrapped(original.to(device)).train()
+        self.device = device
         self.tokenizer = tokenizer
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         groups = [
@@ -121,13 +127,13 @@ class OriginalLoop:
             tokenizer=self.tokenizer,
             optimizer=self.optimizer,
             lr_scheduler=self.scheduler,
-            device_id="cpu",
+            device_id=self.device,
             wandb=None,
         )
 
 
 class OurLoop:
-    def __init__(self, ours, tokenizer, batches: dict[str, dict], run_dir: str):
+    def __init__(self, ours, tokenizer, batches: dict[str, dict], run_dir: str, device: torch.device):
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
         args = train_args(
@@ -141,7 +147,14 @@ class OurLoop:
         self.batches = batches
         self.media, self.eoc = ours.config.media_token_id, ours.config.eoc_token_id
         self.pad = tokenizer.pad_token_id
-        self.trainer = FlamingoTrainer(args, ours, None, lambda epoch: {k: _Loader([v]) for k, v in batches.items()})
+        # Accelerate takes the GPU whenever there is one: on --device cpu it is told not to, as the original is.
+        cpu = {"ACCELERATE_USE_CPU": "true"} if device.type == "cpu" else {}
+        with mock.patch.dict(os.environ, cpu):
+            self.trainer = FlamingoTrainer(
+                args, ours, None, lambda epoch: {k: _Loader([v]) for k, v in batches.items()}
+            )
+        if self.trainer.accelerator.device.type != device.type:
+            raise RuntimeError(f"Accelerate placed our model on {self.trainer.accelerator.device}, not {device}")
         self.trainer.model.train()
 
     def run(self, steps: int) -> None:
@@ -156,33 +169,52 @@ class OurLoop:
 
 def build_loops(args, run_dir: str) -> dict:
     torch.manual_seed(0)
-    original, ours, tokenizer = gen.build_pair("scaled9b")
+    original, ours, tokenizer = gen.build_pair(args.size)
     original.train()
     batches = make_batches(tokenizer, args.batch_laion, args.batch_mmc4)
+    device = torch.device(args.device)
     loops = {}
     if args.impl in (None, "original"):
-        loops["original"] = OriginalLoop(original, tokenizer, batches)
+        loops["original"] = OriginalLoop(original, tokenizer, batches, device)
     if args.impl in (None, "ours"):
-        loops["ours"] = OurLoop(ours, tokenizer, batches, run_dir)
+        loops["ours"] = OurLoop(ours, tokenizer, batches, run_dir, device)
     return loops
+
+
+def timed_steps(loop, steps: int, device: torch.device) -> float:
+    """Seconds per step of `steps` steps of `loop`, the GPU's queued work included."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    loop.run(steps)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) / steps
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--size", choices=sorted(gen.SIZES), default="scaled9b", help="bench_generation.py's sizes")
     p.add_argument("--batch-laion", type=int, default=8)
     p.add_argument("--batch-mmc4", type=int, default=4)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cpu", help="where both implementations run: cpu (default) or cuda")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS.md"))
     p.add_argument("--impl", choices=["original", "ours"], help=argparse.SUPPRESS)  # internal: peak-memory child
     p.add_argument("--peak-to", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type not in ("cpu", "cuda"):
+        p.error(f"--device {args.device}: use cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: torch sees no CUDA device here; use --device cpu")
 
     with tempfile.TemporaryDirectory() as tmp:
-        if args.peak_to:  # child: one implementation, peak RSS of its steps
-            loop = build_loops(args, tmp)[args.impl]
+        if args.peak_to:  # child: one implementation, peak memory of its steps (RSS, or the CUDA allocator's)
+            loop = build_loops(args, str(Path(tmp) / "run"))[args.impl]
             loop.run(1)
-            with gen.PeakMemory(torch.device("cpu")) as peak:
+            with gen.PeakMemory(device) as peak:
                 loop.run(args.steps)
             Path(args.peak_to).write_text(json.dumps(peak.bytes / 2**20))
             return 0
@@ -192,30 +224,29 @@ def main(argv=None) -> int:
             out = Path(tmp) / f"{impl}.json"
             cmd = [sys.executable, str(Path(__file__).resolve()), "--impl", impl, "--peak-to", str(out)]
             cmd += ["--batch-laion", str(args.batch_laion), "--batch-mmc4", str(args.batch_mmc4)]
-            cmd += ["--steps", str(args.steps)]
+            cmd += ["--steps", str(args.steps), "--device", args.device, "--size", args.size]
             subprocess.run(cmd, env=dict(os.environ, **gen.TRIMMING_MALLOC), check=True)
             peaks[impl] = json.loads(out.read_text())
 
-        loops = build_loops(args, tmp)
+        loops = build_loops(args, str(Path(tmp) / "run"))
         for loop in loops.values():
             loop.run(1)  # warm-up
         best = {impl: float("inf") for impl in loops}
         for _ in range(args.repeats):
             for impl, loop in loops.items():
-                start = time.perf_counter()
-                loop.run(args.steps)
-                best[impl] = min(best[impl], (time.perf_counter() - start) / args.steps)
+                best[impl] = min(best[impl], timed_steps(loop, args.steps, device))
 
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+    machine = gen.machine_line(device)
     header = "| batch (LAION + MMC4) | step s (orig) | step s (ours) | speed-up | peak MiB (orig) | peak MiB (ours) | memory ratio |"
     row = (
         f"| {args.batch_laion} + {args.batch_mmc4} | {best['original']:.3f} | {best['ours']:.3f} | "
         f"{best['original'] / best['ours']:.2f}x | {peaks['original']:.0f} | {peaks['ours']:.0f} | "
         f"{peaks['ours'] / peaks['original']:.2f} |"
     )
-    s = gen.SIZES["scaled9b"]
+    s = gen.SIZES[args.size]
+    title = f"## Training step: `{args.size}` ({args.device}, float32)"
     text = (
-        "## Training step: `scaled9b` (cpu, float32)\n\n"
+        f"{title}\n\n"
         f"Model: MPT LM {s['lm_width']} wide x {s['lm_layers']} layers, CLIP {s['vision_width']} wide x "
         f"{s['vision_layers']} layers at 224 px, cross-attention every 4 layers, vocabulary {gen.VOCAB_9B}. One step: "
         f"a LAION batch (1 image each) and an MMC4 batch (3 images each, up to 128 tokens), forward and backward of "
@@ -224,11 +255,15 @@ def main(argv=None) -> int:
         f"Machine: {machine}. Versions: torch {torch.__version__}, transformers {version('transformers')}, "
         f"accelerate {version('accelerate')}, open-flamingo {version('open-flamingo')}.\n\n"
         "Speed-up is original time / ours (higher is better); memory ratio is ours / original (lower is better). "
-        "CPU peaks come from a child process per implementation whose allocator returns freed memory at once.\n\n"
-        f"{header}\n|---|---|---|---|---|---|---|\n{row}\n"
+        + (
+            "CPU peaks come from a child process per implementation whose allocator returns freed memory at once.\n\n"
+            if device.type == "cpu"
+            else "Peaks are the CUDA allocator's, in a child process per implementation.\n\n"
+        )
+        + f"{header}\n|---|---|---|---|---|---|---|\n{row}\n"
     )
     print("\n" + text)
-    gen.write_results_section(Path(args.out), "## Training step: `scaled9b` (cpu, float32)", text)
+    gen.write_results_section(Path(args.out), title, text)
     return 0
 
 

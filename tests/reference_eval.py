@@ -77,15 +77,17 @@ class OriginalEvalModel:
     integers. That is not what the original's own `--precision bf16` / `fp16` does: its EvalModel (655f693) keeps
     fp32 weights and casts the images and the token ids, which fails at the first forward
     (tests/test_eval_precision.py); its `amp_bf16` is CUDA autocast on fp32 weights.
+
+    `device` (cpu by default): where the model must already be; the inputs are moved there.
     """
 
-    def __init__(self, model, tokenizer, image_size: int, dtype: torch.dtype = torch.float32):
+    def __init__(self, model, tokenizer, image_size: int, dtype: torch.dtype = torch.float32, device: str = "cpu"):
         self.model = model.eval().to(dtype)
         self.dtype = dtype
         self.tokenizer = tokenizer
         self.tokenizer.padding_side = "left"
         self.image_processor = open_clip.image_transform(image_size, is_train=False)
-        self.device = "cpu"
+        self.device = device
         self.lm_name = "tiny"
 
     # prompts -------------------------------------------------------------------------------------------------
@@ -116,11 +118,11 @@ class OriginalEvalModel:
                 if out is None:
                     out = torch.zeros((len(batch), most, 1) + pixels.shape, dtype=pixels.dtype)
                 out[b, t, 0] = pixels
-        return None if out is None else out.to(self.dtype)
+        return None if out is None else out.to(self.device, self.dtype)
 
     def _prepare_text(self, batch):
         enc = self.tokenizer(batch, padding="longest", truncation=True, return_tensors="pt", max_length=2000)
-        return enc["input_ids"], enc["attention_mask"].bool()
+        return enc["input_ids"].to(self.device), enc["attention_mask"].bool().to(self.device)
 
     # the two calls of the harness ----------------------------------------------------------------------------
     def get_outputs(
@@ -151,7 +153,7 @@ class OriginalEvalModel:
             past = None
         scores = []
         for name in all_class_names:
-            tokens = self.tokenizer(name, add_special_tokens=False, return_tensors="pt")["input_ids"]
+            tokens = self.tokenizer(name, add_special_tokens=False, return_tensors="pt")["input_ids"].to(self.device)
             tokens = tokens.repeat(len(batch_text), 1)
             n = tokens.shape[1]
             if use_cache:

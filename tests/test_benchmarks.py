@@ -9,6 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -33,20 +36,40 @@ def test_generation_benchmark_runs_one_cell(tmp_path):
     assert float(cells["peak MiB (orig)"]) > 0
 
 
-def test_eval_benchmark_runs_one_cell(tmp_path):
-    """The evaluation benchmark end to end on one tiny cell (2 test items, 1 shot): both harnesses, the comparison
-    of their predictions, the CIDEr of each, the time split, and its section of the results file."""
+def test_eval_benchmark_runs_one_cell(tmp_path, monkeypatch):
+    """The evaluation benchmark end to end on one tiny cell (2 test items, 1 shot) with `--device cpu`: both
+    harnesses (the original's inputs sent to the device given, every clock read through the synchronising timer), the
+    comparison of their predictions, the CIDEr of each, the time split, and its section of the results file."""
     spec = importlib.util.spec_from_file_location("bench_eval", ROOT / "benchmarks" / "bench_eval.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    devices = {"original inputs": set(), "clocks": set()}
+    prepare = bench.OriginalEvalModel._prepare_images
+
+    def recording_prepare(self, batch):
+        pixels = prepare(self, batch)
+        devices["original inputs"].add(pixels.device)
+        return pixels
+
+    monkeypatch.setattr(bench.OriginalEvalModel, "_prepare_images", recording_prepare)
+    now, clock_readers = bench.now, set()
+
+    def recording_now(device):
+        devices["clocks"].add(device)
+        clock_readers.add(sys._getframe(1).f_code.co_name)
+        return now(device)
+
+    monkeypatch.setattr(bench, "now", recording_now)
     out = tmp_path / "RESULTS.md"
     out.write_text("# Benchmarks\n\n## Load time\n\nkept\n")
     args = ["--shots", "1", "--num-samples", "2", "--query-set-size", "4", "--batch-size", "2", "--repeats", "1"]
-    assert bench.main([*args, "--tasks", "captioning", "--out", str(out)]) == 0
+    assert bench.main([*args, "--tasks", "captioning", "--device", "cpu", "--out", str(out)]) == 0
 
+    assert devices == {"original inputs": {torch.device("cpu")}, "clocks": {torch.device("cpu")}}
+    assert clock_readers == {"measure_cell", "pre", "post"}  # the trial's clock and the forward hooks' clocks
     text = out.read_text()
     assert "## Load time\n\nkept" in text  # other sections survive
-    assert text.count("## Evaluation: captioning") == 1
+    assert text.count("## Evaluation: captioning `scaled9b` (cpu, fp32)") == 1
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| ")]
     (speed_header, speed_row), (split_header, *split_rows) = rows[:2], rows[2:]
     cells = dict(zip(speed_header, speed_row, strict=True))
@@ -169,7 +192,9 @@ def test_load_guard_warns_when_still_busy_and_says_so_in_the_results(capsys):
 
 def test_gpu_script_dry_run(tmp_path):
     """`benchmarks/gpu/run.sh --dry-run` runs every GPU part on the CPU at tiny sizes and writes one results file
-    with a section per part, so the script is known to work before GPU time is spent (the numbers mean nothing)."""
+    with a section per part, so the script is known to work before GPU time is spent (the numbers mean nothing):
+    MPT's eager decode rows, compiled against eager decode on the LLaMA twin (MPT cannot be compiled whole), and the
+    evaluation and training benchmarks (`--device cpu` where the GPU run gives `--device cuda`)."""
     out = tmp_path / "RESULTS-gpu.md"
     env = {**os.environ, "PYTHON": sys.executable}
     run = subprocess.run(
@@ -182,12 +207,78 @@ def test_gpu_script_dry_run(tmp_path):
     text = out.read_text()
     assert text.startswith("# GPU benchmarks\n") and "run.sh --dry-run" in text
     assert "Failed" not in text and "Not measured" not in text, text  # every part wrote its fragment
-    assert "## bf16 numerics" in text and "## 9B shapes" in text
+    assert "## bf16 numerics" in text and "## 9B shapes: MPT" in text and "## 9B shapes: compiled decoding" in text
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("| ")]
     numerics = {row[0]: row for row in rows if row[0].startswith("ours bf16 /")}
     # In fp32 on the CPU both comparisons are of the same computation: full top-1 agreement, the same tokens.
     assert [row[1] for row in numerics.values()] == ["1.0000", "1.0000"]
     assert [row[3] for row in numerics.values()] == ["yes", "yes"]
-    decode = [row for row in rows if row[0] == "eager"]
-    assert [row[1] for row in decode] == ["1", "8"] and all(float(row[3]) > 0 for row in decode)
+    decode = {(row[0], row[1], row[2]): row for row in rows if row[1] in ("eager", "compiled")}
+    assert sorted(decode) == [
+        ("LLaMA twin", "compiled", "1"),
+        ("LLaMA twin", "compiled", "8"),
+        ("LLaMA twin", "eager", "1"),
+        ("LLaMA twin", "eager", "8"),
+        ("MPT", "eager", "1"),
+        ("MPT", "eager", "8"),
+    ]
+    assert all(float(row[4]) > 0 for row in decode.values()), decode  # tokens/s: numbers, not nan
+    # The compiled decoding step gives eager's greedy tokens.
+    assert all(row[8] == "yes" for key, row in decode.items() if key[0] == "LLaMA twin"), decode
     assert 'device_map="auto"' in text
+    # The evaluation and training benchmarks' command lines, on the device the dry run gives them.
+    assert "## Evaluation: captioning `scaled9b` (cpu, fp32)" in text
+    assert "## Training step: `tiny` (cpu, float32)" in text
+
+
+def test_train_benchmark_runs_on_the_device_given(tmp_path, monkeypatch):
+    """`bench_train.py --device cpu` at the tiny size: both loops run on that device (the original's batches read
+    onto the `device_id` its loop is given, Accelerate kept on the CPU even where a GPU would be visible), the clocks
+    read through the synchronising timer, and the section names the device."""
+    bench = _load("bench_train")
+    placements = {}
+    original_loop = bench.train_utils.train_one_epoch
+
+    def recording_loop(**kwargs):
+        placements["original"] = (kwargs["device_id"], next(kwargs["model"].parameters()).device)
+        return original_loop(**kwargs)
+
+    monkeypatch.setattr(bench.train_utils, "train_one_epoch", recording_loop)
+    trainer_init = bench.FlamingoTrainer.__init__
+
+    def recording_init(self, *args, **kwargs):
+        placements["accelerate_env"] = os.environ.get("ACCELERATE_USE_CPU")
+        trainer_init(self, *args, **kwargs)
+        placements["ours"] = (self.accelerator.device, next(self.model.parameters()).device)
+
+    monkeypatch.setattr(bench.FlamingoTrainer, "__init__", recording_init)
+    timed = []
+    timed_steps = bench.timed_steps
+    monkeypatch.setattr(
+        bench, "timed_steps", lambda loop, n, device: timed.append(device) or timed_steps(loop, n, device)
+    )
+    out = tmp_path / "RESULTS.md"
+    args = ["--size", "tiny", "--device", "cpu", "--batch-laion", "1", "--batch-mmc4", "1", "--steps", "1"]
+    assert bench.main([*args, "--repeats", "1", "--out", str(out)]) == 0
+
+    cpu = torch.device("cpu")
+    assert placements == {"original": (cpu, cpu), "accelerate_env": "true", "ours": (cpu, cpu)}
+    assert timed == [cpu, cpu]  # one timed run per implementation
+    text = out.read_text()
+    assert "## Training step: `tiny` (cpu, float32)" in text
+    row = [line for line in text.splitlines() if line.startswith("| 1 + 1 |")]
+    assert len(row) == 1 and all(float(c.strip().rstrip("x")) > 0 for c in row[0].strip("|").split("|")[1:])
+
+
+@pytest.mark.parametrize("script", ["bench_eval", "bench_train"])
+def test_benchmark_device_without_cuda_is_one_error_line(script, capsys, monkeypatch):
+    """`--device cuda` where torch sees no GPU (as on CI), or a device the benchmarks do not run on, stops with one
+    line naming the flag, before any model is built."""
+    bench = _load(script)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on CI, wherever the test runs
+    for device, expected in (("cuda", "torch sees no CUDA device here"), ("mps", "use cpu or cuda")):
+        with pytest.raises(SystemExit) as stop:
+            bench.main(["--device", device])
+        assert stop.value.code == 2
+        err = capsys.readouterr().err
+        assert f"--device {device}: {expected}" in err and "Traceback" not in err
