@@ -36,6 +36,8 @@ from train_data_helpers import (
 from modeling_flamingo.processing import FlamingoImageProcessor
 from modeling_flamingo.testing import add_flamingo_tokens, make_tiny_tokenizer
 from modeling_flamingo.training import data as ours
+from modeling_flamingo.training.data import pipeline as ours_pipeline
+from modeling_flamingo.training.data import shards as ours_shards
 
 from reference import original_label_masking
 
@@ -106,7 +108,7 @@ def _run_original(original, kind, args, tokenizer, transform, *, epoch, rank=0, 
 def _run_ours(loader, worker=0, num_workers=1):
     """Our batches of one worker, run in this process as worker `worker` of `num_workers`."""
     info = SimpleNamespace(id=worker, num_workers=num_workers)
-    with mock.patch.object(ours, "get_worker_info", lambda: info):
+    with mock.patch.object(ours_pipeline, "get_worker_info", lambda: info):
         return list(loader.dataloader.dataset)
 
 
@@ -1132,7 +1134,7 @@ def test_samples_with_huge_tar_members_are_skipped_unread(tmp_path, tokenizer, i
     assert len(samples[1][0]) > 20_000 and all(len(image) < 20_000 for image, _ in samples[2:])
     write_laion_shard(tmp_path / "laion-0.tar", samples)
     options = dict(tokenizer=tokenizer, image_processor=image_processor, workers=0, flip=False, shuffle_buffer=1)
-    with mock.patch.object(ours, "MAX_TAR_MEMBER_BYTES", 20_000):
+    with mock.patch.object(ours_shards, "MAX_TAR_MEMBER_BYTES", 20_000):
         batches = list(ours.build_laion_loader(str(tmp_path / "laion-0.tar"), batch_size=3, num_samples=3, **options))
     assert tokenizer.batch_decode(batches[0]["input_ids"]) == [
         f"<image>good {seed}<|endofchunk|><|endoftext|>" for seed in (0, 3, 4)

@@ -1,0 +1,58 @@
+"""What a training data pipeline skips, and under which reason it counts it (`SKIP_REASONS`)."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+SKIP_REASONS = {
+    "unreadable_shard": "a shard that could not be opened (counted once per shard pass)",
+    "corrupt_tar": "a tar stream that broke off (bad header, truncated file): the rest of that shard is lost",
+    "member_too_large": "a sample with a tar member of more than MAX_TAR_MEMBER_BYTES (1 GiB), skipped unread",
+    "incomplete_sample": "LAION: a sample without a caption or without a jpg/png/jpeg image",
+    "undecodable_image": "an image that does not decode (LAION: the sample; MMC4: that image of the document)",
+    "image_too_large": "an image declaring more than max_image_pixels pixels, refused from its header before decoding "
+    "(or that the image processor would resize to more): LAION: the sample; MMC4: that image of the document",
+    "undecodable_text": "LAION: a caption that is not UTF-8",
+    "image_token_in_text": "a caption or MMC4 sentence containing the text `<image>`: it would tokenize to more "
+    "`<image>` tokens than the sample has images, which the model refuses (ending the run)",
+    "bad_document": "MMC4: a JSON member that does not parse (also nested too deep, numbers of over 4300 digits) or "
+    "lacks/garbles text_list (a list of strings), image_info (a list), similarity_matrix",
+    "unsupported_document": "MMC4: a ChatGPT-generated document (`is_gpt`), not supported",
+    "no_usable_image": "MMC4: no image left after the size filter, decoding and the similarity threshold",
+    "too_few_images": "MMC4: fewer than min_num_images `<image>` tokens left after truncation",
+    "single_image_dropped": "MMC4: a single-image document dropped by the original's keep-half-of-them rule",
+    "image_at_end": "MMC4: a single `<image>` as the last token (every label would be -100)",
+    "sample_error": "any other exception while reading one sample (logged with the sample's key): that sample only",
+}
+
+
+def format_skipped(counts: dict[str, int]) -> str:
+    """One line for a log: `"3 undecodable_image, 1 corrupt_tar"` (largest first), or `"nothing"`.
+
+    A training loop adds up the `"skipped"` dict of every batch (`totals.update(batch.pop("skipped"))` with a
+    `collections.Counter`) and prints this every N steps."""
+    items = sorted(
+        ((count, reason) for reason, count in counts.items() if count), key=lambda item: (-item[0], item[1])
+    )
+    return ", ".join(f"{count} {reason}" for count, reason in items) or "nothing"
+
+
+class SkipSample(Exception):
+    """A sample (or document) to skip, with the `SKIP_REASONS` key it is counted under."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def count_sample_error(sample: dict[str, Any], error: Exception, skipped: Counter) -> None:
+    """Count (`sample_error`) and log an unexpected exception raised while reading one sample.
+
+    `Exception` only: KeyboardInterrupt, SystemExit and GeneratorExit (a closed loader) still propagate."""
+    skipped["sample_error"] += 1
+    logger.warning("Skipping sample %r of %s: %r", sample.get("__key__"), sample.get("__url__"), error)
