@@ -3,6 +3,7 @@ pipelines on tiny shards, bad data skipped and counted, errors at start, determi
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import io
 import itertools
@@ -40,6 +41,7 @@ from modeling_flamingo.training.data import pipeline as ours_pipeline
 from modeling_flamingo.training.data import shards as ours_shards
 
 from reference import original_label_masking
+from train_helpers import train_args
 
 IMAGE_SIZE = 42
 
@@ -831,6 +833,50 @@ def test_build_train_loaders_from_the_original_options(tmp_path, tokenizer, imag
     }
 
 
+def test_each_loader_reads_one_stream_config_built_from_the_command_line(tmp_path, tokenizer, image_processor):
+    args = train_args(
+        laion_shards=make_laion_shards(tmp_path / "laion", num_shards=1, samples_per_shard=2),
+        mmc4_shards=make_mmc4_shards(tmp_path / "mmc4", num_shards=1, documents_per_shard=2),
+        batch_size_laion=2,
+        train_num_samples_laion=4,
+        batch_size_mmc4=1,
+        train_num_samples_mmc4=2,
+        mmc4_max_num_images=3,
+        mmc4_image_order="text",
+        workers=0,
+        seed=5,
+        dataset_resampled=True,
+        no_flip=True,
+        max_image_pixels=10_000,
+    )
+    loaders = ours.build_train_loaders(args, tokenizer, image_processor, epoch=2, rank=1, world_size=2)
+    shared = dict(
+        resampled=True, workers=0, seed=5, epoch=2, rank=1, world_size=2, flip=False, max_image_pixels=10_000
+    )
+    laion = loaders["laion"].dataloader.dataset.config
+    assert laion == ours.StreamConfig(batch_size=2, num_samples=4, **shared)
+    assert loaders["mmc4"].dataloader.dataset.config == ours.Mmc4StreamConfig(
+        batch_size=1,
+        num_samples=2,
+        textsim_threshold=args.mmc4_textsim_threshold,
+        max_num_images=3,
+        min_num_images=args.mmc4_min_num_images,
+        image_order="text",
+        **shared,
+    )
+    # Frozen: a new epoch is a new config, the rest unchanged.
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        laion.epoch = 3
+    loaders["laion"].set_epoch(3)
+    assert loaders["laion"].dataloader.dataset.config == dataclasses.replace(laion, epoch=3) and laion.epoch == 2
+    # The LAION loader takes no MMC4 option, as before.
+    with pytest.raises(TypeError, match="textsim_threshold"):
+        ours.build_laion_loader(
+            args.laion_shards, tokenizer=tokenizer, image_processor=image_processor, batch_size=1, num_samples=1,
+            textsim_threshold=0.3,
+        )  # fmt: skip
+
+
 def test_shards_at_fsspec_urls(tmp_path, tokenizer, image_processor):
     import fsspec
 
@@ -1022,7 +1068,7 @@ def test_max_image_pixels_bounds_every_training_image(tmp_path, tokenizer, image
     assert build_parser().parse_args(command).max_image_pixels == DEFAULT_MAX_IMAGE_PIXELS
     args = build_parser().parse_args([*command, "--max_image_pixels", "2352"])
     loaders = ours.build_train_loaders(args, tokenizer, image_processor, epoch=0, rank=0, world_size=1)
-    assert {name: loader.dataloader.dataset.max_image_pixels for name, loader in loaders.items()} == {
+    assert {name: loader.dataloader.dataset.config.max_image_pixels for name, loader in loaders.items()} == {
         "laion": 2352,
         "mmc4": 2352,
     }

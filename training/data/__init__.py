@@ -45,6 +45,12 @@ Deliberate differences:
 """
 
 from modeling_flamingo.training.data.collator import FlamingoDataCollator
+from modeling_flamingo.training.data.config import (
+    SAMPLE_SHUFFLE_BUFFER,
+    SAMPLE_SHUFFLE_INITIAL,
+    Mmc4StreamConfig,
+    StreamConfig,
+)
 from modeling_flamingo.training.data.images import decode_rgb_image, pixel_values_of
 from modeling_flamingo.training.data.laion import (
     LAION_IMAGE_EXTENSIONS,
@@ -65,7 +71,6 @@ from modeling_flamingo.training.data.mmc4 import (
     Mmc4Pipeline,
     preprocess_mmc4_document,
 )
-from modeling_flamingo.training.data.pipeline import SAMPLE_SHUFFLE_BUFFER, SAMPLE_SHUFFLE_INITIAL
 from modeling_flamingo.training.data.shards import (
     MAX_TAR_MEMBER_BYTES,
     SHARD_SHUFFLE_BUFFER,
@@ -92,7 +97,9 @@ __all__ = [
     "FlamingoTokens",
     "LaionPipeline",
     "Mmc4Pipeline",
+    "Mmc4StreamConfig",
     "SkipSample",
+    "StreamConfig",
     "TrainLoader",
     "buffer_shuffle",
     "build_laion_loader",

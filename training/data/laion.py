@@ -81,19 +81,13 @@ def preprocess_laion_batch(
 class LaionPipeline(ShardPipeline):
     """LAION batches (`preprocess_laion_batch`) of one process; see `build_laion_loader`."""
 
-    def __init__(self, urls, *, tokenizer, image_processor, tokens: FlamingoTokens, **kwargs):
-        super().__init__(urls, **kwargs)
-        self.tokenizer = tokenizer
-        self.image_processor = image_processor
-        self.tokens = tokens
-
     def batches(self, samples, worker, sweep, skipped):
         flips = self._flip_generator(worker, sweep)
         pixel_values, captions = [], []
         for sample in samples:
             try:
-                image, caption = decode_laion_sample(sample, self.max_image_pixels)
-                check_resized_size(*image.size, self.max_image_pixels, self.image_processor)
+                image, caption = decode_laion_sample(sample, self.config.max_image_pixels)
+                check_resized_size(*image.size, self.config.max_image_pixels, self.image_processor)
                 # Transformed at once: a batch waits as B small tensors, not B full-size images.
                 pixel_values.append(pixel_values_of([image], self.image_processor)[0])
             except SkipSample as skip:
@@ -103,7 +97,7 @@ class LaionPipeline(ShardPipeline):
                 count_sample_error(sample, error, skipped)
                 continue
             captions.append(caption)
-            if len(captions) == self.batch_size:
+            if len(captions) == self.config.batch_size:
                 yield preprocess_laion_batch(
                     torch.stack(pixel_values),
                     captions,

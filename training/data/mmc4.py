@@ -15,6 +15,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from modeling_flamingo.processing.image_loading import DEFAULT_MAX_IMAGE_PIXELS
 from modeling_flamingo.processing.processing_flamingo import EOC_TOKEN, MEDIA_TOKEN
+from modeling_flamingo.training.data.config import Mmc4StreamConfig
 from modeling_flamingo.training.data.images import check_image_header, decode_rgb_image, maybe_flip, pixel_values_of
 from modeling_flamingo.training.data.pipeline import ShardPipeline
 from modeling_flamingo.training.data.shards import _require
@@ -186,35 +187,17 @@ def preprocess_mmc4_document(
 
 
 class Mmc4Pipeline(ShardPipeline):
-    """MMC4 batches (`preprocess_mmc4_document`) of one process; see `build_mmc4_loader`."""
+    """MMC4 batches (`preprocess_mmc4_document`) of one process, as its `Mmc4StreamConfig` says; see
+    `build_mmc4_loader`."""
 
-    def __init__(
-        self,
-        urls,
-        *,
-        tokenizer,
-        image_processor,
-        tokens: FlamingoTokens,
-        textsim_threshold: float,
-        max_num_images: int,
-        min_num_images: int,
-        image_order: str,
-        **kwargs,
-    ):
-        super().__init__(urls, **kwargs)
-        self.image_order = image_order
-        self.tokenizer = tokenizer
-        self.image_processor = image_processor
-        self.tokens = tokens
-        self.textsim_threshold = textsim_threshold
-        self.max_num_images = max_num_images
-        self.min_num_images = min_num_images
+    config: Mmc4StreamConfig
 
     def drop_rng(self, worker: int, sweep: int = 0) -> random.Random:
         """The generator of the single-image drops of `worker` in pass `sweep` (one `random()` per such document)."""
         return self._rng(worker, f"drop/{sweep}")
 
     def batches(self, samples, worker, sweep, skipped):
+        config = self.config
         rng = self.drop_rng(worker, sweep)
         flips = self._flip_generator(worker, sweep)
         documents = []
@@ -234,11 +217,11 @@ class Mmc4Pipeline(ShardPipeline):
                         tokenizer=self.tokenizer,
                         image_processor=self.image_processor,
                         tokens=self.tokens,
-                        textsim_threshold=self.textsim_threshold,
-                        min_num_images=self.min_num_images,
-                        max_num_images=self.max_num_images,
-                        max_image_pixels=self.max_image_pixels,
-                        image_order=self.image_order,
+                        textsim_threshold=config.textsim_threshold,
+                        min_num_images=config.min_num_images,
+                        max_num_images=config.max_num_images,
+                        max_image_pixels=config.max_image_pixels,
+                        image_order=config.image_order,
                         rng=rng,
                         flip_generator=flips,
                         skipped=skipped,
@@ -250,7 +233,7 @@ class Mmc4Pipeline(ShardPipeline):
             except Exception as error:  # a bug or an input nobody foresaw must not end a run of days
                 count_sample_error(sample, error, skipped)
                 continue
-            if len(documents) == self.batch_size:
+            if len(documents) == config.batch_size:
                 pixel_values, input_ids, attention_mask = (
                     torch.stack(column) for column in zip(*documents, strict=True)
                 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import random
 from collections import Counter
@@ -10,64 +11,57 @@ from typing import Any
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from modeling_flamingo.training.data.config import StreamConfig
 from modeling_flamingo.training.data.shards import (
     SHARD_SHUFFLE_BUFFER,
     SHARD_SHUFFLE_INITIAL,
     buffer_shuffle,
     iter_tar_samples,
 )
-
-# The original's buffered shuffle of the samples.
-SAMPLE_SHUFFLE_BUFFER, SAMPLE_SHUFFLE_INITIAL = 5000, 1000
+from modeling_flamingo.training.data.tokens import FlamingoTokens
 
 
 class ShardPipeline(IterableDataset):
-    """Batches of one process (rank), split over its DataLoader workers. Subclasses turn samples into batches."""
+    """Batches of one process (`config.rank`), split over its DataLoader workers, as `config` says (its epoch
+    changed by `set_epoch`). Subclasses turn samples into batches."""
 
     def __init__(
         self,
         urls: list[str],
+        config: StreamConfig,
         *,
-        batch_size: int,
-        num_worker_batches: int,
-        resampled: bool,
-        seed: int,
-        epoch: int,
-        rank: int,
-        world_size: int,
-        flip: bool,
-        shuffle_buffer: int,
-        shuffle_initial: int,
-        max_image_pixels: int | None,
+        tokenizer: PreTrainedTokenizerBase,
+        image_processor: Any,
+        tokens: FlamingoTokens,
     ):
         super().__init__()
         self.urls = urls
-        self.batch_size = batch_size
-        self.num_worker_batches = num_worker_batches
-        self.resampled = resampled
-        self.seed = seed
-        self.epoch = epoch
-        self.rank = rank
-        self.world_size = world_size
-        self.flip = flip
-        self.max_image_pixels = max_image_pixels
-        self.shuffle_buffer = shuffle_buffer
-        self.shuffle_initial = shuffle_initial
+        self.config = config
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.tokens = tokens
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use `epoch`'s shard order and random draws from the next `iter()` on."""
+        self.config = dataclasses.replace(self.config, epoch=epoch)
 
     def _rng(self, worker: int, purpose: str) -> random.Random:
         # String seeds are hashed with SHA-512: the same in every process and on every machine, unlike hash().
-        return random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{worker}/{purpose}")
+        config = self.config
+        return random.Random(f"{config.seed}/{config.epoch}/{config.rank}/{worker}/{purpose}")
 
     def worker_shards(self, worker: int, num_workers: int, sweep: int = 0) -> Iterable[str]:
         """The shards `worker` reads in pass number `sweep` over them: endless draws with replacement when
         resampling, otherwise its share of the seeded shard order (the same in every pass of an epoch)."""
-        if self.resampled:
+        if self.config.resampled:
             rng = self._rng(worker, f"shards/{sweep}")
             return (rng.choice(self.urls) for _ in itertools.repeat(None))
-        shard_rng = random.Random(self.seed + self.epoch)  # the original's shard seed, equal on every rank
+        # The original's shard seed, equal on every rank.
+        shard_rng = random.Random(self.config.seed + self.config.epoch)
         order = list(buffer_shuffle(self.urls, SHARD_SHUFFLE_BUFFER, SHARD_SHUFFLE_INITIAL, shard_rng))
-        return order[self.rank :: self.world_size][worker::num_workers]
+        return order[self.config.rank :: self.config.world_size][worker::num_workers]
 
     def samples(
         self, shards: Iterable[str], worker: int, sweep: int, skipped: Counter, reads: Counter | None = None
@@ -88,7 +82,8 @@ class ShardPipeline(IterableDataset):
                     reads["samples"] += 1
                     yield sample
 
-        return buffer_shuffle(raw(), self.shuffle_buffer, self.shuffle_initial, self._rng(worker, f"samples/{sweep}"))
+        rng = self._rng(worker, f"samples/{sweep}")
+        return buffer_shuffle(raw(), self.config.shuffle_buffer, self.config.shuffle_initial, rng)
 
     def batches(self, samples: Iterator[dict[str, Any]], worker: int, sweep: int, skipped: Counter) -> Iterator[dict]:
         """Batches made of `samples` (without `skipped`, which `__iter__` adds)."""
@@ -99,6 +94,7 @@ class ShardPipeline(IterableDataset):
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         skipped: Counter = Counter()
         produced, sweep = 0, 0
+        num_worker_batches, _, _ = self.config.epoch_size()
 
         def give_up_without_batches(samples: Iterator[dict[str, Any]], reads: Counter) -> Iterator[dict[str, Any]]:
             # Resampled shards never end: give up once the samples consumed since the last batch amount to 10 passes
@@ -112,19 +108,19 @@ class ShardPipeline(IterableDataset):
                     raise self._no_batch_error(worker, "10 passes' worth of resampled shards", skipped)
                 yield sample
 
-        while produced < self.num_worker_batches:
+        while produced < num_worker_batches:
             produced_before = produced
             shards = self.worker_shards(worker, num_workers, sweep)
             reads: Counter = Counter()
             samples = self.samples(shards, worker, sweep, skipped, reads)
-            if self.resampled:
+            if self.config.resampled:
                 samples = give_up_without_batches(samples, reads)
             for batch in self.batches(samples, worker, sweep, skipped):
                 batch["skipped"] = dict(skipped)
                 skipped.clear()
                 yield batch
                 produced += 1
-                if produced == self.num_worker_batches:
+                if produced == num_worker_batches:
                     return
             if produced == produced_before:  # a whole pass over the worker's shards made no batch: so would the next
                 names = ", ".join(shards[:3]) + (f" and {len(shards) - 3} more" if len(shards) > 3 else "")
@@ -132,13 +128,13 @@ class ShardPipeline(IterableDataset):
             sweep += 1
 
     def _flip_generator(self, worker: int, sweep: int) -> torch.Generator | None:
-        if not self.flip:
+        if not self.config.flip:
             return None
         return torch.Generator().manual_seed(self._rng(worker, f"flip/{sweep}").getrandbits(63))
 
     def _no_batch_error(self, worker: int, source: str, skipped: Counter) -> RuntimeError:
         return RuntimeError(
-            f"Worker {worker} of rank {self.rank} made no batch of {self.batch_size} samples from {source}; skipped "
-            f"since its last batch: {dict(skipped) or 'nothing'} (reasons: SKIP_REASONS in {__package__}). A worker "
-            "needs at least batch_size usable samples in its share of the shards."
+            f"Worker {worker} of rank {self.config.rank} made no batch of {self.config.batch_size} samples from "
+            f"{source}; skipped since its last batch: {dict(skipped) or 'nothing'} (reasons: SKIP_REASONS in "
+            f"{__package__}). A worker needs at least batch_size usable samples in its share of the shards."
         )
