@@ -337,7 +337,7 @@ def test_errors_at_start(tmp_path, tokenizer, image_processor):
     mmc4 = make_mmc4_shards(tmp_path / "mmc4", num_shards=1, documents_per_shard=1)
     with pytest.raises(ValueError, match="textsim_threshold=30 is outside"):
         ours.build_mmc4_loader(mmc4, **build, textsim_threshold=30)
-    args = SimpleNamespace(
+    args = train_args(
         laion_shards=pattern,
         batch_size_laion=2,
         train_num_samples_laion=8,
@@ -348,8 +348,9 @@ def test_errors_at_start(tmp_path, tokenizer, image_processor):
     )
     with pytest.raises(ValueError, match="LAION gives 4 batches per epoch .* but MMC4 gives 3"):
         ours.build_train_loaders(args, tokenizer, image_processor, epoch=0, rank=0, world_size=1)
+    no_data = train_args(laion_shards=None)
     with pytest.raises(ValueError, match="No training data"):
-        ours.build_train_loaders(SimpleNamespace(), tokenizer, image_processor, epoch=0, rank=0, world_size=1)
+        ours.build_train_loaders(no_data, tokenizer, image_processor, epoch=0, rank=0, world_size=1)
 
 
 def test_a_worker_without_usable_data_raises_instead_of_ending_the_epoch(tmp_path, tokenizer, image_processor):
@@ -806,7 +807,7 @@ def test_collator_trains_a_model_with_the_trainer(tmp_path, processor):
 
 
 def test_build_train_loaders_from_the_original_options(tmp_path, tokenizer, image_processor):
-    args = SimpleNamespace(
+    options = dict(
         laion_shards=make_laion_shards(tmp_path / "laion", num_shards=2, samples_per_shard=4),
         batch_size_laion=4,
         train_num_samples_laion=8,
@@ -819,6 +820,7 @@ def test_build_train_loaders_from_the_original_options(tmp_path, tokenizer, imag
         mmc4_textsim_threshold=0.2,
         mmc4_max_num_images=3,
     )
+    args = train_args(**options)
     loaders = ours.build_train_loaders(args, tokenizer, image_processor, epoch=0, rank=0, world_size=1)
     assert set(loaders) == {"laion", "mmc4"}
     assert loaders["laion"].num_batches == loaders["mmc4"].num_batches == len(loaders["mmc4"]) == 2
@@ -827,7 +829,7 @@ def test_build_train_loaders_from_the_original_options(tmp_path, tokenizer, imag
     laion, mmc4 = steps[0]
     assert laion["pixel_values"].shape == (4, 1, 1, 3, IMAGE_SIZE, IMAGE_SIZE) and laion["input_ids"].shape[0] == 4
     assert mmc4["pixel_values"].shape == (2, 3, 1, 3, IMAGE_SIZE, IMAGE_SIZE) and mmc4["input_ids"].shape == (2, 256)
-    only_laion = SimpleNamespace(**{k: v for k, v in vars(args).items() if not k.startswith("mmc4")})
+    only_laion = train_args(**{k: v for k, v in options.items() if not k.startswith("mmc4")})
     assert set(ours.build_train_loaders(only_laion, tokenizer, image_processor, epoch=0, rank=0, world_size=1)) == {
         "laion"
     }

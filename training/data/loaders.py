@@ -3,7 +3,6 @@ command line's options (`build_train_loaders`)."""
 
 from __future__ import annotations
 
-import argparse
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -12,7 +11,6 @@ from typing import Any
 from torch.utils.data import DataLoader
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from modeling_flamingo.processing.image_loading import DEFAULT_MAX_IMAGE_PIXELS
 from modeling_flamingo.training.data.config import Mmc4StreamConfig, StreamConfig
 from modeling_flamingo.training.data.laion import LaionPipeline
 from modeling_flamingo.training.data.mmc4 import Mmc4Pipeline
@@ -124,7 +122,7 @@ def build_mmc4_loader(
 
 
 def build_train_loaders(
-    args: argparse.Namespace,
+    args: Any,
     tokenizer: PreTrainedTokenizerBase,
     image_processor: Any,
     *,
@@ -134,38 +132,41 @@ def build_train_loaders(
 ) -> dict[str, TrainLoader]:
     """The loaders of the datasets `args` names, keyed `"laion"` and `"mmc4"`, from the original `train.py` options.
 
-    Read from `args`: `laion_shards`, `batch_size_laion`, `train_num_samples_laion` (when `laion_shards` is set),
-    `mmc4_shards`, `batch_size_mmc4`, `train_num_samples_mmc4` (when `mmc4_shards` is set), and optionally
-    `dataset_resampled` (False), `workers` (1), `seed` (42), `mmc4_textsim_threshold` (0.24),
-    `mmc4_max_num_images` (6), `mmc4_min_num_images` (1), `mmc4_image_order` ("document"), `no_flip` (False),
-    `max_image_pixels` (`DEFAULT_MAX_IMAGE_PIXELS`).
+    Args:
+        args: the command line's arguments (`modeling_flamingo.training.cli`), of which the data ones are read:
+            `laion_shards`, `mmc4_shards` (each None or empty for no such dataset), `batch_size_laion`,
+            `batch_size_mmc4`, `train_num_samples_laion`, `train_num_samples_mmc4`, `dataset_resampled`, `workers`,
+            `seed`, `mmc4_textsim_threshold`, `mmc4_max_num_images`, `mmc4_min_num_images`, `mmc4_image_order`,
+            `no_flip`, `max_image_pixels`. Their defaults are the command line's.
+        tokenizer, image_processor: as for `build_laion_loader`.
+        epoch, rank, world_size: the epoch and this process's place (`StreamConfig`).
 
     Raises:
         ValueError: no dataset given, or the two datasets give different numbers of batches per epoch (the original
             steps through both together, one LAION and one MMC4 batch per step).
     """
     shared = {
-        "resampled": bool(getattr(args, "dataset_resampled", False)),
-        "workers": getattr(args, "workers", 1),
-        "seed": getattr(args, "seed", 42),
+        "resampled": args.dataset_resampled,
+        "workers": args.workers,
+        "seed": args.seed,
         "epoch": epoch,
         "rank": rank,
         "world_size": world_size,
-        "flip": not getattr(args, "no_flip", False),
-        "max_image_pixels": getattr(args, "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS),
+        "flip": not args.no_flip,
+        "max_image_pixels": args.max_image_pixels,
     }
     loaders: dict[str, TrainLoader] = {}
-    if getattr(args, "laion_shards", None):
+    if args.laion_shards:
         laion = StreamConfig(batch_size=args.batch_size_laion, num_samples=args.train_num_samples_laion, **shared)
         loaders["laion"] = _build_loader(LaionPipeline, args.laion_shards, tokenizer, image_processor, laion)
-    if getattr(args, "mmc4_shards", None):
+    if args.mmc4_shards:
         mmc4 = Mmc4StreamConfig(
             batch_size=args.batch_size_mmc4,
             num_samples=args.train_num_samples_mmc4,
-            textsim_threshold=getattr(args, "mmc4_textsim_threshold", 0.24),
-            max_num_images=getattr(args, "mmc4_max_num_images", 6),
-            min_num_images=getattr(args, "mmc4_min_num_images", 1),
-            image_order=getattr(args, "mmc4_image_order", "document"),
+            textsim_threshold=args.mmc4_textsim_threshold,
+            max_num_images=args.mmc4_max_num_images,
+            min_num_images=args.mmc4_min_num_images,
+            image_order=args.mmc4_image_order,
             **shared,
         )
         loaders["mmc4"] = _build_loader(Mmc4Pipeline, args.mmc4_shards, tokenizer, image_processor, mmc4)
