@@ -249,8 +249,6 @@ def test_laion_bad_data_is_skipped_and_counted(tmp_path, tokenizer, image_proces
     assert totals["undecodable_text"] == 1
     assert totals["corrupt_tar"] == 1
     captions = [tokenizer.decode(batch["input_ids"][0]) for batch in batches]
-    assert ours.format_skipped(totals) == "2 incomplete_sample, 1 corrupt_tar, 1 undecodable_image, 1 undecodable_text"
-    assert ours.format_skipped({}) == "nothing"
     assert sorted(captions[:4]) == [f"<image>good {seed}<|endofchunk|><|endoftext|>" for seed in range(4)]
     assert captions[4] == captions[0]
 

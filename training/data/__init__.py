@@ -79,7 +79,7 @@ from modeling_flamingo.training.data.shards import (
     expand_shards,
     iter_tar_samples,
 )
-from modeling_flamingo.training.data.skips import SKIP_REASONS, SkipSample, format_skipped
+from modeling_flamingo.training.data.skips import SKIP_REASONS, SkipSample
 from modeling_flamingo.training.data.tokens import FlamingoTokens, check_flamingo_tokenizer
 
 __all__ = [
@@ -109,7 +109,6 @@ __all__ = [
     "decode_laion_sample",
     "decode_rgb_image",
     "expand_shards",
-    "format_skipped",
     "iter_tar_samples",
     "pixel_values_of",
     "preprocess_laion_batch",

@@ -18,7 +18,7 @@ from modeling_flamingo.processing.processing_flamingo import EOC_TOKEN, MEDIA_TO
 from modeling_flamingo.training.data.config import Mmc4StreamConfig
 from modeling_flamingo.training.data.images import check_image_header, decode_rgb_image, maybe_flip, pixel_values_of
 from modeling_flamingo.training.data.pipeline import ShardPipeline
-from modeling_flamingo.training.data.shards import _require
+from modeling_flamingo.training.data.shards import import_train_dependency
 from modeling_flamingo.training.data.skips import SkipSample, count_sample_error
 from modeling_flamingo.training.data.tokens import FlamingoTokens
 from modeling_flamingo.training.labels import mask_flamingo_labels
@@ -31,7 +31,7 @@ MMC4_MIN_IMAGE_KB = 10
 def _match_images_to_sentences(similarity: np.ndarray, threshold: float) -> list[tuple[int, int]]:
     """(image row, sentence) pairs of the one-to-one assignment maximising the total similarity, by image row,
     without the pairs below `threshold`."""
-    rows, columns = _require("scipy.optimize").linear_sum_assignment(-similarity)
+    rows, columns = import_train_dependency("scipy.optimize").linear_sum_assignment(-similarity)
     return [
         (int(row), int(column))
         for row, column in zip(rows, columns, strict=True)

@@ -21,7 +21,7 @@ SHARD_SHUFFLE_BUFFER, SHARD_SHUFFLE_INITIAL = 2000, 500
 MAX_TAR_MEMBER_BYTES = 1 << 30
 
 
-def _require(module: str) -> Any:
+def import_train_dependency(module: str) -> Any:
     """Import an optional dependency of the `train` extra, or say how to install it."""
     try:
         return importlib.import_module(module)
@@ -44,8 +44,8 @@ def expand_shards(shards: str | Sequence[str]) -> list[str]:
     Raises:
         ValueError: nothing matched, a local shard is missing, or the URL's protocol cannot be opened.
     """
-    braceexpand = _require("braceexpand")
-    fsspec = _require("fsspec")
+    braceexpand = import_train_dependency("braceexpand")
+    fsspec = import_train_dependency("fsspec")
 
     patterns = [shards] if isinstance(shards, str) else list(shards)
     if not patterns or not all(isinstance(pattern, str) and pattern for pattern in patterns):
@@ -79,7 +79,7 @@ def expand_shards(shards: str | Sequence[str]) -> list[str]:
 
 
 def _filesystem(url: str):
-    fsspec = _require("fsspec")
+    fsspec = import_train_dependency("fsspec")
     try:
         return fsspec.core.url_to_fs(url)
     except (ImportError, ValueError) as error:
@@ -147,7 +147,7 @@ def iter_tar_samples(url: str, skipped: Counter) -> Iterator[dict[str, Any]]:
     `corrupt_tar`, and the samples read before the break are kept. A sample with a member larger than
     `MAX_TAR_MEMBER_BYTES` is skipped without reading it (`member_too_large`).
     """
-    fsspec = _require("fsspec")
+    fsspec = import_train_dependency("fsspec")
     try:
         fileobj = fsspec.open(url, "rb").open()
     except Exception as error:  # any filesystem's error: the run goes on with the other shards

@@ -31,17 +31,6 @@ SKIP_REASONS = {
 }
 
 
-def format_skipped(counts: dict[str, int]) -> str:
-    """One line for a log: `"3 undecodable_image, 1 corrupt_tar"` (largest first), or `"nothing"`.
-
-    A training loop adds up the `"skipped"` dict of every batch (`totals.update(batch.pop("skipped"))` with a
-    `collections.Counter`) and prints this every N steps."""
-    items = sorted(
-        ((count, reason) for reason, count in counts.items() if count), key=lambda item: (-item[0], item[1])
-    )
-    return ", ".join(f"{count} {reason}" for count, reason in items) or "nothing"
-
-
 class SkipSample(Exception):
     """A sample (or document) to skip, with the `SKIP_REASONS` key it is counted under."""
 
