@@ -12,7 +12,7 @@ from modeling_flamingo.processing.image_loading import DEFAULT_MAX_IMAGE_PIXELS
 from modeling_flamingo.processing.processing_flamingo import EOC_TOKEN, MEDIA_TOKEN
 from modeling_flamingo.training.data.images import check_resized_size, decode_rgb_image, maybe_flip, pixel_values_of
 from modeling_flamingo.training.data.pipeline import ShardPipeline
-from modeling_flamingo.training.data.skips import SkipSample, count_sample_error
+from modeling_flamingo.training.data.skips import SkipSample, read_samples
 from modeling_flamingo.training.data.tokens import FlamingoTokens
 from modeling_flamingo.training.labels import mask_flamingo_labels
 
@@ -81,21 +81,18 @@ def preprocess_laion_batch(
 class LaionPipeline(ShardPipeline):
     """LAION batches (`preprocess_laion_batch`) of one process; see `build_laion_loader`."""
 
+    def _read(self, sample: dict[str, Any]) -> tuple[torch.Tensor, str]:
+        """(3, H, W) pixel values and the caption of one sample."""
+        image, caption = decode_laion_sample(sample, self.config.max_image_pixels)
+        check_resized_size(*image.size, self.config.max_image_pixels, self.image_processor)
+        # Transformed at once: a batch waits as B small tensors, not B full-size images.
+        return pixel_values_of([image], self.image_processor)[0], caption
+
     def batches(self, samples, worker, sweep, skipped):
         flips = self._flip_generator(worker, sweep)
         pixel_values, captions = [], []
-        for sample in samples:
-            try:
-                image, caption = decode_laion_sample(sample, self.config.max_image_pixels)
-                check_resized_size(*image.size, self.config.max_image_pixels, self.image_processor)
-                # Transformed at once: a batch waits as B small tensors, not B full-size images.
-                pixel_values.append(pixel_values_of([image], self.image_processor)[0])
-            except SkipSample as skip:
-                skipped[skip.reason] += 1
-                continue
-            except Exception as error:  # a bug or an input nobody foresaw must not end a run of days
-                count_sample_error(sample, error, skipped)
-                continue
+        for pixels, caption in read_samples(samples, self._read, skipped):
+            pixel_values.append(pixels)
             captions.append(caption)
             if len(captions) == self.config.batch_size:
                 yield preprocess_laion_batch(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 import random
 from collections import Counter
@@ -19,7 +20,7 @@ from modeling_flamingo.training.data.config import Mmc4StreamConfig
 from modeling_flamingo.training.data.images import check_image_header, decode_rgb_image, maybe_flip, pixel_values_of
 from modeling_flamingo.training.data.pipeline import ShardPipeline
 from modeling_flamingo.training.data.shards import import_train_dependency
-from modeling_flamingo.training.data.skips import SkipSample, count_sample_error
+from modeling_flamingo.training.data.skips import SkipSample, read_samples
 from modeling_flamingo.training.data.tokens import FlamingoTokens
 from modeling_flamingo.training.labels import mask_flamingo_labels
 
@@ -196,44 +197,42 @@ class Mmc4Pipeline(ShardPipeline):
         """The generator of the single-image drops of `worker` in pass `sweep` (one `random()` per such document)."""
         return self._rng(worker, f"drop/{sweep}")
 
-    def batches(self, samples, worker, sweep, skipped):
+    def _read(
+        self, sample: dict[str, Any], rng: random.Random, flips: torch.Generator | None, skipped: Counter
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The pixel values, input ids and attention mask of one document (`preprocess_mmc4_document`)."""
+        if "json" not in sample:
+            raise SkipSample("bad_document", "no json member")
+        try:
+            document = json.loads(sample["json"])
+        except (ValueError, RecursionError) as error:  # also too deep nesting, integers of > 4300 digits
+            raise SkipSample("bad_document", repr(error)) from None
+        if not isinstance(document, dict):
+            raise SkipSample("bad_document", "the JSON is not an object")
         config = self.config
-        rng = self.drop_rng(worker, sweep)
-        flips = self._flip_generator(worker, sweep)
+        return preprocess_mmc4_document(
+            document,
+            tokenizer=self.tokenizer,
+            image_processor=self.image_processor,
+            tokens=self.tokens,
+            textsim_threshold=config.textsim_threshold,
+            min_num_images=config.min_num_images,
+            max_num_images=config.max_num_images,
+            max_image_pixels=config.max_image_pixels,
+            image_order=config.image_order,
+            rng=rng,
+            flip_generator=flips,
+            skipped=skipped,
+        )
+
+    def batches(self, samples, worker, sweep, skipped):
+        read = functools.partial(
+            self._read, rng=self.drop_rng(worker, sweep), flips=self._flip_generator(worker, sweep), skipped=skipped
+        )
         documents = []
-        for sample in samples:
-            try:
-                if "json" not in sample:
-                    raise SkipSample("bad_document", "no json member")
-                try:
-                    document = json.loads(sample["json"])
-                except (ValueError, RecursionError) as error:  # also too deep nesting, integers of > 4300 digits
-                    raise SkipSample("bad_document", repr(error)) from None
-                if not isinstance(document, dict):
-                    raise SkipSample("bad_document", "the JSON is not an object")
-                documents.append(
-                    preprocess_mmc4_document(
-                        document,
-                        tokenizer=self.tokenizer,
-                        image_processor=self.image_processor,
-                        tokens=self.tokens,
-                        textsim_threshold=config.textsim_threshold,
-                        min_num_images=config.min_num_images,
-                        max_num_images=config.max_num_images,
-                        max_image_pixels=config.max_image_pixels,
-                        image_order=config.image_order,
-                        rng=rng,
-                        flip_generator=flips,
-                        skipped=skipped,
-                    )
-                )
-            except SkipSample as skip:
-                skipped[skip.reason] += 1
-                continue
-            except Exception as error:  # a bug or an input nobody foresaw must not end a run of days
-                count_sample_error(sample, error, skipped)
-                continue
-            if len(documents) == config.batch_size:
+        for document in read_samples(samples, read, skipped):
+            documents.append(document)
+            if len(documents) == self.config.batch_size:
                 pixel_values, input_ids, attention_mask = (
                     torch.stack(column) for column in zip(*documents, strict=True)
                 )

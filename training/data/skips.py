@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 SKIP_REASONS = {
@@ -39,9 +42,21 @@ class SkipSample(Exception):
         self.reason = reason
 
 
-def count_sample_error(sample: dict[str, Any], error: Exception, skipped: Counter) -> None:
-    """Count (`sample_error`) and log an unexpected exception raised while reading one sample.
+def read_samples(
+    samples: Iterable[dict[str, Any]], read: Callable[[dict[str, Any]], T], skipped: Counter
+) -> Iterator[T]:
+    """`read(sample)` of each sample that it does not raise for: a `SkipSample` is counted under its reason, any other
+    exception (a bug or an input nobody foresaw must not end a run of days) as `sample_error`, and logged.
 
     `Exception` only: KeyboardInterrupt, SystemExit and GeneratorExit (a closed loader) still propagate."""
-    skipped["sample_error"] += 1
-    logger.warning("Skipping sample %r of %s: %r", sample.get("__key__"), sample.get("__url__"), error)
+    for sample in samples:
+        try:
+            result = read(sample)
+        except SkipSample as skip:
+            skipped[skip.reason] += 1
+            continue
+        except Exception as error:
+            skipped["sample_error"] += 1
+            logger.warning("Skipping sample %r of %s: %r", sample.get("__key__"), sample.get("__url__"), error)
+            continue
+        yield result
