@@ -4,6 +4,12 @@ original (`open_flamingo/train/data.py` at the repository's last commit), and a 
 Shards are tar files read as streams from local paths or any fsspec URL (`s3://`, `gs://`, `https://`...; the
 protocol's fsspec package must be installed), given as brace patterns (`shards-{0000..0999}.tar`), globs or lists.
 
+Modules: `shards` (patterns, tar streams, the buffered shuffle), `images` (bounded decoding, pixel values, flips),
+`tokens`, `laion` and `mmc4` (each dataset's preprocessing and pipeline), `config` (`StreamConfig`: every option a
+loader's batches depend on), `pipeline` (the per-process `IterableDataset` split over workers), `loaders`
+(`build_*_loader`, `TrainLoader`), `skips` (`SKIP_REASONS`), `collator` (`FlamingoDataCollator`). Everything public
+is importable from this package.
+
 What is reproduced exactly (see `tests/test_train_data.py`, parity with the installed original):
     - LAION (img2dataset layout: `KEY.jpg|png|jpeg`, `KEY.txt`, ...): text `<image>{caption.strip()}<|endofchunk|>{eos}`
       tokenized per batch, right padding to the longest sample, at most 32 tokens; images decoded to RGB.

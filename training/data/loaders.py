@@ -59,6 +59,8 @@ def _build_loader(
     image_processor: Any,
     config: StreamConfig,
 ) -> TrainLoader:
+    """The loader of `pipeline_class` over `shards`, as `config` says; the tokenizer and the shards are checked here,
+    once, before any worker starts."""
     tokens = check_flamingo_tokenizer(tokenizer)
     urls = expand_shards(shards)
     if not config.resampled and len(urls) < config.num_workers * config.world_size:
