@@ -21,7 +21,7 @@ import os
 import re
 from pathlib import Path
 
-from .converter import ConversionSpec, conversion_files, convert, previous_conversion_problem
+from .converter import ConversionSpec, convert
 from .presets import PRESETS, Preset, get_preset
 from .sources import (
     ConversionError,
@@ -31,6 +31,7 @@ from .sources import (
     looks_like_repo_id,
     unreachable_advice,
 )
+from .transaction import conversion_files, previous_conversion_problem
 
 # `from_pretrained` keyword arguments that matter to locating a repo.
 HUB_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "subfolder")
