@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from modeling_flamingo.arguments import EXIT_FAILURE, EXIT_INTERRUPTED, FlamingoArgumentParser, arg
+from modeling_flamingo.weight_dtypes import DTYPES
 
-from .converter import DTYPES, ConversionSpec, ConversionTerminated, convert
+from .converter import ConversionSpec, ConversionTerminated, convert
 from .hub import hub_cache_dir, offline_mode
 from .presets import PRESETS
 from .sources import ConversionError, HubOptions, first_line

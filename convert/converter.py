@@ -24,8 +24,10 @@ import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from modeling_flamingo.weight_dtypes import DTYPES
+
 from .inputs import file_sha256
-from .plan import DTYPES, ConversionPlan, ConversionSpec, plan_conversion
+from .plan import ConversionPlan, ConversionSpec, plan_conversion
 from .sources import ConversionError, HubOptions
 from .transaction import (
     CONVERTER_ID,

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from modeling_flamingo.processing.processing_flamingo import EOC_TOKEN, MEDIA_TOKEN, add_flamingo_tokens
+from modeling_flamingo.weight_dtypes import DTYPES
 
 from .inputs import (
     check_tied_copy,
@@ -50,8 +51,6 @@ from .sources import (
     resolve_vision,
 )
 from .writer import PlannedTensor
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
