@@ -128,6 +128,12 @@ class ConversionPlan:
 
 
 def plan_conversion(spec: ConversionSpec, hub: HubOptions, log: Callable[[str], None]) -> ConversionPlan:
+    """Locate the inputs of `spec` (hub inputs are fetched through `hub`), read their names and shapes, and give every
+    tensor of the output its source; `log` receives one line per step.
+
+    Raises:
+        ConversionError: an input that is missing, unreadable or does not fit the others, with a one-line message.
+    """
     # 1. Locate everything (downloads happen here).
     ckpt_src = resolve_checkpoint(spec.checkpoint, spec.checkpoint_revision, hub)
     lm_src = resolve_model_folder(spec.language_model, spec.language_model_revision, hub, "language model")
