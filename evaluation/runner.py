@@ -35,7 +35,8 @@ from modeling_flamingo.evaluation.run_record import (
     write_record,
 )
 from modeling_flamingo.evaluation.sampling import PlannedItem, plan_trial, shard_batches
-from modeling_flamingo.evaluation.tasks import IMAGE, TASKS, LoadedTask, TaskSpec
+from modeling_flamingo.evaluation.tasks import TASKS, LoadedTask, TaskSpec
+from modeling_flamingo.processing.processing_flamingo import MEDIA_TOKEN
 
 
 class _SingleProcess:
@@ -104,9 +105,9 @@ def build_prompt(
     """
     demo_items = [loaded.train[d] for d in demos]
     context = "".join(spec.demo_prompt(demo) + spec.demo_join for demo in demo_items)
-    pass_demo_images = num_shots > 0 or (spec.kind == "classification" and zero_shot_images == "original")
+    pass_demo_images = num_shots > 0 or (spec.zero_shot_demo_images and zero_shot_images == "original")
     if num_shots == 0:
-        context = context.replace(IMAGE, "")
+        context = context.replace(MEDIA_TOKEN, "")
     images = (demo_items if pass_demo_images else []) + [item]
     return context + spec.query_prompt(item), images
 
@@ -183,7 +184,7 @@ def evaluate_trial(
         args.query_set_size,
         num_shots,
         args.batch_size,
-        prompt_ensembling=spec.kind == "classification" and args.classification_prompt_ensembling,
+        prompt_ensembling=spec.prompt_ensembling and args.classification_prompt_ensembling,
         retrieve=retrieve,
     )
     _check_images(spec, loaded, plan)
@@ -237,12 +238,7 @@ def evaluate_trial(
     by_id = dict(done)
     by_id.update({_id_key(r["id"]): r for r in gathered})
     ordered = [by_id[_id_key(loaded.test[p.index].id)] for p in plan]
-    if spec.kind == "classification":
-        predictions = {
-            r["id"]: {"label": r["prediction"], "yes_probability": r.get("yes_probability")} for r in ordered
-        }
-    else:
-        predictions = {r["id"]: r["prediction"] for r in ordered}
+    predictions = {r["id"]: spec.scored_prediction(r) for r in ordered}
     references = {r["id"]: loaded.references[r["id"]] for r in ordered}
     score, per_item = spec.score(predictions, references)
     for record in ordered:
@@ -268,57 +264,25 @@ def _run_batch(
         [build_prompt(spec, loaded, item, ordering, num_shots, zero_shot_images) for ordering in p.demos]
         for item, p in zip(items, batch, strict=True)
     ]
-    records = []
-    if spec.kind != "classification":
-        texts = [p[0][0] for p in prompts]
-        outputs = eval_model.generate(
-            texts, [p[0][1] for p in prompts], max_new_tokens=spec.max_new_tokens, num_beams=3, length_penalty=0.0,
-            context=context,
-        )  # fmt: skip
-        for item, planned, text, output in zip(items, batch, texts, outputs, strict=True):
-            records.append(_record(loaded, item, planned, text, spec.postprocess(output), raw=output))
-        return records
-
-    logprobs = []
-    for permutation in range(len(batch[0].demos)):
-        logprobs.append(
-            eval_model.rank_classifications(
-                [p[permutation][0] for p in prompts],
-                [p[permutation][1] for p in prompts],
-                spec.class_names,
-                use_cache=not args.no_caching_for_classification,
-                normalize_length=True,
-                context=context,
-            )
-        )
-    logprobs = torch.stack(logprobs, dim=-1).mean(-1)  # (B, C): the ensemble averages log-likelihoods
-    probabilities = torch.softmax(logprobs, dim=-1)
-    k = min(5, len(spec.class_names))
-    for b, (item, planned) in enumerate(zip(items, batch, strict=True)):
-        top = torch.topk(logprobs[b], k=k)
-        record = _record(loaded, item, planned, prompts[b][0][0], spec.class_names[int(top.indices[0])])
-        record["top_classes"] = [
-            [spec.class_names[int(i)], float(v)] for v, i in zip(top.values, top.indices, strict=True)
-        ]
-        if spec.name == "hateful_memes":
-            record["yes_probability"] = float(probabilities[b, list(spec.class_names).index("yes")])
-        records.append(record)
-    return records
+    outcomes = spec.predict(eval_model, prompts, args, context)
+    return [
+        _record(loaded, item, planned, item_prompts[0][0], outcome)
+        for item, planned, item_prompts, outcome in zip(items, batch, prompts, outcomes, strict=True)
+    ]
 
 
-def _record(
-    loaded: LoadedTask, item: EvalItem, planned: PlannedItem, prompt: str, prediction: str, raw: str | None = None
-) -> dict:
-    record = {
+def _record(loaded: LoadedTask, item: EvalItem, planned: PlannedItem, prompt: str, outcome: dict) -> dict:
+    """A predictions file line: the item, its demonstrations and prompt, the task's prediction, the references, and
+    what else the task keeps of the prediction (`outcome` after its `prediction`)."""
+    outcome = dict(outcome)
+    return {
         "id": item.id,
         "demo_ids": [[loaded.train[d].id for d in ordering] for ordering in planned.demos],
         "prompt": prompt,
-        "prediction": prediction,
+        "prediction": outcome.pop("prediction"),
         "references": loaded.references[item.id],
+        **outcome,
     }
-    if raw is not None:
-        record["generation"] = raw
-    return record
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -370,8 +334,8 @@ def run_evaluation(
 
     The results file keeps the (task, shots) entries of an earlier run made with the same model and settings that
     this run does not compute; `progress` follows the trial being evaluated (for an interruption's message)."""
+    from modeling_flamingo.evaluation.arguments import check_run_arguments, check_split_sizes
     from modeling_flamingo.evaluation.data_dir import apply_data_dir
-    from modeling_flamingo.evaluation.tasks import check_run_arguments, check_split_sizes
 
     check_run_arguments(args)
     apply_data_dir(args)
@@ -385,8 +349,8 @@ def run_evaluation(
             f"--num_trials is {args.num_trials} but {len(args.trial_seeds)} --trial_seeds were given; give one seed per trial."
         )
     check_output_paths(args, tasks)
-    # Read every annotation file, and check the OK-VQA stemmer's data, before loading the model: bad input fails in
-    # seconds, not after an hour of generation.
+    # Read every annotation file, and check what each task's metric needs, before loading the model: bad input fails
+    # in seconds, not after an hour of generation.
     loaded = {spec.name: spec.load(args) for spec in tasks}
     check_split_sizes(args, loaded)
     # So do the outputs of an earlier run this one would resume or sit beside (the model is compared once loaded).
@@ -395,10 +359,9 @@ def run_evaluation(
     previous = read_record(predictions)
     previous_results = read_results(args.results_file) if args.results_file else None
     check_previous_run(args, tasks, record, previous, previous_results, predictions)
-    if any(spec.name == "ok_vqa" for spec in tasks):
-        from modeling_flamingo.evaluation.metrics import check_okvqa_stemmer
-
-        check_okvqa_stemmer()
+    for spec in tasks:
+        if spec.preflight is not None:
+            spec.preflight()
     state = _distributed_state()
     if eval_model is None:
         device = None
