@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from modeling_flamingo.convert.sources import looks_like_repo_id
 from modeling_flamingo.evaluation.datasets import EvalInputError
 from modeling_flamingo.evaluation.tasks import TASKS
 
@@ -18,15 +19,11 @@ from modeling_flamingo.evaluation.tasks import TASKS
 DATA_DIR_LAYOUT: dict[str, str] = {flag: path for task in TASKS.values() for flag, path in task.data_layout.items()}
 
 
-def _looks_like_repo_id(value: str) -> bool:
-    return not os.path.exists(value) and value.count("/") == 1 and not value.startswith((".", "/", "~"))
-
-
 def resolve_data_dir(data_dir: str, folders: list[str]) -> str:
     """A local folder as is; a hub dataset id downloaded (the files of `folders` only) into the hub cache."""
     if os.path.isdir(data_dir):
         return data_dir
-    if not _looks_like_repo_id(data_dir):
+    if not looks_like_repo_id(data_dir):
         raise EvalInputError(f"--data_dir: {data_dir} is neither a folder nor a hub dataset id.")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
