@@ -8,12 +8,16 @@ cache and `HF_HUB_OFFLINE` behave as for any hub download).
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import os
+from typing import TYPE_CHECKING
 
 from modeling_flamingo.convert.sources import looks_like_repo_id
 from modeling_flamingo.evaluation.datasets import EvalInputError
 from modeling_flamingo.evaluation.tasks import TASKS
+
+if TYPE_CHECKING:
+    from modeling_flamingo.evaluation.arguments import EvalArguments
 
 # flag -> path relative to the data dir, of every task (each task's `data_layout`).
 DATA_DIR_LAYOUT: dict[str, str] = {flag: path for task in TASKS.values() for flag, path in task.data_layout.items()}
@@ -34,15 +38,13 @@ def resolve_data_dir(data_dir: str, folders: list[str]) -> str:
         raise EvalInputError(f"--data_dir: cannot fetch the hub dataset {data_dir}: {err}") from err
 
 
-def apply_data_dir(args: argparse.Namespace) -> None:
-    """Fill every unset path flag of the selected tasks from `args.data_dir` (explicit flags are kept)."""
-    if not getattr(args, "data_dir", None):
-        return
-    layout = {
-        f: path for spec in TASKS.values() if getattr(args, spec.flag, False) for f, path in spec.data_layout.items()
-    }
+def apply_data_dir(args: EvalArguments) -> EvalArguments:
+    """`args` with every unset path flag of the selected tasks filled from `args.data_dir` (explicit flags are
+    kept)."""
+    if not args.data_dir:
+        return args
+    layout = {f: path for spec in TASKS.values() if getattr(args, spec.flag) for f, path in spec.data_layout.items()}
     folders = sorted({path.split("/")[0] for path in layout.values()})
     root = resolve_data_dir(args.data_dir, folders)
-    for flag, path in layout.items():
-        if getattr(args, flag, None) is None:
-            setattr(args, flag, os.path.join(root, path))
+    filled = {flag: os.path.join(root, path) for flag, path in layout.items() if getattr(args, flag) is None}
+    return dataclasses.replace(args, **filled)

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from modeling_flamingo.evaluation.arguments import EvalArguments, check_run_arguments, check_split_sizes
+from modeling_flamingo.evaluation.data_dir import apply_data_dir
 from modeling_flamingo.evaluation.datasets import EvalInputError, EvalItem
 from modeling_flamingo.evaluation.eval_model import FlamingoEvalModel
 from modeling_flamingo.evaluation.results import (
@@ -67,11 +69,11 @@ def _gather(state, records: list[dict]) -> list[dict]:
     return gather_object(records)
 
 
-def selected_tasks(args: argparse.Namespace) -> list[TaskSpec]:
-    return [spec for spec in TASKS.values() if getattr(args, spec.flag, False)]
+def selected_tasks(args: EvalArguments) -> list[TaskSpec]:
+    return [spec for spec in TASKS.values() if getattr(args, spec.flag)]
 
 
-def predictions_dir(args: argparse.Namespace) -> Path:
+def predictions_dir(args: EvalArguments) -> Path:
     """`<results_file stem>/predictions` (next to the results file), or `./predictions` without a results file."""
     return output_paths(args.results_file)[2]
 
@@ -163,7 +165,7 @@ def evaluate_trial(
     eval_model: FlamingoEvalModel,
     num_shots: int,
     seed: int,
-    args: argparse.Namespace,
+    args: EvalArguments,
     state=None,
     retrieve: Callable[[list[int], int], list[list[int]]] | None = None,
     progress: RunProgress | None = None,
@@ -255,11 +257,11 @@ def _run_batch(
     eval_model: FlamingoEvalModel,
     batch: list[PlannedItem],
     num_shots: int,
-    args: argparse.Namespace,
+    args: EvalArguments,
     context: str,
 ) -> list[dict]:
     items = [loaded.test[p.index] for p in batch]
-    zero_shot_images = getattr(args, "zero_shot_classification_images", "original")
+    zero_shot_images = args.zero_shot_classification_images
     prompts = [
         [build_prompt(spec, loaded, item, ordering, num_shots, zero_shot_images) for ordering in p.demos]
         for item, p in zip(items, batch, strict=True)
@@ -303,7 +305,7 @@ class _LazyImages(Sequence):
 
 
 def rices_retriever(
-    spec: TaskSpec, loaded: LoadedTask, args: argparse.Namespace, device=None
+    spec: TaskSpec, loaded: LoadedTask, args: EvalArguments, device=None
 ) -> Callable[[list[int], int], list[list[int]]]:
     """RICES over the train split: CLIP embeddings of every train image (read from, or written to,
     `<cached_demonstration_features>/<task>.pkl`, the original's file name), then per batch the k most similar
@@ -327,18 +329,21 @@ def rices_retriever(
 
 
 def run_evaluation(
-    args: argparse.Namespace, eval_model: FlamingoEvalModel | None = None, progress: RunProgress | None = None
+    args: EvalArguments | argparse.Namespace,
+    eval_model: FlamingoEvalModel | None = None,
+    progress: RunProgress | None = None,
 ) -> dict[str, list[dict]]:
     """Run every selected task, shot count and trial; write the results file (main process) and return the results
     (`{task: [{shots, trials, mean, stddev}]}` of this run, empty on the other processes).
 
     The results file keeps the (task, shots) entries of an earlier run made with the same model and settings that
-    this run does not compute; `progress` follows the trial being evaluated (for an interruption's message)."""
-    from modeling_flamingo.evaluation.arguments import check_run_arguments, check_split_sizes
-    from modeling_flamingo.evaluation.data_dir import apply_data_dir
-
+    this run does not compute; `progress` follows the trial being evaluated (for an interruption's message).
+    `args` come from `parse_arguments`, or as a namespace from `build_parser().parse_args` (a flag it lacks takes its
+    default)."""
+    if isinstance(args, argparse.Namespace):
+        args = EvalArguments.from_namespace(args)
     check_run_arguments(args)
-    apply_data_dir(args)
+    args = apply_data_dir(args)
     tasks = selected_tasks(args)
     if not tasks:
         raise EvalInputError(
@@ -373,7 +378,7 @@ def run_evaluation(
             args.device_map,
             device=device,
             latents_cache_bytes=int(args.latents_cache_mb) << 20,
-            class_batch_size=getattr(args, "class_batch_size", 64),
+            class_batch_size=args.class_batch_size,
         )
     # The main process hashes a local model's files first; the others then find the hashes in the cache.
     if not state.is_main_process:

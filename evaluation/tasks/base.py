@@ -8,16 +8,15 @@ instance of a family with its own fields.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from modeling_flamingo.evaluation.datasets import EvalItem
-from modeling_flamingo.processing.image_loading import DEFAULT_MAX_IMAGE_PIXELS
 from modeling_flamingo.processing.processing_flamingo import EOC_TOKEN
 
 if TYPE_CHECKING:
+    from modeling_flamingo.evaluation.arguments import EvalArguments
     from modeling_flamingo.evaluation.eval_model import FlamingoEvalModel
 
 # A prompt with its demonstrations: (text, the items whose images it holds).
@@ -77,7 +76,7 @@ class TaskSpec:
 
     # --- data
 
-    def load(self, args: argparse.Namespace) -> LoadedTask:
+    def load(self, args: EvalArguments) -> LoadedTask:
         """Read the splits from the paths in the parsed arguments (raises `EvalInputError` on bad input)."""
         raise NotImplementedError
 
@@ -86,10 +85,10 @@ class TaskSpec:
         train: list[EvalItem],
         test: list[EvalItem],
         references: dict[Any, list[str]],
-        args: argparse.Namespace,
+        args: EvalArguments,
     ) -> LoadedTask:
         """The splits, every item told its task and split (for errors) and the image size bound."""
-        max_pixels = getattr(args, "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)
+        max_pixels = args.max_image_pixels
         for split, items in (("train", train), ("test", test)):
             for item in items:
                 item.source, item.max_pixels = f"{self.name} ({split} split)", max_pixels
@@ -113,7 +112,7 @@ class TaskSpec:
         self,
         eval_model: FlamingoEvalModel,
         prompts: Sequence[Sequence[Prompt]],
-        args: argparse.Namespace,
+        args: EvalArguments,
         context: str,
     ) -> list[dict[str, Any]]:
         """One dict per test item of a batch, its `prediction` first, then what else its record keeps.
@@ -149,7 +148,7 @@ class GenerationTask(TaskSpec):
         self,
         eval_model: FlamingoEvalModel,
         prompts: Sequence[Sequence[Prompt]],
-        args: argparse.Namespace,
+        args: EvalArguments,
         context: str,
     ) -> list[dict[str, Any]]:
         outputs = eval_model.generate(

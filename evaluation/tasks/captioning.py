@@ -4,16 +4,18 @@ sentences); CIDEr."""
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from modeling_flamingo.evaluation import datasets as ds
 from modeling_flamingo.evaluation import metrics
 from modeling_flamingo.evaluation.datasets import EvalInputError, EvalItem
 from modeling_flamingo.evaluation.tasks.base import GenerationTask, LoadedTask, Metric
 from modeling_flamingo.processing.processing_flamingo import MEDIA_TOKEN
+
+if TYPE_CHECKING:
+    from modeling_flamingo.evaluation.arguments import EvalArguments
 
 
 def caption_prompt(item: EvalItem) -> str:
@@ -37,7 +39,7 @@ class CaptioningTask(GenerationTask):
     image_dir_flags: tuple[str, ...]
     karpathy_flag: str
     references_flag: str
-    karpathy_format: str
+    karpathy_format: Literal["coco", "flickr"]
     prompt: Callable[[EvalItem], str] = caption_prompt
     metric: Metric = metrics.cider_scores  # one tokenizer run for the score and the per-item scores
     postprocess: Callable[[str], str] = metrics.postprocess_captioning_generation
@@ -46,7 +48,7 @@ class CaptioningTask(GenerationTask):
     def demo_answer(self, item: EvalItem) -> str:
         return item.caption.strip()
 
-    def load(self, args: argparse.Namespace) -> LoadedTask:
+    def load(self, args: EvalArguments) -> LoadedTask:
         image_dirs = [ds.require_path(getattr(args, flag), flag) for flag in self.image_dir_flags]
         karpathy = getattr(args, self.karpathy_flag)
         train, test = (

@@ -3,7 +3,6 @@ original); ImageNet top-1 accuracy, Hateful Memes ROC AUC of the "yes" probabili
 
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 from collections.abc import Mapping, Sequence
@@ -20,6 +19,7 @@ from modeling_flamingo.evaluation.tasks.base import LoadedTask, Metric, Prompt, 
 from modeling_flamingo.processing.processing_flamingo import MEDIA_TOKEN
 
 if TYPE_CHECKING:
+    from modeling_flamingo.evaluation.arguments import EvalArguments
     from modeling_flamingo.evaluation.eval_model import FlamingoEvalModel
 
 
@@ -66,7 +66,7 @@ class ClassificationTask(TaskSpec):
         self,
         eval_model: FlamingoEvalModel,
         prompts: Sequence[Sequence[Prompt]],
-        args: argparse.Namespace,
+        args: EvalArguments,
         context: str,
     ) -> list[dict[str, Any]]:
         logprobs = []
@@ -116,7 +116,7 @@ class ImageFolderTask(ClassificationTask):
     """Classification over `<root>/train` and `<root>/val` in the ImageFolder layout (class folders sorted by name;
     folder i is `class_names[i]`), the root given by the task's one path flag."""
 
-    def load(self, args: argparse.Namespace) -> LoadedTask:
+    def load(self, args: EvalArguments) -> LoadedTask:
         (flag,) = self.path_flags
         root = ds.require_path(getattr(args, flag), flag)
         train = ds.read_image_folder(os.path.join(root, "train"), self.class_names, flag)
@@ -145,7 +145,7 @@ IMAGENET = ImageFolderTask(
 class HatefulMemesTask(ClassificationTask):
     """Hateful Memes: the flags of the image folder and of the train and test JSONL files, in this order."""
 
-    def load(self, args: argparse.Namespace) -> LoadedTask:
+    def load(self, args: EvalArguments) -> LoadedTask:
         image_flag, train_flag, test_flag = self.path_flags
         image_dir = getattr(args, image_flag)
         train, test = (

@@ -3,17 +3,19 @@ the `*_vqa_format.json` of TextVQA and VizWiz), paired by position; VQA accuracy
 
 from __future__ import annotations
 
-import argparse
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 from modeling_flamingo.evaluation import datasets as ds
 from modeling_flamingo.evaluation import metrics
 from modeling_flamingo.evaluation.datasets import EvalInputError, EvalItem
 from modeling_flamingo.evaluation.tasks.base import GenerationTask, LoadedTask, Metric
 from modeling_flamingo.processing.processing_flamingo import MEDIA_TOKEN
+
+if TYPE_CHECKING:
+    from modeling_flamingo.evaluation.arguments import EvalArguments
 
 
 class ImageNames(NamedTuple):
@@ -83,7 +85,7 @@ class VQATask(GenerationTask):
     def image_path(self, image_dir: str, image_id: Any) -> str:
         return self.image_names.path(self.name, image_dir, image_id)
 
-    def load(self, args: argparse.Namespace) -> LoadedTask:
+    def load(self, args: EvalArguments) -> LoadedTask:
         train, test = (
             ds.read_vqa(
                 *(getattr(args, flag) for flag in flags),
