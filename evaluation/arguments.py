@@ -17,6 +17,7 @@ from modeling_flamingo.evaluation.datasets import EvalInputError
 from modeling_flamingo.evaluation.sampling import effective_num_shots
 from modeling_flamingo.evaluation.tasks import TASKS, LoadedTask
 from modeling_flamingo.processing.image_loading import DEFAULT_MAX_IMAGE_PIXELS
+from modeling_flamingo.weight_dtypes import SHORT_DTYPES
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,7 @@ class RunArguments:
     `--zero_shot_classification_images` changes a prediction)."""
 
     model: str = arg(help="A converted model folder or an original OpenFlamingo hub id.")
-    precision: str = arg("fp32", choices=("fp32", "bf16", "fp16"), help="Weights dtype.")
+    precision: str = arg("fp32", choices=tuple(SHORT_DTYPES), help="Weights dtype.")
     device_map: str | None = arg(None, help='e.g. "auto" to spread a large model over the available devices.')
     results_file: str | None = arg(None, help="JSON results; a Markdown table and predictions/ go beside it.")
     resume: bool = arg(False, help="Continue an interrupted run from its predictions files.")

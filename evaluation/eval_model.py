@@ -25,8 +25,10 @@ from modeling_flamingo import FlamingoForConditionalGeneration, FlamingoProcesso
 from modeling_flamingo.evaluation.datasets import EvalItem
 from modeling_flamingo.modeling_flamingo import select_current_image
 from modeling_flamingo.modeling_mosaic_gpt import CACHE_NAME
+from modeling_flamingo.weight_dtypes import SHORT_DTYPES
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# `--precision` names the weights dtype by its short name (fp32, bf16, fp16).
+PRECISIONS = SHORT_DTYPES
 
 
 class LatentsCache:
