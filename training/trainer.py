@@ -54,7 +54,7 @@ from modeling_flamingo.training.run_folder import (
     weights_sha256,
 )
 from modeling_flamingo.training.state import TrainerState, find_latest_checkpoint, resume_checkpoint
-from modeling_flamingo.training.token_rows import TrainableTokenRows, is_token_rows_name
+from modeling_flamingo.training.token_rows import TrainableTokenRows, select_token_rows_strategy
 
 # Optimiser steps in a row skipped for a non-finite loss or gradient norm before training stops with an error.
 DEFAULT_MAX_CONSECUTIVE_SKIPPED_STEPS = 10
@@ -166,22 +166,10 @@ class FlamingoTrainer:
             add_lora_adapters(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules or None)
         if args.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.embedding_mask = None
-        self.token_rows = None
-        if not args.freeze_lm_embeddings:
-            new_tokens = [model.config.media_token_id, model.config.eoc_token_id]
-            if self.backend.trains_token_rows and TrainableTokenRows.supports(model):
-                # Only the two rows are trained, through a (2, d) parameter: the original's step without its dense
-                # embedding gradient and update (see token_rows.py).
-                self.token_rows = TrainableTokenRows(model, new_tokens)
-            else:
-                # The original's way: the dense embedding is trained and the other rows' gradients are zeroed.
-                self.embedding_mask = EmbeddingGradientMask(new_tokens)
-                if self.backend.hooks_survive_wrapping:  # FSDP replaces the parameter: masked after backward instead
-                    self.embedding_mask.register_hook(_input_embedding_weight(model))
+        self.rows = select_token_rows_strategy(model, not args.freeze_lm_embeddings, self.backend)
         # The frozen weights a checkpoint does not store come from `model`: their hash tells another model apart.
         trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-        self._frozen_weights = weights_sha256(model, skip=trainable | _checkpointed_names(model))
+        self._frozen_weights = weights_sha256(model, skip=trainable | self._checkpointed_names(model))
 
     def _prepare_training(self, model: FlamingoForConditionalGeneration, resume_dir: Path | None) -> None:
         """Wrap the model and AdamW for the backend, read the first epoch's loaders (their length fixes the
@@ -300,10 +288,27 @@ class FlamingoTrainer:
     def _resume_config(self) -> dict[str, Any]:
         return resume_config(self.args, self.accelerator.num_processes, self._frozen_weights)
 
+    def _checkpointed_names(self, model: FlamingoForConditionalGeneration) -> set[str]:
+        """The parameters a (non-FSDP) checkpoint stores: the trainable ones (but the token-rows strategy's own) and
+        the input embeddings, each under one name (a head tied to the input embeddings (Qwen2, Gemma, GPT-2, MPT)
+        shares their tensor, which safetensors stores once; loading that sets both)."""
+        keys = {n for n, p in model.named_parameters() if p.requires_grad and not self.rows.hides_parameter(n)}
+        emb = model.get_input_embeddings().weight
+        keys |= {name for name, p in model.named_parameters() if p is emb}
+        return keys
+
     def _saved_keys(self) -> set[str]:
-        # A head tied to the input embedding (Qwen2, Gemma, GPT-2, MPT) is stored once, under the embedding's name
-        # (`_checkpointed_names`; safetensors refuses aliases), and loading that sets both.
-        return _checkpointed_names(self.unwrapped)
+        return self._checkpointed_names(self.unwrapped)
+
+    @property
+    def token_rows(self) -> TrainableTokenRows | None:
+        """The token-rows strategy when it trains the rows through a (k, d) parameter, else None."""
+        return self.rows if isinstance(self.rows, TrainableTokenRows) else None
+
+    @property
+    def embedding_mask(self) -> EmbeddingGradientMask | None:
+        """The token-rows strategy when it masks the dense embedding's gradient (the original's way), else None."""
+        return self.rows if isinstance(self.rows, EmbeddingGradientMask) else None
 
     def _filter_saved_weights(self, models, weights, output_dir) -> None:
         keep = self._saved_keys()
@@ -360,11 +365,10 @@ class FlamingoTrainer:
         acc = self.accelerator
         stepped = False
         if not self._window_bad:
-            if self.embedding_mask is not None and not self.backend.hooks_survive_wrapping:
-                self.embedding_mask.apply(_input_embedding_weight(self.unwrapped))
+            self.rows.before_optimizer_step(self.unwrapped)
             stepped = self.backend.step(self.model, self.optimizer, self.scheduler, self.args.max_grad_norm)
-        if stepped and self.token_rows is not None:
-            self.token_rows.sync_()
+        if stepped:
+            self.rows.after_optimizer_step()
         self.optimizer.zero_grad(set_to_none=True)
         if stepped:
             self.state.consecutive_skipped_steps = 0
@@ -546,10 +550,6 @@ class FlamingoTrainer:
         save_pretrained_folder(model, self.processor, self.run_dir / "model", state_dict=dict(state_dict))
 
 
-def _input_embedding_weight(model) -> torch.nn.Parameter:
-    return model.get_input_embeddings().weight
-
-
 def _shell_path(path: Path) -> str:
     """`path` made absolute, quoted only where a shell needs it: pasted as is into a later command."""
     return shlex.quote(str(path.resolve()))
@@ -557,15 +557,6 @@ def _shell_path(path: Path) -> str:
 
 def _changeable_on_resume(args: argparse.Namespace) -> tuple[str, ...]:
     return CHANGEABLE_ON_RESUME if getattr(args, "resume_with_new_optimisation_flags", False) else ()
-
-
-def _checkpointed_names(model) -> set[str]:
-    """The parameters a (non-FSDP) checkpoint stores: the trainable ones and the input embeddings, each under one
-    name (a head tied to the input embeddings shares their tensor, which safetensors stores once)."""
-    keys = {name for name, p in model.named_parameters() if p.requires_grad and not is_token_rows_name(name)}
-    emb = _input_embedding_weight(model)
-    keys |= {name for name, p in model.named_parameters() if p is emb}
-    return keys
 
 
 def _loggable(value: Any) -> bool:
