@@ -13,6 +13,8 @@ from transformers import (
     get_linear_schedule_with_warmup,
 )
 
+from modeling_flamingo.training.sharding import local_rows
+
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 
 # The original puts a parameter in the weight-decay group when its name contains this.
@@ -133,22 +135,11 @@ class EmbeddingGradientMask:
     @torch.no_grad()
     def apply(self, weight: torch.Tensor) -> None:
         self._check(weight)
-        grad = weight.grad
-        if grad is None:
+        if weight.grad is None:
             return
-        try:
-            from torch.distributed.tensor import DTensor
-        except ImportError:  # pragma: no cover - torch without DTensor
-            DTensor = ()
-        if isinstance(grad, DTensor):
-            from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-            local = grad.to_local()
-            _, offset = compute_local_shape_and_global_offset(grad.shape, grad.device_mesh, grad.placements)
-            if local.shape[0]:
-                local.mul_(self.row_mask(local.shape[0], start=offset[0], device=local.device, dtype=local.dtype))
-            return
-        grad.mul_(self.row_mask(grad.shape[0], device=grad.device, dtype=grad.dtype))
+        local, start = local_rows(weight.grad)  # FSDP2: this process's rows only
+        if local.shape[0]:
+            local.mul_(self.row_mask(local.shape[0], start=start, device=local.device, dtype=local.dtype))
 
 
 __all__ = [

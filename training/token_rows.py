@@ -35,6 +35,7 @@ from torch import nn
 
 from modeling_flamingo.modeling_mosaic_gpt import MosaicGPTSharedEmbedding
 from modeling_flamingo.training.optim import EmbeddingGradientMask
+from modeling_flamingo.training.sharding import dtensor_class, local_rows
 
 ROWS_PARAMETER = "flamingo_token_rows"
 
@@ -156,7 +157,7 @@ class TrainableTokenRows:
         weight = state_dict.get(prefix + "weight")
         if weight is None or prefix + ROWS_PARAMETER in state_dict:
             return
-        DTensor = _dtensor_class()
+        DTensor = dtensor_class()
         if isinstance(weight, DTensor):  # FSDP2 shards: collective, every process loads
             weight = weight.full_tensor()
         rows = weight[self.token_ids]
@@ -170,20 +171,13 @@ class TrainableTokenRows:
     @torch.no_grad()
     def sync_(self) -> None:
         """Copy the trained rows into the embedding weight. Collective under FSDP2 (every process must call it)."""
-        rows, weight = self.rows, self.embedding.weight
-        DTensor = _dtensor_class()
-        if isinstance(rows, DTensor):
+        rows = self.rows
+        if isinstance(rows, dtensor_class()):
             rows = rows.full_tensor()
-        if not isinstance(weight, DTensor):
-            weight[self.token_ids] = rows.to(weight.dtype)
-            return
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-        local = weight.to_local()
-        _, offset = compute_local_shape_and_global_offset(weight.shape, weight.device_mesh, weight.placements)
+        local, start = local_rows(self.embedding.weight)  # FSDP2: this process's rows only
         for i, token in enumerate(self.token_ids):
-            if offset[0] <= token < offset[0] + local.shape[0]:
-                local[token - offset[0]] = rows[i].to(local.dtype)
+            if start <= token < start + local.shape[0]:
+                local[token - start] = rows[i].to(local.dtype)
 
 
 class TokenRowsStrategy(Protocol):
@@ -245,14 +239,6 @@ def _load_state_dict_pre_hook(module: nn.Module, hook) -> torch.utils.hooks.Remo
     if hasattr(module, "register_load_state_dict_pre_hook"):
         return module.register_load_state_dict_pre_hook(hook)
     return module._register_load_state_dict_pre_hook(hook, with_module=True)  # torch < 2.5
-
-
-def _dtensor_class() -> type | tuple:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without DTensor
-        return ()
-    return DTensor
 
 
 __all__ = [
