@@ -10,7 +10,6 @@ loop never wraps the model itself.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -26,6 +25,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from modeling_flamingo.modeling_flamingo import FlamingoForConditionalGeneration
+from modeling_flamingo.training.arguments import DEFAULT_MAX_CONSECUTIVE_SKIPPED_STEPS, TrainingArguments
 from modeling_flamingo.training.backends import (
     PRECISIONS,
     build_accelerator,
@@ -56,9 +56,6 @@ from modeling_flamingo.training.run_folder import (
 from modeling_flamingo.training.state import TrainerState, find_latest_checkpoint, resume_checkpoint
 from modeling_flamingo.training.token_rows import TrainableTokenRows, select_token_rows_strategy
 
-# Optimiser steps in a row skipped for a non-finite loss or gradient norm before training stops with an error.
-DEFAULT_MAX_CONSECUTIVE_SKIPPED_STEPS = 10
-
 
 class TrainLoaderLike(Protocol):
     """What `modeling_flamingo.training.data.build_train_loaders` returns per dataset."""
@@ -83,8 +80,8 @@ class FlamingoTrainer:
     """Trains a `FlamingoForConditionalGeneration` on batches of several datasets, as the original recipe does.
 
     Args:
-        args: the parsed command line (`modeling_flamingo.training.cli.parse_args`); the names and meanings of the
-            original's `train.py` flags.
+        args: the typed command line (`modeling_flamingo.training.cli.parse_args`), with the names and meanings of
+            the original's `train.py` flags.
         model: the model to train; its trainable set is set here (`freeze_for_flamingo_training`).
         processor: saved beside the exported model (may be None).
         loader_factory: epoch -> dataset name -> loader with `.dataloader` (yielding batch dicts: `pixel_values`
@@ -95,7 +92,7 @@ class FlamingoTrainer:
 
     def __init__(
         self,
-        args: argparse.Namespace,
+        args: TrainingArguments,
         model: FlamingoForConditionalGeneration,
         processor,
         loader_factory: LoaderFactory,
@@ -135,7 +132,9 @@ class FlamingoTrainer:
     # setup
 
     @staticmethod
-    def _build_accelerator(args: argparse.Namespace) -> Accelerator:
+    def _build_accelerator(args: TrainingArguments) -> Accelerator:
+        """`backends.build_accelerator`: the command line builds the accelerator before the trainer (it seeds with
+        the process index), and passes it in."""
         return build_accelerator(args)
 
     def _read_resume(self, resume_dir: Path | None) -> dict[str, Any] | None:
@@ -160,7 +159,7 @@ class FlamingoTrainer:
         checks, all before Accelerate wraps the model."""
         args = self.args
         freeze_for_flamingo_training(model, train_embeddings=not args.freeze_lm_embeddings)
-        if getattr(args, "lora_r", 0):
+        if args.lora_r:
             from modeling_flamingo.training.lora import add_lora_adapters
 
             add_lora_adapters(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules or None)
@@ -221,11 +220,11 @@ class FlamingoTrainer:
                 aside = move_aside_later(self.run_dir, later)
                 acc.print(f"Moved {', '.join(p.name for p in later)} and the exports of that run into {aside}.")
             acc.wait_for_everyone()
-        if getattr(args, "report_to", None):
+        if args.report_to:
             if acc.is_main_process:  # TensorBoard writes into the run folder: marked first
                 mark_run_folder(self.run_dir)
             # The trackers were built with the accelerator (`build_trackers`): the project name is theirs.
-            acc.init_trackers("openflamingo", config={k: v for k, v in vars(args).items() if _loggable(v)})
+            acc.init_trackers("openflamingo", config={k: v for k, v in asdict(args).items() if _loggable(v)})
 
     def _check_loaders(self, loaders: Mapping[str, TrainLoaderLike]) -> int:
         if not loaders:
@@ -241,11 +240,11 @@ class FlamingoTrainer:
             raise ValueError(
                 f"An epoch has no batches ({counts}): raise --train_num_samples_* or lower the batch size."
             )
-        self.multipliers = {name: float(getattr(self.args, f"loss_multiplier_{name}", 1.0)) for name in loaders}
+        self.multipliers = {name: self.args.loss_multiplier(name) for name in loaders}
         return n
 
     @classmethod
-    def check_run(cls, args: argparse.Namespace, num_processes: int | None = None) -> tuple[Path | None, list[Path]]:
+    def check_run(cls, args: TrainingArguments, num_processes: int | None = None) -> tuple[Path | None, list[Path]]:
         """What a run checks before it loads a model or writes anything (reads only): `--run_name` is new or a run
         folder, resuming from the checkpoint it resumes from mixes no lineages, and the data and optimisation flags
         (and `num_processes`, when given) are those the checkpoint was saved with. Raises `RunFolderError` (a
@@ -261,7 +260,7 @@ class FlamingoTrainer:
         if resume_dir is None:
             return None, []
         step = TrainerState.read(resume_dir).global_step
-        later = check_lineage(run_dir, resume_dir, step, bool(getattr(args, "move_later_checkpoints_aside", False)))
+        later = check_lineage(run_dir, resume_dir, step, args.move_later_checkpoints_aside)
         saved = read_resume_config(resume_dir)
         if saved is not None:
             check_resume_config(resume_dir, saved, resume_config(args, num_processes), _changeable_on_resume(args))
@@ -391,7 +390,7 @@ class FlamingoTrainer:
                 process alike); nothing is saved after the last checkpoint.
         """
         acc, args, state = self.accelerator, self.args, self.state
-        max_skipped = getattr(args, "max_consecutive_skipped_steps", DEFAULT_MAX_CONSECUTIVE_SKIPPED_STEPS)
+        max_skipped = args.max_consecutive_skipped_steps
         self.model.train()
         progress = progress_bar(acc, self.total_steps, state.global_step)
         while state.global_step < self.total_steps and state.epoch < self.num_epochs:
@@ -434,7 +433,7 @@ class FlamingoTrainer:
                     state.batches_done = 0
                 if args.logging_steps and state.global_step % args.logging_steps == 0:
                     lr = self.optimizer.param_groups[0]["lr"]
-                    self.meters.log(acc, progress, state, self.total_steps, lr, bool(getattr(args, "report_to", None)))
+                    self.meters.log(acc, progress, state, self.total_steps, lr, bool(args.report_to))
                 if max_skipped and state.consecutive_skipped_steps >= max_skipped:
                     progress.close()
                     acc.end_training()
@@ -479,7 +478,7 @@ class FlamingoTrainer:
     def _save_checkpoint_to_wandb(self, folder: Path) -> None:
         """`--save_checkpoints_to_wandb`: the checkpoint folder's files and `checkpoint.pt` into the W&B run's files,
         named as in the run folder (the original `wandb.save`s its checkpoint file and final weights)."""
-        if not getattr(self.args, "save_checkpoints_to_wandb", False) or not self.accelerator.is_main_process:
+        if not self.args.save_checkpoints_to_wandb or not self.accelerator.is_main_process:
             return
         run = self.accelerator.get_tracker("wandb", unwrap=True)
         base = self.run_dir.resolve()
@@ -555,8 +554,8 @@ def _shell_path(path: Path) -> str:
     return shlex.quote(str(path.resolve()))
 
 
-def _changeable_on_resume(args: argparse.Namespace) -> tuple[str, ...]:
-    return CHANGEABLE_ON_RESUME if getattr(args, "resume_with_new_optimisation_flags", False) else ()
+def _changeable_on_resume(args: TrainingArguments) -> tuple[str, ...]:
+    return CHANGEABLE_ON_RESUME if args.resume_with_new_optimisation_flags else ()
 
 
 def _loggable(value: Any) -> bool:
