@@ -62,6 +62,12 @@ class FlamingoArgumentParser(HfArgumentParser):
             parser.add_argument(*names, action="store_true", dest=field.name, **kwargs)
             return
         HfArgumentParser._parse_dataclass_field(parser, field)
+        # `nargs` and `type` given to `arg` win over those HfArgumentParser derives from the field's type (a list
+        # field would take `nargs="+"`, an int field `type=int`).
+        action = parser._option_string_actions[f"--{field.name}"]
+        for key in ("nargs", "type"):
+            if key in field.metadata:
+                setattr(action, key, field.metadata[key])
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"error: {message}\n")

@@ -74,3 +74,25 @@ def test_run_cli_failure_is_one_line_with_status_1(capsys):
 
     assert run_cli(failing, (ValueError,)) == EXIT_FAILURE
     assert capsys.readouterr().err == "error: bad input\n"
+
+
+def _at_least_two(text: str) -> int:
+    if int(text) < 2:
+        raise ValueError(text)
+    return int(text)
+
+
+@dataclasses.dataclass
+class _Explicit:
+    tags: list[str] = arg([], help="zero or more", nargs="*")
+    pairs: int = arg(2, help="two or more", type=_at_least_two)
+
+
+def test_argparse_keywords_given_to_arg_win_over_those_the_type_implies(capsys):
+    parser = FlamingoArgumentParser(_Explicit, prog="prog")
+    assert parser.parse(["--tags"]) == (_Explicit(tags=[], pairs=2),)  # nargs="*", not the list type's "+"
+    assert parser.parse(["--tags", "a", "b", "--pairs", "3"]) == (_Explicit(tags=["a", "b"], pairs=3),)
+    with pytest.raises(SystemExit) as exited:
+        parser.parse(["--pairs", "1"])  # the field's own type, not int
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == "error: argument --pairs: invalid _at_least_two value: '1'\n"
