@@ -15,7 +15,7 @@ from typing import Any
 
 from modeling_flamingo.arguments import arg
 from modeling_flamingo.processing.image_loading import DEFAULT_MAX_IMAGE_PIXELS
-from modeling_flamingo.training.backends import PRECISIONS
+from modeling_flamingo.training.backends import MIXED_PRECISION
 from modeling_flamingo.training.optim import LR_SCHEDULERS
 
 # Optimiser steps in a row skipped for a non-finite loss or gradient norm before training stops with an error.
@@ -121,7 +121,7 @@ class OptimisationArguments:
     gradient_accumulation_steps: int = arg(1)
     num_epochs: int = arg(1, help="an epoch is train_num_samples_* samples, as in the original")
     max_steps: int | None = arg(None, help="stop after this many optimiser steps (overrides epochs)")
-    precision: str = arg("fp32", choices=list(PRECISIONS))
+    precision: str = arg("fp32", choices=list(MIXED_PRECISION))
     gradient_checkpointing: bool = arg(False)
     freeze_lm_embeddings: bool = arg(False)
     loss_multiplier_laion: float = arg(1.0)

@@ -26,7 +26,7 @@ from modeling_flamingo.training.run_folder import check_checkpoint_files, check_
 
 # --precision values of the original and the Accelerate mixed-precision mode each one means here. The original's
 # "bf16"/"fp16" cast only the inputs of an fp32 model (which then fails); here they mean autocast like "amp_*".
-PRECISIONS = {
+MIXED_PRECISION = {
     "fp32": "no",
     "amp_bf16": "bf16",
     "amp_bfloat16": "bf16",
@@ -39,8 +39,8 @@ PRECISIONS = {
 def build_accelerator(args: Any) -> Accelerator:
     """The `Accelerator` of a run: mixed precision from `--precision`, the trackers of `--report_to`, and the launch
     configuration (DDP, FSDP, DeepSpeed) from the environment `accelerate launch` sets."""
-    if args.precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {args.precision!r}.")
+    if args.precision not in MIXED_PRECISION:
+        raise ValueError(f"precision must be one of {', '.join(MIXED_PRECISION)}; got {args.precision!r}.")
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     handlers = []
     if deepspeed and _deepspeed_on_cpu():
@@ -49,7 +49,7 @@ def build_accelerator(args: Any) -> Accelerator:
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
     return Accelerator(
         kwargs_handlers=handlers,
-        mixed_precision=PRECISIONS[args.precision],
+        mixed_precision=MIXED_PRECISION[args.precision],
         # DeepSpeed counts micro-batches itself; elsewhere the loop accumulates (two datasets per micro-step).
         gradient_accumulation_steps=int(args.gradient_accumulation_steps) if deepspeed else 1,
         log_with=build_trackers(args) or None,
@@ -247,7 +247,7 @@ def _deepspeed_on_cpu() -> bool:
 
 
 __all__ = [
-    "PRECISIONS",
+    "MIXED_PRECISION",
     "DeepSpeedBackend",
     "FsdpBackend",
     "TrainingBackend",

@@ -27,7 +27,7 @@ from accelerate.utils import set_seed
 from modeling_flamingo.modeling_flamingo import FlamingoForConditionalGeneration
 from modeling_flamingo.training.arguments import DEFAULT_MAX_CONSECUTIVE_SKIPPED_STEPS, TrainingArguments
 from modeling_flamingo.training.backends import (
-    PRECISIONS,
+    MIXED_PRECISION,
     build_accelerator,
     build_trackers,
     fsdp_wrap_classes,
@@ -569,7 +569,7 @@ def seed_everything(seed: int, rank: int = 0) -> None:
 
 __all__ = [
     "DEFAULT_MAX_CONSECUTIVE_SKIPPED_STEPS",
-    "PRECISIONS",
+    "MIXED_PRECISION",
     "FlamingoTrainer",
     "LoaderFactory",
     "TrainLoaderLike",
