@@ -13,6 +13,7 @@ import sys
 
 from modeling_flamingo.app.engine import DEFAULT_MAX_IMAGES
 from modeling_flamingo.processing.image_loading import DEFAULT_MAX_IMAGE_PIXELS
+from modeling_flamingo.weight_dtypes import SHORT_DTYPES
 
 
 def _positive_int(text: str) -> int:
@@ -36,9 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="The offline tiny model of `python -m modeling_flamingo.demo` "
         "(random weights: it shows the app, not the model's quality); the default when no --model is given.",
     )
-    p.add_argument(
-        "--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="Weights dtype (default fp32)."
-    )
+    p.add_argument("--precision", default="fp32", choices=tuple(SHORT_DTYPES), help="Weights dtype (default fp32).")
     p.add_argument(
         "--device_map", default=None, help='e.g. "auto" to spread a large model over the available devices.'
     )

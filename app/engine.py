@@ -20,8 +20,8 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 
 from modeling_flamingo import FlamingoForConditionalGeneration, FlamingoProcessor
 from modeling_flamingo.app.prompt import IMAGE, InputError
-from modeling_flamingo.evaluation.eval_model import PRECISIONS  # --precision name -> weights dtype, as evaluation
 from modeling_flamingo.processing.image_loading import DEFAULT_MAX_IMAGE_PIXELS, ImageTooLargeError, open_image
+from modeling_flamingo.weight_dtypes import SHORT_DTYPES  # --precision name -> weights dtype, as evaluation
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def load_model(
     """Load a converted folder or hub id (an original OpenFlamingo release is converted once, as `from_pretrained`
     does); without a device map the model goes to the GPU when there is one."""
     model = FlamingoForConditionalGeneration.from_pretrained(
-        name_or_path, dtype=PRECISIONS[precision], device_map=device_map
+        name_or_path, dtype=SHORT_DTYPES[precision], device_map=device_map
     )
     if device_map is None and torch.cuda.is_available():
         model.to("cuda")

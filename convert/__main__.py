@@ -4,83 +4,92 @@
     python -m modeling_flamingo.convert --checkpoint CKPT --vision-model VIS --language-model LM \\
         --tokenizer TOK --cross-attn-every-n-layers N --output-dir DIR
 
+The flags are the fields of `ConvertArguments`, parsed with the CLIs' `FlamingoArgumentParser`
+(`modeling_flamingo.arguments`): each is accepted as `--some-flag` and `--some_flag`, and `--help` shows the defaults.
 Any failure (bad flags included) prints one line, `error: ...`, on stderr and exits with status 1, leaving no output
-folder behind; SIGTERM removes the partial output and exits with status 143.
+folder behind; SIGTERM removes the partial output and exits with status 143. (A bad command line keeps status 1 here,
+where the other CLIs give 2: scripts written against this CLI test for 1.)
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
+from typing import Any, NoReturn
 
-from .converter import DTYPES, ConversionSpec, ConversionTerminated, convert
+from modeling_flamingo.arguments import EXIT_FAILURE, EXIT_INTERRUPTED, FlamingoArgumentParser, arg
+from modeling_flamingo.weight_dtypes import DTYPES
+
+from .converter import ConversionSpec, ConversionTerminated, convert
 from .hub import hub_cache_dir, offline_mode
 from .presets import PRESETS
 from .sources import ConversionError, HubOptions, first_line
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse reporting a bad command line as a ConversionError (one `error:` line, status 1, like every other
-    failure) instead of printing the usage and exiting with status 2."""
+@dataclass(kw_only=True)
+class ConvertArguments:
+    """The flags of `openflamingo-convert` (each accepted as `--some-flag` and `--some_flag`)."""
 
-    def error(self, message: str):
+    preset: str | None = arg(
+        None,
+        help="a released model: " + ", ".join(PRESETS) + ". Other flags override its defaults "
+        "(e.g. --checkpoint with a local copy of checkpoint.pt).",
+        choices=sorted(PRESETS),
+        metavar="REPO",
+    )
+    checkpoint: str | None = arg(None, help="checkpoint.pt file, folder holding it, or hub repo id")
+    vision_model: str | None = arg(
+        None, help="HF CLIP model (folder or repo id), or a file holding an open_clip vision state dict"
+    )
+    language_model: str | None = arg(None, help="the language model (transformers folder or repo id)")
+    tokenizer: str | None = arg(None, help="tokenizer folder or repo id (default: the language model's)")
+    cross_attn_every_n_layers: int | None = arg(
+        None, help="cross-attention interval; checked against the checkpoint (read from it when omitted)"
+    )
+    output_dir: str = arg(help="folder to create")
+    dtype: str = arg("float32", help="dtype of the weights written", choices=sorted(DTYPES))
+    max_shard_size: str = arg("5GB", help="largest weight file, e.g. 5GB, 500MB")
+    language_model_revision: str | None = arg(None, help="hub revision of the language model (and its tokenizer)")
+    checkpoint_revision: str | None = arg(None, help="hub revision of the checkpoint repo")
+    vision_model_revision: str | None = arg(None, help="hub revision of the vision model repo")
+    tokenizer_revision: str | None = arg(None, help="hub revision of the tokenizer repo")
+    vision_hidden_act: str = arg(
+        "quick_gelu",
+        help="activation of an open_clip vision tower (OpenAI CLIP weights use quick_gelu)",
+        choices=["quick_gelu", "gelu"],
+    )
+    cache_dir: str | None = arg(None, help="hub cache folder (default: HF_HUB_CACHE)")
+    offline: bool = arg(False, help="use the hub cache only (also set by HF_HUB_OFFLINE=1)")
+    overwrite: bool = arg(False, help="replace a previous conversion (a folder this converter wrote)")
+    allow_non_finite: bool = arg(False, help="write NaN/inf values found in the weights instead of refusing them")
+    quiet: bool = arg(False, help="print nothing but errors")
+
+
+class _Parser(FlamingoArgumentParser):
+    """The CLIs' parser, reporting a bad command line as a ConversionError (one `error:` line, status 1, like every
+    other failure of this CLI) instead of with status 2."""
+
+    def add_argument(self, *name_or_flags: str, **kwargs: Any) -> argparse.Action:
+        # The dashed spelling first: the one this CLI has always documented, and the one argparse names a flag by in
+        # the usage and in errors (`the following arguments are required: --output-dir/--output_dir`).
+        return super().add_argument(*sorted(name_or_flags, key=lambda name: "_" in name), **kwargs)
+
+    def error(self, message: str) -> NoReturn:
         raise ConversionError(f"{message} (see --help)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+def build_parser() -> _Parser:
+    return _Parser(
+        ConvertArguments,
         prog="openflamingo-convert",
         description="Convert an original OpenFlamingo checkpoint.pt (plus its vision tower, language model and "
         "tokenizer) into a folder that FlamingoForConditionalGeneration.from_pretrained and "
         "FlamingoProcessor.from_pretrained load. Paths may be local paths or hub repo ids.",
     )
-    parser.add_argument(
-        "--preset",
-        choices=sorted(PRESETS),
-        metavar="REPO",
-        help="a released model: " + ", ".join(PRESETS) + ". Other flags override its defaults "
-        "(e.g. --checkpoint with a local copy of checkpoint.pt).",
-    )
-    parser.add_argument("--checkpoint", help="checkpoint.pt file, folder holding it, or hub repo id")
-    parser.add_argument(
-        "--vision-model",
-        help="HF CLIP model (folder or repo id), or a file holding an open_clip vision state dict",
-    )
-    parser.add_argument("--language-model", help="the language model (transformers folder or repo id)")
-    parser.add_argument("--tokenizer", help="tokenizer folder or repo id (default: the language model's)")
-    parser.add_argument(
-        "--cross-attn-every-n-layers",
-        type=int,
-        help="cross-attention interval; checked against the checkpoint (read from it when omitted)",
-    )
-    parser.add_argument("--output-dir", required=True, help="folder to create")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the weights written")
-    parser.add_argument("--max-shard-size", default="5GB", help="largest weight file, e.g. 5GB (default), 500MB")
-    parser.add_argument("--language-model-revision", help="hub revision of the language model (and its tokenizer)")
-    parser.add_argument("--checkpoint-revision", help="hub revision of the checkpoint repo")
-    parser.add_argument("--vision-model-revision", help="hub revision of the vision model repo")
-    parser.add_argument("--tokenizer-revision", help="hub revision of the tokenizer repo")
-    parser.add_argument(
-        "--vision-hidden-act",
-        default="quick_gelu",
-        choices=["quick_gelu", "gelu"],
-        help="activation of an open_clip vision tower (OpenAI CLIP: quick_gelu, the default)",
-    )
-    parser.add_argument("--cache-dir", help="hub cache folder (default: HF_HUB_CACHE)")
-    parser.add_argument("--offline", action="store_true", help="use the hub cache only (also set by HF_HUB_OFFLINE=1)")
-    parser.add_argument(
-        "--overwrite", action="store_true", help="replace a previous conversion (a folder this converter wrote)"
-    )
-    parser.add_argument(
-        "--allow-non-finite",
-        action="store_true",
-        help="write NaN/inf values found in the weights instead of refusing them",
-    )
-    parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
-    return parser
 
 
-def _spec(args: argparse.Namespace, parser: argparse.ArgumentParser) -> ConversionSpec:
+def _spec(args: ConvertArguments, parser: _Parser) -> ConversionSpec:
     common = {
         "tokenizer": args.tokenizer,
         "cross_attn_every_n_layers": args.cross_attn_every_n_layers,
@@ -126,12 +135,12 @@ def _attach_dash_values(parser: argparse.ArgumentParser, argv: list[str]) -> lis
     out: list[str] = []
     i = 0
     while i < len(argv):
-        arg = argv[i]
-        if arg in takes_value and i + 1 < len(argv) and argv[i + 1].startswith("-") and argv[i + 1] not in known:
-            out.append(f"{arg}={argv[i + 1]}")
+        token = argv[i]
+        if token in takes_value and i + 1 < len(argv) and argv[i + 1].startswith("-") and argv[i + 1] not in known:
+            out.append(f"{token}={argv[i + 1]}")
             i += 2
             continue
-        out.append(arg)
+        out.append(token)
         i += 1
     return out
 
@@ -141,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = parser.parse_args(_attach_dash_values(parser, argv))
+        (args,) = parser.parse(_attach_dash_values(parser, argv))
         # The environment is read now, not when huggingface_hub was imported.
         hub = HubOptions(cache_dir=hub_cache_dir(args.cache_dir), local_files_only=args.offline or offline_mode())
         log = (lambda message: None) if args.quiet else (lambda message: print(message, flush=True))
@@ -159,13 +168,13 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code
     except ConversionError as exc:
         print("error: " + " ".join(str(exc).split()), file=sys.stderr)
-        return 1
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as exc:  # an unforeseen failure still gets one line, with its type for bug reports
         print(f"error: {type(exc).__name__}: {first_line(exc)}", file=sys.stderr)
-        return 1
+        return EXIT_FAILURE
     return 0
 
 

@@ -1,6 +1,7 @@
 """`from_pretrained` on the original OpenFlamingo hub repos, which hold only `checkpoint.pt`.
 
-`resolve_pretrained_path("openflamingo/OpenFlamingo-3B-vitl-mpt1b")` converts the release once (fetching its
+`resolve_pretrained_path("openflamingo/OpenFlamingo-3B-vitl-mpt1b")` (`modeling_flamingo.convert_on_load`, which
+sends hub repo ids to `resolve_hub_repo` here) converts the release once (fetching its
 checkpoint, language model, tokenizer and CLIP tower through the hub cache) into
 
     $HF_HOME/modeling_flamingo/converted/<org>--<name>--<release commit>--<inputs digest>/
@@ -21,19 +22,20 @@ import os
 import re
 from pathlib import Path
 
-from .converter import ConversionSpec, conversion_files, convert, previous_conversion_problem
+# The entry point `from_pretrained` uses, importable from here as before it moved out of the converter.
+from modeling_flamingo.convert_on_load import HUB_KWARGS, resolve_pretrained_path  # noqa: F401
+
+from .converter import ConversionSpec, convert
 from .presets import PRESETS, Preset, get_preset
 from .sources import (
     ConversionError,
     HubOptions,
     check_hub_reachable,
     hub_file,
-    looks_like_repo_id,
     unreachable_advice,
 )
+from .transaction import conversion_files, previous_conversion_problem
 
-# `from_pretrained` keyword arguments that matter to locating a repo.
-HUB_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "subfolder")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 _TRUE = ("1", "ON", "YES", "TRUE")
 
@@ -132,16 +134,18 @@ def _progress_enabled() -> bool:
     return not are_progress_bars_disabled()
 
 
-def resolve_pretrained_path(name_or_path, **hub_kwargs):
-    """A local folder `from_pretrained` can load for `name_or_path`.
+def resolve_hub_repo(name: str, **hub_kwargs) -> str | None:
+    """The converted folder of an original OpenFlamingo release `name`, or None for a repo `from_pretrained` loads as
+    it is (`modeling_flamingo.convert_on_load.resolve_pretrained_path` sends here the names that look like hub repo
+    ids and are no local path).
 
     Args:
-        name_or_path: a local path or hub repo id (anything else is returned unchanged).
-        **hub_kwargs: `from_pretrained`'s `cache_dir`, `revision`, `token`, `local_files_only`, `subfolder`
-            (other keys are ignored).
+        name: a hub repo id.
+        **hub_kwargs: `from_pretrained`'s `cache_dir`, `revision`, `token`, `local_files_only` (other keys are
+            ignored).
 
     Returns:
-        `name_or_path` unchanged for local paths and repos in transformers format (they have a config.json); for an
+        None for repos in transformers format (they have a config.json) and names that are no reachable repo; for an
         original OpenFlamingo release repo (a preset: holds only `checkpoint.pt`), the folder of its conversion,
         converting it first if this commit was never converted.
 
@@ -149,11 +153,6 @@ def resolve_pretrained_path(name_or_path, **hub_kwargs):
         OSError: an original OpenFlamingo repo this function cannot convert on its own (the LLaMA-based legacy release,
             or a repo that is not a known release), or a failed conversion.
     """
-    if not isinstance(name_or_path, (str, os.PathLike)):
-        return name_or_path
-    name = os.fspath(name_or_path)
-    if hub_kwargs.get("subfolder") or os.path.exists(name) or not looks_like_repo_id(name):
-        return name_or_path
     hub = HubOptions(
         cache_dir=hub_cache_dir(hub_kwargs.get("cache_dir")),
         token=hub_kwargs.get("token"),
@@ -167,9 +166,9 @@ def resolve_pretrained_path(name_or_path, **hub_kwargs):
     except ConversionError:
         config = None
         if preset is None:
-            return name_or_path  # not reachable / not a repo: let transformers report it
+            return None  # not reachable / not a repo: let transformers report it
     if config is not None:
-        return name_or_path  # already in transformers format
+        return None  # already in transformers format
 
     if preset is not None and preset.language_model is None:
         raise OSError(
@@ -180,7 +179,7 @@ def resolve_pretrained_path(name_or_path, **hub_kwargs):
     commit = _resolve_commit(name, revision, hub)
     if commit is None:
         if preset is None:
-            return name_or_path
+            return None
         raise OSError(f"{name}: cannot find this OpenFlamingo release: {_not_found(name, hub)}")
 
     if preset is None:
@@ -189,7 +188,7 @@ def resolve_pretrained_path(name_or_path, **hub_kwargs):
         except ConversionError:
             checkpoint = None
         if checkpoint is None:
-            return name_or_path
+            return None
         raise OSError(
             f"{name} holds an original OpenFlamingo checkpoint.pt but is not one of the released models "
             f"({', '.join(PRESETS)}), so its language model is unknown: convert it with `openflamingo-convert "

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .converter import ConversionSpec, _Plan
+    from .plan import ConversionPlan, ConversionSpec
     from .sources import Resolved
 
 
@@ -24,7 +24,7 @@ def _local_name(src: Resolved) -> str:
     return Path(src.path).absolute().name
 
 
-def input_record(plan: _Plan) -> dict:
+def input_record(plan: ConversionPlan) -> dict:
     """Where every input came from, without local paths: hub id and revision, or local name and file hashes."""
     record = {}
     for role, src in plan.sources.items():
@@ -43,7 +43,7 @@ def _source_row(part: str, src: Resolved) -> str:
     return f"| {part} | [{src.repo_id}](https://huggingface.co/{src.repo_id}) | `{src.commit or src.revision or 'main'}` |"
 
 
-def model_card(plan: _Plan, spec: ConversionSpec, shards: dict) -> str:
+def model_card(plan: ConversionPlan, spec: ConversionSpec, shards: dict) -> str:
     """Markdown with YAML front matter. Deterministic: no dates, no output paths."""
     config = plan.config
     src = plan.sources

@@ -18,6 +18,8 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import torch
 
+from modeling_flamingo.convert_on_load import looks_like_repo_id
+
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 WEIGHTS_NAME = "pytorch_model.bin"
@@ -26,7 +28,6 @@ WEIGHTS_INDEX_NAME = "pytorch_model.bin.index.json"
 WEIGHT_LAYOUTS = (SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME)
 TOKENIZER_PATTERNS = ["*.json", "*.model", "*.txt", "*.tiktoken", "*.vocab"]
 
-_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _SNAPSHOT_COMMIT = re.compile(r"[/\\]snapshots[/\\]([0-9a-f]{40})([/\\]|$)")
 
 
@@ -133,11 +134,6 @@ class Resolved:
         if self.repo_id is None:
             return str(self.path)
         return f"{self.repo_id}@{self.commit or self.revision or 'main'}"
-
-
-def looks_like_repo_id(spec: str) -> bool:
-    """`org/name`, not an existing local path."""
-    return bool(_REPO_ID.match(spec)) and not os.path.exists(spec)
 
 
 def commit_of(path: str | os.PathLike) -> str | None:

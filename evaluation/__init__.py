@@ -4,13 +4,23 @@
 
 Python entry points (what the CLI calls; a benchmark can call them too):
 
-    from modeling_flamingo.evaluation import FlamingoEvalModel, build_parser, run_evaluation
+    from modeling_flamingo.evaluation import FlamingoEvalModel, parse_arguments, run_evaluation
 
-    args = build_parser().parse_args(["--model", path, "--eval_coco", ...])
+    args = parse_arguments(["--model", path, "--eval_coco", ...])  # an EvalArguments (frozen dataclass)
     results = run_evaluation(args, FlamingoEvalModel.from_pretrained(path))
+
+`build_parser()` is the CLI's parser (`FlamingoArgumentParser`); a namespace from its `parse_args` is accepted too.
 """
 
-__all__ = ["TASKS", "EvalInputError", "FlamingoEvalModel", "build_parser", "run_evaluation"]
+__all__ = [
+    "TASKS",
+    "EvalArguments",
+    "EvalInputError",
+    "FlamingoEvalModel",
+    "build_parser",
+    "parse_arguments",
+    "run_evaluation",
+]
 
 
 def __getattr__(name: str):
@@ -23,10 +33,14 @@ def __getattr__(name: str):
         from modeling_flamingo.evaluation.runner import run_evaluation
 
         return run_evaluation
-    if name == "build_parser":
-        from modeling_flamingo.evaluation.__main__ import build_parser
+    if name in ("build_parser", "parse_arguments"):
+        from modeling_flamingo.evaluation import __main__
 
-        return build_parser
+        return getattr(__main__, name)
+    if name == "EvalArguments":
+        from modeling_flamingo.evaluation.arguments import EvalArguments
+
+        return EvalArguments
     if name == "TASKS":
         from modeling_flamingo.evaluation.tasks import TASKS
 

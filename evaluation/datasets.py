@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import reprlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,14 +66,15 @@ class EvalItem:
         return image.convert("RGB") if self.convert_rgb else image
 
 
-def _require(path: str | None, flag: str) -> str:
+def require_path(path: str | None, flag: str) -> str:
+    """`path`, which the task needs: an `EvalInputError` naming `--flag` when it was not given."""
     if not path:
         raise EvalInputError(f"--{flag} is required for this task.")
     return path
 
 
 def _read_json(path: str, flag: str) -> Any:
-    path = _require(path, flag)
+    path = require_path(path, flag)
     if not os.path.isfile(path):
         raise EvalInputError(f"--{flag}: file {path} does not exist.")
     try:
@@ -187,31 +188,18 @@ def read_coco_style_references(annotations_json: str, flag: str) -> dict[Any, li
 # VQA: questions + annotations JSON pairs (official VQAv2/OK-VQA files, the `*_vqa_format.json` of TextVQA/VizWiz).
 
 
-def vqa_image_path(dataset: str, image_dir: str, image_id: Any) -> str:
-    if dataset in ("vqav2", "ok_vqa"):
-        # COCO file names carry the split folder's name: COCO_val2014_000000000042.jpg
-        split = image_dir.strip("/").split("/")[-1]
-        if split not in ("train2014", "val2014", "test2015"):
-            raise EvalInputError(
-                f"{dataset}: the image folder must be the COCO train2014, val2014 or test2015 folder (its name is "
-                f"part of every file name); got {image_dir}."
-            )
-        return os.path.join(image_dir, f"COCO_{split}_{int(image_id):012d}.jpg")
-    if dataset == "vizwiz":
-        return os.path.join(image_dir, str(image_id))
-    return os.path.join(image_dir, f"{image_id}.jpg")  # textvqa
-
-
 def read_vqa(
-    dataset: str,
     image_dir: str | None,
     questions_json: str | None,
     annotations_json: str | None,
     flags: tuple[str, str, str],
+    image_path: Callable[[str, Any], str],
+    image_id_types: tuple[type, ...],
 ) -> list[EvalItem]:
     """Questions in file order; answers from the annotation at the same list position (as the original pairs
-    them). `flags` names the image-dir, questions and annotations flags for error messages."""
-    image_dir = _require(image_dir, flags[0])
+    them). `flags` names the image-dir, questions and annotations flags for error messages; `image_path(image_dir,
+    image_id)` is a question's image file, its `image_id` one of `image_id_types` (what the path is built from)."""
+    image_dir = require_path(image_dir, flags[0])
     questions = _read_json(questions_json, flags[1])
     annotations = _read_json(annotations_json, flags[2])
     if not isinstance(questions, dict) or not isinstance(questions.get("questions"), list):
@@ -224,8 +212,6 @@ def read_vqa(
             f"{questions_json} has {len(questions)} questions but {annotations_json} has {len(annotations)} "
             "annotations; they are paired by position and must match."
         )
-    # What the image path is built from: COCO file names hold the number, VizWiz ids are file names.
-    image_id_types = {"vqav2": _INT, "ok_vqa": _INT, "vizwiz": _STR}.get(dataset, _ID)
     items = []
     for position, (question, annotation) in enumerate(zip(questions, annotations, strict=True)):
         what = f"question {position}"
@@ -241,7 +227,7 @@ def read_vqa(
         items.append(
             EvalItem(
                 id=question_id,
-                image_path=vqa_image_path(dataset, image_dir, image_id),
+                image_path=image_path(image_dir, image_id),
                 question=_typed_field(question, "question", questions_json, what, _STR),
                 answers=answers,
             )
@@ -255,8 +241,8 @@ def read_vqa(
 
 def read_hateful_memes(image_dir: str | None, annotations_jsonl: str | None, flags: tuple[str, str]) -> list[EvalItem]:
     """JSONL lines `{id, img, label, text}`; label 1 is "yes" (hateful). Images are looked up by base name."""
-    image_dir = _require(image_dir, flags[0])
-    path = _require(annotations_jsonl, flags[1])
+    image_dir = require_path(image_dir, flags[0])
+    path = require_path(annotations_jsonl, flags[1])
     if not os.path.isfile(path):
         raise EvalInputError(f"--{flags[1]}: file {path} does not exist.")
     items = []

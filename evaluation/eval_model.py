@@ -23,10 +23,12 @@ import torch
 
 from modeling_flamingo import FlamingoForConditionalGeneration, FlamingoProcessor
 from modeling_flamingo.evaluation.datasets import EvalItem
-from modeling_flamingo.modeling_flamingo import _select_current_image
+from modeling_flamingo.modeling_flamingo import select_current_image
 from modeling_flamingo.modeling_mosaic_gpt import CACHE_NAME
+from modeling_flamingo.weight_dtypes import SHORT_DTYPES
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# `--precision` names the weights dtype by its short name (fp32, bf16, fp16).
+PRECISIONS = SHORT_DTYPES
 
 
 class LatentsCache:
@@ -266,7 +268,7 @@ class FlamingoEvalModel:
         key_values = ctx.cross_attention_key_values
         if key_values is not None and self.model.config.only_attend_immediate_media:
             # Class tokens attend only to the prompt's last image: repeat just that image's keys/values.
-            key_values, last_image = _select_current_image(key_values, last_image)
+            key_values, last_image = select_current_image(key_values, last_image)
 
         by_length: dict[int, list[int]] = {}
         for c, tokens in enumerate(class_tokens):

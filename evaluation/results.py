@@ -12,17 +12,11 @@ from typing import Any
 
 import numpy as np
 
-# Row titles of the model cards' tables, and whether the stored score is a fraction shown as a percentage.
-DISPLAY = {
-    "coco": ("COCO (CIDEr)", False),
-    "flickr30": ("Flickr-30K (CIDEr)", False),
-    "vqav2": ("VQAv2 (Accuracy)", False),
-    "ok_vqa": ("OK-VQA (Accuracy)", False),
-    "textvqa": ("TextVQA (Accuracy)", False),
-    "vizwiz": ("VizWiz (Accuracy)", False),
-    "imagenet": ("ImageNet (Top-1 Accuracy)", True),
-    "hateful_memes": ("Hateful Memes (ROC AUC)", True),
-}
+from modeling_flamingo.evaluation.tasks import TASKS
+
+# Row titles of the model cards' tables, and whether the stored score is a fraction shown as a percentage: each task's
+# `title` and `percent`.
+DISPLAY = {name: (task.title, task.percent) for name, task in TASKS.items()}
 
 
 class OutputWriteError(OSError):

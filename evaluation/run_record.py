@@ -14,17 +14,19 @@ once, not on every run.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from modeling_flamingo.convert.converter import file_sha256
 from modeling_flamingo.evaluation.datasets import EvalInputError
 from modeling_flamingo.evaluation.results import atomic_write_text, markdown_path
+
+if TYPE_CHECKING:
+    from modeling_flamingo.evaluation.arguments import EvalArguments
 
 RECORD_NAME = "run_record.json"
 RECORD_FORMAT = 1
@@ -56,15 +58,14 @@ def output_paths(results_file: str | None) -> tuple[Path | None, Path | None, Pa
     return results, markdown_path(results), results.with_suffix("") / "predictions"
 
 
-def _input_paths(args: argparse.Namespace, tasks: Sequence[Any]) -> list[tuple[str, str]]:
+def _input_paths(args: EvalArguments, tasks: Sequence[Any]) -> list[tuple[str, str]]:
     """(flag, path) of every input this run reads: dataset paths, the data dir, a local model folder, the RICES cache."""
-    inputs = [(flag, getattr(args, flag, None)) for spec in tasks for flag in spec.path_flags]
-    inputs.append(("data_dir", getattr(args, "data_dir", None)))
-    model = getattr(args, "model", None)
-    if model and os.path.exists(model):
-        inputs.append(("model", model))
-    if getattr(args, "rices", False):
-        inputs.append(("cached_demonstration_features", getattr(args, "cached_demonstration_features", None)))
+    inputs = [(flag, getattr(args, flag)) for spec in tasks for flag in spec.path_flags]
+    inputs.append(("data_dir", args.data_dir))
+    if args.model and os.path.exists(args.model):
+        inputs.append(("model", args.model))
+    if args.rices:
+        inputs.append(("cached_demonstration_features", args.cached_demonstration_features))
     return [(flag, path) for flag, path in dict.fromkeys(inputs) if path and os.path.exists(path)]
 
 
@@ -72,7 +73,7 @@ def _within(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
-def check_output_paths(args: argparse.Namespace, tasks: Sequence[Any]) -> None:
+def check_output_paths(args: EvalArguments, tasks: Sequence[Any]) -> None:
     """Refuse, before any work, output paths that cannot be written or that would overwrite an input.
 
     Raises:
@@ -182,9 +183,9 @@ def _package_version() -> str:
         return "unknown"
 
 
-def build_record(args: argparse.Namespace, tasks: Sequence[Any]) -> dict[str, Any]:
+def build_record(args: EvalArguments, tasks: Sequence[Any]) -> dict[str, Any]:
     """This run's record, without the model (added by `with_model` once it is loaded)."""
-    settings = {flag: getattr(args, flag, None) for flag in PREDICTION_FLAGS}
+    settings = {flag: getattr(args, flag) for flag in PREDICTION_FLAGS}
     if settings["rices"]:
         settings["rices_vision_encoder_path"] = args.rices_vision_encoder_path
     if settings["classification_prompt_ensembling"]:
@@ -277,7 +278,7 @@ def trial_file_name(task: str, shots: int, seed: int) -> str:
 
 
 def check_previous_run(
-    args: argparse.Namespace,
+    args: EvalArguments,
     tasks: Sequence[Any],
     record: Mapping[str, Any],
     previous: Mapping[str, Any] | None,

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from modeling_flamingo.evaluation.arguments import EvalArguments, check_run_arguments, check_split_sizes
+from modeling_flamingo.evaluation.data_dir import apply_data_dir
 from modeling_flamingo.evaluation.datasets import EvalInputError, EvalItem
 from modeling_flamingo.evaluation.eval_model import FlamingoEvalModel
 from modeling_flamingo.evaluation.results import (
@@ -35,7 +37,8 @@ from modeling_flamingo.evaluation.run_record import (
     write_record,
 )
 from modeling_flamingo.evaluation.sampling import PlannedItem, plan_trial, shard_batches
-from modeling_flamingo.evaluation.tasks import IMAGE, TASKS, LoadedTask, TaskSpec
+from modeling_flamingo.evaluation.tasks import TASKS, LoadedTask, TaskSpec
+from modeling_flamingo.processing.processing_flamingo import MEDIA_TOKEN
 
 
 class _SingleProcess:
@@ -66,11 +69,11 @@ def _gather(state, records: list[dict]) -> list[dict]:
     return gather_object(records)
 
 
-def selected_tasks(args: argparse.Namespace) -> list[TaskSpec]:
-    return [spec for spec in TASKS.values() if getattr(args, spec.flag, False)]
+def selected_tasks(args: EvalArguments) -> list[TaskSpec]:
+    return [spec for spec in TASKS.values() if getattr(args, spec.flag)]
 
 
-def predictions_dir(args: argparse.Namespace) -> Path:
+def predictions_dir(args: EvalArguments) -> Path:
     """`<results_file stem>/predictions` (next to the results file), or `./predictions` without a results file."""
     return output_paths(args.results_file)[2]
 
@@ -104,9 +107,9 @@ def build_prompt(
     """
     demo_items = [loaded.train[d] for d in demos]
     context = "".join(spec.demo_prompt(demo) + spec.demo_join for demo in demo_items)
-    pass_demo_images = num_shots > 0 or (spec.kind == "classification" and zero_shot_images == "original")
+    pass_demo_images = num_shots > 0 or (spec.zero_shot_demo_images and zero_shot_images == "original")
     if num_shots == 0:
-        context = context.replace(IMAGE, "")
+        context = context.replace(MEDIA_TOKEN, "")
     images = (demo_items if pass_demo_images else []) + [item]
     return context + spec.query_prompt(item), images
 
@@ -162,7 +165,7 @@ def evaluate_trial(
     eval_model: FlamingoEvalModel,
     num_shots: int,
     seed: int,
-    args: argparse.Namespace,
+    args: EvalArguments,
     state=None,
     retrieve: Callable[[list[int], int], list[list[int]]] | None = None,
     progress: RunProgress | None = None,
@@ -183,7 +186,7 @@ def evaluate_trial(
         args.query_set_size,
         num_shots,
         args.batch_size,
-        prompt_ensembling=spec.kind == "classification" and args.classification_prompt_ensembling,
+        prompt_ensembling=spec.prompt_ensembling and args.classification_prompt_ensembling,
         retrieve=retrieve,
     )
     _check_images(spec, loaded, plan)
@@ -237,12 +240,7 @@ def evaluate_trial(
     by_id = dict(done)
     by_id.update({_id_key(r["id"]): r for r in gathered})
     ordered = [by_id[_id_key(loaded.test[p.index].id)] for p in plan]
-    if spec.kind == "classification":
-        predictions = {
-            r["id"]: {"label": r["prediction"], "yes_probability": r.get("yes_probability")} for r in ordered
-        }
-    else:
-        predictions = {r["id"]: r["prediction"] for r in ordered}
+    predictions = {r["id"]: spec.scored_prediction(r) for r in ordered}
     references = {r["id"]: loaded.references[r["id"]] for r in ordered}
     score, per_item = spec.score(predictions, references)
     for record in ordered:
@@ -259,66 +257,34 @@ def _run_batch(
     eval_model: FlamingoEvalModel,
     batch: list[PlannedItem],
     num_shots: int,
-    args: argparse.Namespace,
+    args: EvalArguments,
     context: str,
 ) -> list[dict]:
     items = [loaded.test[p.index] for p in batch]
-    zero_shot_images = getattr(args, "zero_shot_classification_images", "original")
+    zero_shot_images = args.zero_shot_classification_images
     prompts = [
         [build_prompt(spec, loaded, item, ordering, num_shots, zero_shot_images) for ordering in p.demos]
         for item, p in zip(items, batch, strict=True)
     ]
-    records = []
-    if spec.kind != "classification":
-        texts = [p[0][0] for p in prompts]
-        outputs = eval_model.generate(
-            texts, [p[0][1] for p in prompts], max_new_tokens=spec.max_new_tokens, num_beams=3, length_penalty=0.0,
-            context=context,
-        )  # fmt: skip
-        for item, planned, text, output in zip(items, batch, texts, outputs, strict=True):
-            records.append(_record(loaded, item, planned, text, spec.postprocess(output), raw=output))
-        return records
-
-    logprobs = []
-    for permutation in range(len(batch[0].demos)):
-        logprobs.append(
-            eval_model.rank_classifications(
-                [p[permutation][0] for p in prompts],
-                [p[permutation][1] for p in prompts],
-                spec.class_names,
-                use_cache=not args.no_caching_for_classification,
-                normalize_length=True,
-                context=context,
-            )
-        )
-    logprobs = torch.stack(logprobs, dim=-1).mean(-1)  # (B, C): the ensemble averages log-likelihoods
-    probabilities = torch.softmax(logprobs, dim=-1)
-    k = min(5, len(spec.class_names))
-    for b, (item, planned) in enumerate(zip(items, batch, strict=True)):
-        top = torch.topk(logprobs[b], k=k)
-        record = _record(loaded, item, planned, prompts[b][0][0], spec.class_names[int(top.indices[0])])
-        record["top_classes"] = [
-            [spec.class_names[int(i)], float(v)] for v, i in zip(top.values, top.indices, strict=True)
-        ]
-        if spec.name == "hateful_memes":
-            record["yes_probability"] = float(probabilities[b, list(spec.class_names).index("yes")])
-        records.append(record)
-    return records
+    outcomes = spec.predict(eval_model, prompts, args, context)
+    return [
+        _record(loaded, item, planned, item_prompts[0][0], outcome)
+        for item, planned, item_prompts, outcome in zip(items, batch, prompts, outcomes, strict=True)
+    ]
 
 
-def _record(
-    loaded: LoadedTask, item: EvalItem, planned: PlannedItem, prompt: str, prediction: str, raw: str | None = None
-) -> dict:
-    record = {
+def _record(loaded: LoadedTask, item: EvalItem, planned: PlannedItem, prompt: str, outcome: dict) -> dict:
+    """A predictions file line: the item, its demonstrations and prompt, the task's prediction, the references, and
+    what else the task keeps of the prediction (`outcome` after its `prediction`)."""
+    outcome = dict(outcome)
+    return {
         "id": item.id,
         "demo_ids": [[loaded.train[d].id for d in ordering] for ordering in planned.demos],
         "prompt": prompt,
-        "prediction": prediction,
+        "prediction": outcome.pop("prediction"),
         "references": loaded.references[item.id],
+        **outcome,
     }
-    if raw is not None:
-        record["generation"] = raw
-    return record
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -339,7 +305,7 @@ class _LazyImages(Sequence):
 
 
 def rices_retriever(
-    spec: TaskSpec, loaded: LoadedTask, args: argparse.Namespace, device=None
+    spec: TaskSpec, loaded: LoadedTask, args: EvalArguments, device=None
 ) -> Callable[[list[int], int], list[list[int]]]:
     """RICES over the train split: CLIP embeddings of every train image (read from, or written to,
     `<cached_demonstration_features>/<task>.pkl`, the original's file name), then per batch the k most similar
@@ -363,18 +329,21 @@ def rices_retriever(
 
 
 def run_evaluation(
-    args: argparse.Namespace, eval_model: FlamingoEvalModel | None = None, progress: RunProgress | None = None
+    args: EvalArguments | argparse.Namespace,
+    eval_model: FlamingoEvalModel | None = None,
+    progress: RunProgress | None = None,
 ) -> dict[str, list[dict]]:
     """Run every selected task, shot count and trial; write the results file (main process) and return the results
     (`{task: [{shots, trials, mean, stddev}]}` of this run, empty on the other processes).
 
     The results file keeps the (task, shots) entries of an earlier run made with the same model and settings that
-    this run does not compute; `progress` follows the trial being evaluated (for an interruption's message)."""
-    from modeling_flamingo.evaluation.data_dir import apply_data_dir
-    from modeling_flamingo.evaluation.tasks import check_run_arguments, check_split_sizes
-
+    this run does not compute; `progress` follows the trial being evaluated (for an interruption's message).
+    `args` come from `parse_arguments`, or as a namespace from `build_parser().parse_args` (a flag it lacks takes its
+    default)."""
+    if isinstance(args, argparse.Namespace):
+        args = EvalArguments.from_namespace(args)
     check_run_arguments(args)
-    apply_data_dir(args)
+    args = apply_data_dir(args)
     tasks = selected_tasks(args)
     if not tasks:
         raise EvalInputError(
@@ -385,8 +354,8 @@ def run_evaluation(
             f"--num_trials is {args.num_trials} but {len(args.trial_seeds)} --trial_seeds were given; give one seed per trial."
         )
     check_output_paths(args, tasks)
-    # Read every annotation file, and check the OK-VQA stemmer's data, before loading the model: bad input fails in
-    # seconds, not after an hour of generation.
+    # Read every annotation file, and check what each task's metric needs, before loading the model: bad input fails
+    # in seconds, not after an hour of generation.
     loaded = {spec.name: spec.load(args) for spec in tasks}
     check_split_sizes(args, loaded)
     # So do the outputs of an earlier run this one would resume or sit beside (the model is compared once loaded).
@@ -395,10 +364,9 @@ def run_evaluation(
     previous = read_record(predictions)
     previous_results = read_results(args.results_file) if args.results_file else None
     check_previous_run(args, tasks, record, previous, previous_results, predictions)
-    if any(spec.name == "ok_vqa" for spec in tasks):
-        from modeling_flamingo.evaluation.metrics import check_okvqa_stemmer
-
-        check_okvqa_stemmer()
+    for spec in tasks:
+        if spec.preflight is not None:
+            spec.preflight()
     state = _distributed_state()
     if eval_model is None:
         device = None
@@ -410,7 +378,7 @@ def run_evaluation(
             args.device_map,
             device=device,
             latents_cache_bytes=int(args.latents_cache_mb) << 20,
-            class_batch_size=getattr(args, "class_batch_size", 64),
+            class_batch_size=args.class_batch_size,
         )
     # The main process hashes a local model's files first; the others then find the hashes in the cache.
     if not state.is_main_process:

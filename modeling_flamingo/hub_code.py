@@ -38,21 +38,18 @@ REMOTE_CODE_MODULES: dict[str, str] = {
 }
 REMOTE_CODE_FILES: tuple[str, ...] = tuple(REMOTE_CODE_MODULES.values())
 
-# Methods that reach into parts of the package a hub folder does not ship (the checkpoint converter, this exporter).
-# The hub copies go without them and inherit transformers' implementation: `from_pretrained` needs no conversion of
-# original OpenFlamingo repos (a hub folder is already converted), and a model or processor loaded with remote code is
-# re-saved by transformers itself (it copies the remote files and keeps `auto_map`).
+# The model's and the processor's three hooks into the rest of the package, which a hub folder does not ship:
+# `from_pretrained` converts original OpenFlamingo repos (`modeling_flamingo.convert_on_load`; a hub folder is already
+# converted), `save_pretrained` and `_upload_modified_files` write these copies (this module; a model or processor
+# loaded with remote code is re-saved by transformers itself, which copies the remote files and keeps `auto_map`).
+# The hub copies go without them and inherit transformers' implementation.
+_PACKAGE_ONLY_METHODS = ("from_pretrained", "save_pretrained", "_upload_modified_files")
 _PACKAGE_ONLY_DEFS: dict[str, tuple[str, ...]] = {
-    "modeling_flamingo.modeling_flamingo": (
-        "FlamingoPreTrainedModel.from_pretrained",
-        "FlamingoPreTrainedModel.save_pretrained",
-        "FlamingoPreTrainedModel._upload_modified_files",
-    ),
-    "modeling_flamingo.processing.processing_flamingo": (
-        "FlamingoProcessor.from_pretrained",
-        "FlamingoProcessor.save_pretrained",
-        "FlamingoProcessor._upload_modified_files",
-    ),
+    module: tuple(f"{cls}.{method}" for method in _PACKAGE_ONLY_METHODS)
+    for module, cls in (
+        ("modeling_flamingo.modeling_flamingo", "FlamingoPreTrainedModel"),
+        ("modeling_flamingo.processing.processing_flamingo", "FlamingoProcessor"),
+    )
 }
 
 CONFIG_AUTO_MAP: dict[str, str] = {

@@ -466,11 +466,10 @@ class FlamingoPreTrainedModel(PreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         """`PreTrainedModel.from_pretrained`, which also accepts the original OpenFlamingo hub repos (e.g.
         `openflamingo/OpenFlamingo-3B-vitl-mpt1b`, holding only `checkpoint.pt`): they are converted once into a local
-        cache folder (see `modeling_flamingo.convert.hub`) and loaded from there."""
-        from modeling_flamingo.convert.hub import HUB_KWARGS, resolve_pretrained_path
+        cache folder (see `modeling_flamingo.convert_on_load`) and loaded from there."""
+        from modeling_flamingo.convert_on_load import resolve_pretrained_path
 
-        hub_kwargs = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
-        pretrained_model_name_or_path = resolve_pretrained_path(pretrained_model_name_or_path, **hub_kwargs)
+        pretrained_model_name_or_path = resolve_pretrained_path(pretrained_model_name_or_path, **kwargs)
         return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
     def save_pretrained(self, save_directory, is_main_process: bool = True, *args, **kwargs) -> None:
@@ -1002,7 +1001,7 @@ class FlamingoForConditionalGeneration(FlamingoPreTrainedModel, GenerationMixin)
             if self.config.only_attend_immediate_media:
                 # From here on every token of a sample attends to the same image: keep only that image's keys and
                 # values (one instead of T_img per sample) and drop the image features.
-                key_values, last = _select_current_image(key_values, last)
+                key_values, last = select_current_image(key_values, last)
                 model_kwargs["image_features"] = None
             model_kwargs["cross_attention_key_values"] = key_values
         model_kwargs["image_indices"] = last
@@ -1047,10 +1046,14 @@ def _zero_unreferenced_images(image_features: torch.Tensor, image_indices: torch
     return torch.where(referenced[:, :, None, None], image_features, 0.0)
 
 
-def _select_current_image(
+def select_current_image(
     key_values: tuple[tuple[torch.Tensor, torch.Tensor], ...], last: torch.LongTensor
 ) -> tuple[tuple[tuple[torch.Tensor, torch.Tensor], ...], torch.LongTensor]:
     """Keep, per sample, the keys/values of image `last` (1-based, 0: none).
+
+    With `only_attend_immediate_media`, every token after a sample's last `<image>` attends to that image only, so a
+    continuation (generation, or class names scored after a prompt) needs its cross-attention keys/values alone:
+    one image instead of T_img per sample.
 
     Args:
         key_values: per block, (B, heads, T_img, n, head_dim) keys and values.

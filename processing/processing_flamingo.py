@@ -359,11 +359,10 @@ class FlamingoProcessor(ProcessorMixin):
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """`ProcessorMixin.from_pretrained`, which also accepts the original OpenFlamingo hub repos (e.g.
         `openflamingo/OpenFlamingo-3B-vitl-mpt1b`): like the model, they are converted once into a local cache folder
-        (`modeling_flamingo.convert.hub`) and loaded from there."""
-        from modeling_flamingo.convert.hub import HUB_KWARGS, resolve_pretrained_path
+        (`modeling_flamingo.convert_on_load`) and loaded from there."""
+        from modeling_flamingo.convert_on_load import resolve_pretrained_path
 
-        hub_kwargs = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
-        pretrained_model_name_or_path = resolve_pretrained_path(pretrained_model_name_or_path, **hub_kwargs)
+        pretrained_model_name_or_path = resolve_pretrained_path(pretrained_model_name_or_path, **kwargs)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> list[str]:

@@ -9,7 +9,7 @@ import shutil
 import pytest
 from eval_data import make_hateful_memes, make_vqa, tiny_model_folder
 
-from modeling_flamingo.evaluation.__main__ import build_parser, main
+from modeling_flamingo.evaluation.__main__ import main, parse_arguments
 from modeling_flamingo.evaluation.data_dir import DATA_DIR_LAYOUT, apply_data_dir
 
 REPO = "openflamingo/eval_benchmark"
@@ -29,10 +29,8 @@ def _argv(folder, data_dir, results_file, *flags):
 
 
 def test_layout_fills_only_missing_flags(tmp_path):
-    args = build_parser().parse_args(
-        ["--model", "m", "--data_dir", str(tmp_path), "--eval_vqav2", "--vqav2_test_image_dir_path", "/mine/val2014"]
-    )
-    apply_data_dir(args)
+    argv = ["--model", "m", "--data_dir", str(tmp_path), "--eval_vqav2"]
+    args = apply_data_dir(parse_arguments([*argv, "--vqav2_test_image_dir_path", "/mine/val2014"]))
     assert args.vqav2_test_image_dir_path == "/mine/val2014"
     assert args.vqav2_train_questions_json_path == str(tmp_path / DATA_DIR_LAYOUT["vqav2_train_questions_json_path"])
     assert args.coco_karpathy_json_path is None  # not a selected task

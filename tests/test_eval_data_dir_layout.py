@@ -22,7 +22,7 @@ import os
 
 import pytest
 
-from modeling_flamingo.evaluation.__main__ import build_parser
+from modeling_flamingo.evaluation.__main__ import parse_arguments
 from modeling_flamingo.evaluation.data_dir import DATA_DIR_LAYOUT, apply_data_dir
 from modeling_flamingo.evaluation.tasks import TASKS
 
@@ -94,8 +94,7 @@ def test_data_dir_resolves_every_flag_to_the_documented_files(tmp_path):
             path.write_text("{}")
         expected[flag] = path
     argv = ["--model", "m", "--data_dir", str(tmp_path)] + [f"--{spec.flag}" for spec in TASKS.values()]
-    args = build_parser().parse_args(argv)
-    apply_data_dir(args)
+    args = apply_data_dir(parse_arguments(argv))
     for flag, path in expected.items():
         assert os.path.normpath(getattr(args, flag)) == str(path), flag
 

@@ -3,6 +3,7 @@ pipelines on tiny shards, bad data skipped and counted, errors at start, determi
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import io
 import itertools
@@ -36,8 +37,11 @@ from train_data_helpers import (
 from modeling_flamingo.processing import FlamingoImageProcessor
 from modeling_flamingo.testing import add_flamingo_tokens, make_tiny_tokenizer
 from modeling_flamingo.training import data as ours
+from modeling_flamingo.training.data import pipeline as ours_pipeline
+from modeling_flamingo.training.data import shards as ours_shards
 
 from reference import original_label_masking
+from train_helpers import train_args
 
 IMAGE_SIZE = 42
 
@@ -106,7 +110,7 @@ def _run_original(original, kind, args, tokenizer, transform, *, epoch, rank=0, 
 def _run_ours(loader, worker=0, num_workers=1):
     """Our batches of one worker, run in this process as worker `worker` of `num_workers`."""
     info = SimpleNamespace(id=worker, num_workers=num_workers)
-    with mock.patch.object(ours, "get_worker_info", lambda: info):
+    with mock.patch.object(ours_pipeline, "get_worker_info", lambda: info):
         return list(loader.dataloader.dataset)
 
 
@@ -245,8 +249,6 @@ def test_laion_bad_data_is_skipped_and_counted(tmp_path, tokenizer, image_proces
     assert totals["undecodable_text"] == 1
     assert totals["corrupt_tar"] == 1
     captions = [tokenizer.decode(batch["input_ids"][0]) for batch in batches]
-    assert ours.format_skipped(totals) == "2 incomplete_sample, 1 corrupt_tar, 1 undecodable_image, 1 undecodable_text"
-    assert ours.format_skipped({}) == "nothing"
     assert sorted(captions[:4]) == [f"<image>good {seed}<|endofchunk|><|endoftext|>" for seed in range(4)]
     assert captions[4] == captions[0]
 
@@ -333,7 +335,7 @@ def test_errors_at_start(tmp_path, tokenizer, image_processor):
     mmc4 = make_mmc4_shards(tmp_path / "mmc4", num_shards=1, documents_per_shard=1)
     with pytest.raises(ValueError, match="textsim_threshold=30 is outside"):
         ours.build_mmc4_loader(mmc4, **build, textsim_threshold=30)
-    args = SimpleNamespace(
+    args = train_args(
         laion_shards=pattern,
         batch_size_laion=2,
         train_num_samples_laion=8,
@@ -344,8 +346,9 @@ def test_errors_at_start(tmp_path, tokenizer, image_processor):
     )
     with pytest.raises(ValueError, match="LAION gives 4 batches per epoch .* but MMC4 gives 3"):
         ours.build_train_loaders(args, tokenizer, image_processor, epoch=0, rank=0, world_size=1)
+    no_data = train_args(laion_shards=None)
     with pytest.raises(ValueError, match="No training data"):
-        ours.build_train_loaders(SimpleNamespace(), tokenizer, image_processor, epoch=0, rank=0, world_size=1)
+        ours.build_train_loaders(no_data, tokenizer, image_processor, epoch=0, rank=0, world_size=1)
 
 
 def test_a_worker_without_usable_data_raises_instead_of_ending_the_epoch(tmp_path, tokenizer, image_processor):
@@ -802,7 +805,7 @@ def test_collator_trains_a_model_with_the_trainer(tmp_path, processor):
 
 
 def test_build_train_loaders_from_the_original_options(tmp_path, tokenizer, image_processor):
-    args = SimpleNamespace(
+    options = dict(
         laion_shards=make_laion_shards(tmp_path / "laion", num_shards=2, samples_per_shard=4),
         batch_size_laion=4,
         train_num_samples_laion=8,
@@ -815,6 +818,7 @@ def test_build_train_loaders_from_the_original_options(tmp_path, tokenizer, imag
         mmc4_textsim_threshold=0.2,
         mmc4_max_num_images=3,
     )
+    args = train_args(**options)
     loaders = ours.build_train_loaders(args, tokenizer, image_processor, epoch=0, rank=0, world_size=1)
     assert set(loaders) == {"laion", "mmc4"}
     assert loaders["laion"].num_batches == loaders["mmc4"].num_batches == len(loaders["mmc4"]) == 2
@@ -823,10 +827,54 @@ def test_build_train_loaders_from_the_original_options(tmp_path, tokenizer, imag
     laion, mmc4 = steps[0]
     assert laion["pixel_values"].shape == (4, 1, 1, 3, IMAGE_SIZE, IMAGE_SIZE) and laion["input_ids"].shape[0] == 4
     assert mmc4["pixel_values"].shape == (2, 3, 1, 3, IMAGE_SIZE, IMAGE_SIZE) and mmc4["input_ids"].shape == (2, 256)
-    only_laion = SimpleNamespace(**{k: v for k, v in vars(args).items() if not k.startswith("mmc4")})
+    only_laion = train_args(**{k: v for k, v in options.items() if not k.startswith("mmc4")})
     assert set(ours.build_train_loaders(only_laion, tokenizer, image_processor, epoch=0, rank=0, world_size=1)) == {
         "laion"
     }
+
+
+def test_each_loader_reads_one_stream_config_built_from_the_command_line(tmp_path, tokenizer, image_processor):
+    args = train_args(
+        laion_shards=make_laion_shards(tmp_path / "laion", num_shards=1, samples_per_shard=2),
+        mmc4_shards=make_mmc4_shards(tmp_path / "mmc4", num_shards=1, documents_per_shard=2),
+        batch_size_laion=2,
+        train_num_samples_laion=4,
+        batch_size_mmc4=1,
+        train_num_samples_mmc4=2,
+        mmc4_max_num_images=3,
+        mmc4_image_order="text",
+        workers=0,
+        seed=5,
+        dataset_resampled=True,
+        no_flip=True,
+        max_image_pixels=10_000,
+    )
+    loaders = ours.build_train_loaders(args, tokenizer, image_processor, epoch=2, rank=1, world_size=2)
+    shared = dict(
+        resampled=True, workers=0, seed=5, epoch=2, rank=1, world_size=2, flip=False, max_image_pixels=10_000
+    )
+    laion = loaders["laion"].dataloader.dataset.config
+    assert laion == ours.StreamConfig(batch_size=2, num_samples=4, **shared)
+    assert loaders["mmc4"].dataloader.dataset.config == ours.Mmc4StreamConfig(
+        batch_size=1,
+        num_samples=2,
+        textsim_threshold=args.mmc4_textsim_threshold,
+        max_num_images=3,
+        min_num_images=args.mmc4_min_num_images,
+        image_order="text",
+        **shared,
+    )
+    # Frozen: a new epoch is a new config, the rest unchanged.
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        laion.epoch = 3
+    loaders["laion"].set_epoch(3)
+    assert loaders["laion"].dataloader.dataset.config == dataclasses.replace(laion, epoch=3) and laion.epoch == 2
+    # The LAION loader takes no MMC4 option, as before.
+    with pytest.raises(TypeError, match="textsim_threshold"):
+        ours.build_laion_loader(
+            args.laion_shards, tokenizer=tokenizer, image_processor=image_processor, batch_size=1, num_samples=1,
+            textsim_threshold=0.3,
+        )  # fmt: skip
 
 
 def test_shards_at_fsspec_urls(tmp_path, tokenizer, image_processor):
@@ -1020,7 +1068,7 @@ def test_max_image_pixels_bounds_every_training_image(tmp_path, tokenizer, image
     assert build_parser().parse_args(command).max_image_pixels == DEFAULT_MAX_IMAGE_PIXELS
     args = build_parser().parse_args([*command, "--max_image_pixels", "2352"])
     loaders = ours.build_train_loaders(args, tokenizer, image_processor, epoch=0, rank=0, world_size=1)
-    assert {name: loader.dataloader.dataset.max_image_pixels for name, loader in loaders.items()} == {
+    assert {name: loader.dataloader.dataset.config.max_image_pixels for name, loader in loaders.items()} == {
         "laion": 2352,
         "mmc4": 2352,
     }
@@ -1132,7 +1180,7 @@ def test_samples_with_huge_tar_members_are_skipped_unread(tmp_path, tokenizer, i
     assert len(samples[1][0]) > 20_000 and all(len(image) < 20_000 for image, _ in samples[2:])
     write_laion_shard(tmp_path / "laion-0.tar", samples)
     options = dict(tokenizer=tokenizer, image_processor=image_processor, workers=0, flip=False, shuffle_buffer=1)
-    with mock.patch.object(ours, "MAX_TAR_MEMBER_BYTES", 20_000):
+    with mock.patch.object(ours_shards, "MAX_TAR_MEMBER_BYTES", 20_000):
         batches = list(ours.build_laion_loader(str(tmp_path / "laion-0.tar"), batch_size=3, num_samples=3, **options))
     assert tokenizer.batch_decode(batches[0]["input_ids"]) == [
         f"<image>good {seed}<|endofchunk|><|endoftext|>" for seed in (0, 3, 4)

@@ -21,6 +21,7 @@ autocast (the loss is the fp32 one), so fp16 numerics and its gradient scaler ne
 
 from __future__ import annotations
 
+import dataclasses
 from unittest import mock
 
 import pytest
@@ -307,11 +308,14 @@ def test_lora_flags_put_adapters_on_exactly_the_named_modules_with_that_dropout(
     """`--lora_target_modules out_proj up_proj --lora_dropout 0.25` as the command line parses them: adapters on the
     language model's decoder-layer `out_proj` and `up_proj` only (not the vision tower's `out_proj`, not the default
     `Wqkv`, nothing in the cross-attention), each with dropout 0.25."""
+    from modeling_flamingo.training.arguments import TrainingArguments
     from modeling_flamingo.training.cli import build_parser
 
     flags = ["--model", "unused", "--laion_shards", "unused", "--lora_r", "2", "--lora_dropout", "0.25"]
-    args = build_parser().parse_args([*flags, "--lora_target_modules", "out_proj", "up_proj"])
-    vars(args).update(report_to=[], run_name="unused", max_steps=1, warmup_steps=0)
+    args = TrainingArguments.from_groups(
+        *build_parser().parse([*flags, "--lora_target_modules", "out_proj", "up_proj"])
+    )
+    args = dataclasses.replace(args, report_to=[], run_name="unused", max_steps=1, warmup_steps=0)
     model, tokenizer = tiny_model(family=FAMILY)
     candidates = {n for n, _ in model.named_modules() if n.endswith(("out_proj", "up_proj", "Wqkv"))}
     laion, mmc4 = _batches(tokenizer, 1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from accelerate.state import AcceleratorState, GradientState
 from modeling_flamingo import FlamingoForConditionalGeneration
 from modeling_flamingo.testing import add_flamingo_tokens, make_tiny_tokenizer, tiny_flamingo_config
 from modeling_flamingo.training import mask_flamingo_labels
+from modeling_flamingo.training.arguments import TrainingArguments
 from modeling_flamingo.training.cli import build_parser
 
 LAION_TEXTS = [
@@ -31,15 +33,10 @@ MMC4_TEXTS = [
 ]
 
 
-def train_args(**overrides) -> argparse.Namespace:
+def train_args(**overrides) -> TrainingArguments:
     """The command line's defaults (original names) with `overrides`, without the data/model checks."""
-    args = build_parser().parse_args(["--model", "unused", "--laion_shards", "unused"])
-    args.report_to = []
-    for key, value in overrides.items():
-        if not hasattr(args, key):
-            raise AttributeError(key)
-        setattr(args, key, value)
-    return args
+    groups = build_parser().parse(["--model", "unused", "--laion_shards", "unused"])
+    return dataclasses.replace(TrainingArguments.from_groups(*groups), **{"report_to": [], **overrides})
 
 
 # The released recipes' per-dataset loss multipliers (LAION x 0.2, MMC4 x 1.0).

@@ -4,6 +4,7 @@
 `accelerate launch -m modeling_flamingo.training ...` or `openflamingo-train` (see docs/training.md).
 """
 
+from modeling_flamingo.training.arguments import TrainingArguments
 from modeling_flamingo.training.cli import CONFIGS_DIR
 from modeling_flamingo.training.export import (
     original_checkpoint_state_dict,
@@ -34,6 +35,7 @@ __all__ = [
     "RunFolderError",
     "TrainableTokenRows",
     "TrainerState",
+    "TrainingArguments",
     "TrainingDivergedError",
     "assemble_flamingo",
     "build_fresh_flamingo",

@@ -8,14 +8,12 @@ accelerate config (`accelerate launch --config_file training/configs/...`); see 
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
 
-from modeling_flamingo.processing.image_loading import DEFAULT_MAX_IMAGE_PIXELS
-from modeling_flamingo.training.optim import LR_SCHEDULERS
-from modeling_flamingo.training.trainer import DEFAULT_MAX_CONSECUTIVE_SKIPPED_STEPS, PRECISIONS
+from modeling_flamingo.arguments import FlamingoArgumentParser
+from modeling_flamingo.training.arguments import ARGUMENT_GROUPS, TrainingArguments
 
 # Accelerate launch configurations shipped with the package (ddp, fsdp_full, fsdp_hybrid, deepspeed_zero2/3).
 CONFIGS_DIR = Path(__file__).parent / "configs"
@@ -38,177 +36,16 @@ _OPEN_CLIP_VISION_ENCODERS = {("ViT-L-14", "openai"): "openai/clip-vit-large-pat
 _OPEN_CLIP_DEFAULT_PRETRAINED = "openai"
 
 
-class _Parser(argparse.ArgumentParser):
-    """Errors as one `error: ...` line on stderr and exit status 2 (no usage block: `--help` has it)."""
-
-    def error(self, message: str):
-        self.exit(2, f"error: {message}\n")
-
-
-def _add(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
-    """Add `--some_flag` also as `--some-flag`."""
-    names = [name]
-    dashed = "--" + name[2:].replace("_", "-")
-    if dashed != name:
-        names.append(dashed)
-    parser.add_argument(*names, **kwargs)
-
-
-def _positive_int(text: str) -> int:
-    """argparse type of counts and bounds: `error: argument --flag: expected a positive integer, got '0'`."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+def build_parser() -> FlamingoArgumentParser:
+    """The parser of the `ARGUMENT_GROUPS` (`parse(argv)` returns one instance of each, unchecked)."""
+    return FlamingoArgumentParser(
+        ARGUMENT_GROUPS,
         prog="openflamingo-train",
         description="Train OpenFlamingo's resampler and gated cross-attention (the original recipe) on Accelerate.",
     )
-    model = parser.add_argument_group("model")
-    _add(model, "--model", help="a saved or converted Flamingo folder, or a hub id (also original OpenFlamingo repos)")
-    _add(
-        model,
-        "--init_from",
-        action="store_true",
-        help="build a fresh Flamingo (closed gates) from --vision_encoder_path, --lm_path, --tokenizer_path",
-    )
-    _add(
-        model,
-        "--vision_encoder_path",
-        default="openai/clip-vit-large-patch14",
-        help="CLIP, SigLIP or SigLIP2 folder or hub id (a dual encoder's or a vision model's weights); the "
-        "original's open_clip name ViT-L-14 means openai/clip-vit-large-patch14",
-    )
-    _add(
-        model,
-        "--vision_encoder_pretrained",
-        help="the original's open_clip weights tag for an open_clip --vision_encoder_path (default openai: the only "
-        "one with a transformers CLIP here); a transformers tower brings its own weights",
-    )
-    _add(model, "--lm_path", help="the language model (folder or hub id), for --init_from")
-    _add(model, "--tokenizer_path", help="defaults to --lm_path")
-    _add(model, "--cross_attn_every_n_layers", type=int, default=1)
-    _add(model, "--revision", help="hub revision of --model / --lm_path")
-
-    run = parser.add_argument_group("run")
-    _add(run, "--run_name", default="openflamingo3B", help="output folder: checkpoints, model/, checkpoint.pt")
-    _add(
-        run,
-        "--resume_from_checkpoint",
-        help="a checkpoint_<step> folder (or a run folder: its latest); by default the run folder's latest, if any",
-    )
-    _add(run, "--delete_previous_checkpoint", action="store_true")
-    _add(
-        run,
-        "--move_later_checkpoints_aside",
-        action="store_true",
-        help="resuming from a checkpoint older than others in the run folder: move those (and the exports) into a "
-        "superseded-<date> subfolder instead of refusing",
-    )
-    _add(
-        run,
-        "--resume_with_new_optimisation_flags",
-        action="store_true",
-        help="let a resume change --learning_rate, --lr_scheduler, --warmup_steps, --weight_decay, --max_grad_norm, "
-        "--num_epochs, --max_steps and the loss multipliers: they apply from the resumed step on (docs/training.md)",
-    )
-    _add(run, "--checkpointing_steps", type=int, default=None, help="save the training state every N steps")
-    _add(run, "--seed", type=int, default=42)
-    _add(run, "--logging_steps", type=int, default=100)
-    _add(run, "--report_to_wandb", action="store_true")
-    _add(run, "--report_to", nargs="*", default=[], choices=["tensorboard", "wandb"], help="accelerate trackers")
-    _add(run, "--wandb_project")
-    _add(run, "--wandb_entity")
-    _add(
-        run,
-        "--save_checkpoints_to_wandb",
-        action="store_true",
-        help="upload every checkpoint folder and checkpoint.pt into the W&B run's files (needs --report_to_wandb)",
-    )
-    run.add_argument(
-        "--no-set-device-rank",
-        "--no_set_device_rank",
-        action="store_true",
-        help="accepted as in the original: accelerate already uses GPU local_rank %% visible GPUs, so one visible GPU "
-        "per process (CUDA_VISIBLE_DEVICES) needs nothing more",
-    )
-    _add(run, "--offline", action="store_true", help="no network (HF_HUB_OFFLINE=1, WANDB_MODE=offline)")
-
-    optim = parser.add_argument_group("optimisation")
-    _add(optim, "--learning_rate", type=float, default=1e-4)
-    _add(optim, "--lr_scheduler", default="constant", choices=LR_SCHEDULERS)
-    _add(optim, "--warmup_steps", type=int, default=5000)
-    _add(optim, "--weight_decay", type=float, default=0.1)
-    _add(optim, "--max_grad_norm", type=float, default=1.0)
-    _add(
-        optim,
-        "--max_consecutive_skipped_steps",
-        type=int,
-        default=DEFAULT_MAX_CONSECUTIVE_SKIPPED_STEPS,
-        help="stop with an error when this many optimiser steps in a row were skipped for a NaN/inf loss or gradient "
-        "norm (0: never stop)",
-    )
-    _add(optim, "--gradient_accumulation_steps", type=int, default=1)
-    _add(
-        optim, "--num_epochs", type=int, default=1, help="an epoch is train_num_samples_* samples, as in the original"
-    )
-    _add(optim, "--max_steps", type=int, default=None, help="stop after this many optimiser steps (overrides epochs)")
-    _add(optim, "--precision", default="fp32", choices=list(PRECISIONS))
-    _add(optim, "--gradient_checkpointing", action="store_true")
-    _add(optim, "--freeze_lm_embeddings", action="store_true")
-    _add(optim, "--loss_multiplier_laion", type=float, default=1.0)
-    _add(optim, "--loss_multiplier_mmc4", type=float, default=1.0)
-
-    lora = parser.add_argument_group("LoRA on the language model (not in the original recipe; needs peft)")
-    _add(lora, "--lora_r", type=int, default=0, help="LoRA rank; 0 (default) trains no adapter")
-    _add(lora, "--lora_alpha", type=float, default=16.0)
-    _add(lora, "--lora_dropout", type=float, default=0.0)
-    _add(
-        lora,
-        "--lora_target_modules",
-        nargs="*",
-        default=[],
-        help="module names in the decoder layers (default: the attention projections of the LM family)",
-    )
-
-    data = parser.add_argument_group("data")
-    _add(data, "--laion_shards", help="webdataset shards, e.g. /data/laion/{00000..00999}.tar")
-    _add(data, "--mmc4_shards", help="webdataset shards, e.g. /data/mmc4/{00000..00999}.tar")
-    _add(data, "--batch_size_laion", type=int, default=128)
-    _add(data, "--batch_size_mmc4", type=int, default=128)
-    _add(data, "--train_num_samples_laion", type=int, default=10000)
-    _add(data, "--train_num_samples_mmc4", type=int, default=10000)
-    _add(data, "--dataset_resampled", action="store_true")
-    _add(data, "--workers", type=int, default=1)
-    _add(data, "--mmc4_textsim_threshold", type=float, default=0.24)
-    _add(data, "--mmc4_max_num_images", type=int, default=6)
-    _add(data, "--mmc4_min_num_images", type=int, default=1)
-    _add(
-        data,
-        "--mmc4_image_order",
-        default="document",
-        choices=["document", "text"],
-        help="MMC4 images in document order (the original) or each at its matched sentence (docs/training_data.md)",
-    )
-    _add(data, "--no_flip", action="store_true", help="no random horizontal flips (the original always flips)")
-    _add(
-        data,
-        "--max_image_pixels",
-        type=_positive_int,
-        default=DEFAULT_MAX_IMAGE_PIXELS,
-        help="skip (and count) training images declaring more pixels, read from the header before decoding "
-        "(default: %(default)s; the original allows 1e9)",
-    )
-    return parser
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> TrainingArguments:
     """Parse and check the command line; errors exit through `parser.error` (one `error: ...` line, status 2)."""
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -216,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         flag = arg.split("=", 1)[0]
         if flag in _MOVED_FLAGS:
             parser.error(f"{flag} is set in the accelerate config here: {_MOVED_FLAGS[flag]} (see docs/training.md)")
-    args = parser.parse_args(argv)
+    args = TrainingArguments.from_groups(*parser.parse(argv))
     if args.report_to_wandb and "wandb" not in args.report_to:
         args.report_to.append("wandb")
     if args.save_checkpoints_to_wandb and "wandb" not in args.report_to:
@@ -228,9 +65,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--init_from needs --lm_path (and --vision_encoder_path, --tokenizer_path)")
     if not args.laion_shards and not args.mmc4_shards:
         parser.error("no training data: give --laion_shards and/or --mmc4_shards")
-    for name in ("batch_size_laion", "batch_size_mmc4", "gradient_accumulation_steps", "num_epochs", "workers"):
-        if getattr(args, name) < (0 if name == "workers" else 1):
-            parser.error(f"--{name} must be >= {0 if name == 'workers' else 1}; got {getattr(args, name)}")
+    for name, value, least in (
+        ("batch_size_laion", args.batch_size_laion, 1),
+        ("batch_size_mmc4", args.batch_size_mmc4, 1),
+        ("gradient_accumulation_steps", args.gradient_accumulation_steps, 1),
+        ("num_epochs", args.num_epochs, 1),
+        ("workers", args.workers, 0),
+    ):
+        if value < least:
+            parser.error(f"--{name} must be >= {least}; got {value}")
     if args.max_steps is not None and args.max_steps < 1:
         parser.error(f"--max_steps must be >= 1; got {args.max_steps}")
     if args.checkpointing_steps is not None and args.checkpointing_steps < 1:
@@ -258,7 +101,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _vision_encoder(parser: argparse.ArgumentParser, path: str, pretrained: str | None) -> str:
+def _vision_encoder(parser: FlamingoArgumentParser, path: str, pretrained: str | None) -> str:
     """The transformers tower to load for `--vision_encoder_path` and the original's `--vision_encoder_pretrained`."""
     open_clip_names = {name for name, _ in _OPEN_CLIP_VISION_ENCODERS}
     if path in open_clip_names:
@@ -278,13 +121,16 @@ def _vision_encoder(parser: argparse.ArgumentParser, path: str, pretrained: str 
     return path
 
 
-def data_loader_factory(args: argparse.Namespace, processor, rank: int, world_size: int):
-    """epoch -> {"laion": loader, "mmc4": loader} from `modeling_flamingo.training.data.build_train_loaders`."""
+def data_loader_factory(args: TrainingArguments, processor, rank: int, world_size: int):
+    """epoch -> {"laion": loader, "mmc4": loader} from `modeling_flamingo.training.data.build_train_loaders`, given
+    the data flags and the seed (`TrainingArguments.data_loader_arguments`)."""
     from modeling_flamingo.training.data import build_train_loaders
+
+    data_args = args.data_loader_arguments()
 
     def factory(epoch: int):
         return build_train_loaders(
-            args, processor.tokenizer, processor.image_processor, epoch=epoch, rank=rank, world_size=world_size
+            data_args, processor.tokenizer, processor.image_processor, epoch=epoch, rank=rank, world_size=world_size
         )
 
     return factory

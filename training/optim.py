@@ -13,6 +13,8 @@ from transformers import (
     get_linear_schedule_with_warmup,
 )
 
+from modeling_flamingo.training.sharding import local_rows
+
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 
 # The original puts a parameter in the weight-decay group when its name contains this.
@@ -78,12 +80,34 @@ class EmbeddingGradientMask:
       Works for one process, DDP and DeepSpeed (whose ZeRO stages consume gradients inside `backward`).
     - `apply(weight)`: zero the rows of `weight.grad` after the backward pass. For FSDP2, whose parameters (and
       gradients) are row-sharded `DTensor`s that replace the hooked parameter: only the local rows are touched.
+
+    As the trainer's token-rows strategy (`token_rows.TokenRowsStrategy`): `attach(model, hook=...)` picks one.
     """
 
     def __init__(self, token_ids: Iterable[int]):
         self.token_ids = sorted({int(t) for t in token_ids})
         if not self.token_ids:
             raise ValueError("EmbeddingGradientMask needs at least one token id to keep trainable.")
+        self._mask_before_step = False
+
+    def attach(self, model: nn.Module, hook: bool = True) -> None:
+        """Mask the gradient of `model`'s input embeddings: through a gradient hook (`hook`), or, where the training
+        wrapper replaces the parameter (FSDP2), in `before_optimizer_step`."""
+        self._mask_before_step = not hook
+        if hook:
+            self.register_hook(model.get_input_embeddings().weight)
+
+    def before_optimizer_step(self, model: nn.Module) -> None:
+        """Zero the other rows' gradients of `model` (unwrapped) when no hook does (`attach(model, hook=False)`)."""
+        if self._mask_before_step:
+            self.apply(model.get_input_embeddings().weight)
+
+    def after_optimizer_step(self) -> None:
+        """Nothing: the dense embedding weight is the trained parameter itself."""
+
+    def hides_parameter(self, name: str) -> bool:
+        """False: no parameter of its own (every trained parameter is in the state dict)."""
+        return False
 
     def row_mask(self, num_rows: int, start: int = 0, device=None, dtype=torch.float32) -> torch.Tensor:
         """(num_rows, 1) mask of rows `start .. start + num_rows - 1`: 1 for the kept tokens, 0 elsewhere."""
@@ -111,22 +135,11 @@ class EmbeddingGradientMask:
     @torch.no_grad()
     def apply(self, weight: torch.Tensor) -> None:
         self._check(weight)
-        grad = weight.grad
-        if grad is None:
+        if weight.grad is None:
             return
-        try:
-            from torch.distributed.tensor import DTensor
-        except ImportError:  # pragma: no cover - torch without DTensor
-            DTensor = ()
-        if isinstance(grad, DTensor):
-            from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-            local = grad.to_local()
-            _, offset = compute_local_shape_and_global_offset(grad.shape, grad.device_mesh, grad.placements)
-            if local.shape[0]:
-                local.mul_(self.row_mask(local.shape[0], start=offset[0], device=local.device, dtype=local.dtype))
-            return
-        grad.mul_(self.row_mask(grad.shape[0], device=grad.device, dtype=grad.dtype))
+        local, start = local_rows(weight.grad)  # FSDP2: this process's rows only
+        if local.shape[0]:
+            local.mul_(self.row_mask(local.shape[0], start=start, device=local.device, dtype=local.dtype))
 
 
 __all__ = [

@@ -27,12 +27,15 @@ embedding weight.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from modeling_flamingo.modeling_mosaic_gpt import MosaicGPTSharedEmbedding
+from modeling_flamingo.training.optim import EmbeddingGradientMask
+from modeling_flamingo.training.sharding import dtensor_class, local_rows
 
 ROWS_PARAMETER = "flamingo_token_rows"
 
@@ -102,6 +105,17 @@ class TrainableTokenRows:
         _state_dict_post_hook(embedding, self._drop_rows_from_state_dict)
         _load_state_dict_pre_hook(embedding, self._rows_from_loaded_weight)
 
+    def before_optimizer_step(self, model: nn.Module) -> None:
+        """Nothing: the rows' gradients are theirs alone."""
+
+    def after_optimizer_step(self) -> None:
+        """Copy the stepped rows into the embedding weight (`sync_`; collective under FSDP2)."""
+        self.sync_()
+
+    def hides_parameter(self, name: str) -> bool:
+        """Whether `name` is the (k, d) rows parameter, which never appears in a state dict."""
+        return is_token_rows_name(name)
+
     @staticmethod
     def supports(model: nn.Module) -> bool:
         embedding = model.get_input_embeddings()
@@ -143,7 +157,7 @@ class TrainableTokenRows:
         weight = state_dict.get(prefix + "weight")
         if weight is None or prefix + ROWS_PARAMETER in state_dict:
             return
-        DTensor = _dtensor_class()
+        DTensor = dtensor_class()
         if isinstance(weight, DTensor):  # FSDP2 shards: collective, every process loads
             weight = weight.full_tensor()
         rows = weight[self.token_ids]
@@ -157,20 +171,62 @@ class TrainableTokenRows:
     @torch.no_grad()
     def sync_(self) -> None:
         """Copy the trained rows into the embedding weight. Collective under FSDP2 (every process must call it)."""
-        rows, weight = self.rows, self.embedding.weight
-        DTensor = _dtensor_class()
-        if isinstance(rows, DTensor):
+        rows = self.rows
+        if isinstance(rows, dtensor_class()):
             rows = rows.full_tensor()
-        if not isinstance(weight, DTensor):
-            weight[self.token_ids] = rows.to(weight.dtype)
-            return
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-        local = weight.to_local()
-        _, offset = compute_local_shape_and_global_offset(weight.shape, weight.device_mesh, weight.placements)
+        local, start = local_rows(self.embedding.weight)  # FSDP2: this process's rows only
         for i, token in enumerate(self.token_ids):
-            if offset[0] <= token < offset[0] + local.shape[0]:
-                local[token - offset[0]] = rows[i].to(local.dtype)
+            if start <= token < start + local.shape[0]:
+                local[token - start] = rows[i].to(local.dtype)
+
+
+class TokenRowsStrategy(Protocol):
+    """How the trainer trains the `<image>` and `<|endofchunk|>` rows of the input embedding (the only embedding
+    rows the original recipe moves), attached to the model before Accelerate wraps it.
+
+    `TrainableTokenRows` trains the rows through a (k, d) parameter; `EmbeddingGradientMask` trains the dense
+    embedding with the other rows' gradients zeroed (the original's way); `FrozenTokenRows` trains none
+    (`--freeze_lm_embeddings`). `select_token_rows_strategy` picks one.
+    """
+
+    def before_optimizer_step(self, model: nn.Module) -> None:
+        """After the window's last backward pass, before clipping, with the unwrapped `model`."""
+
+    def after_optimizer_step(self) -> None:
+        """After an optimiser step that moved the weights (not after a skipped one). Collective under FSDP2."""
+
+    def hides_parameter(self, name: str) -> bool:
+        """Whether the trainable parameter `name` is the strategy's own and never in a state dict (so neither in a
+        checkpoint nor in the exports, which hold the plain model's weights)."""
+
+
+class FrozenTokenRows:
+    """`--freeze_lm_embeddings`: no embedding row is trained."""
+
+    def before_optimizer_step(self, model: nn.Module) -> None:
+        pass
+
+    def after_optimizer_step(self) -> None:
+        pass
+
+    def hides_parameter(self, name: str) -> bool:
+        return False
+
+
+def select_token_rows_strategy(model: nn.Module, train_embeddings: bool, backend: Any) -> TokenRowsStrategy:
+    """The strategy for `model`'s `<image>` and `<|endofchunk|>` rows (`model.config.media_token_id`,
+    `eoc_token_id`), attached to it: `TrainableTokenRows` where `backend` (`backends.TrainingBackend`) and the model
+    allow it, else the original's masked dense embedding (hooked where the backend keeps the parameter)."""
+    if not train_embeddings:
+        return FrozenTokenRows()
+    new_tokens = [model.config.media_token_id, model.config.eoc_token_id]
+    if backend.trains_token_rows and TrainableTokenRows.supports(model):
+        # Only the two rows are trained, through a (2, d) parameter: the original's step without its dense embedding
+        # gradient and update (module docstring).
+        return TrainableTokenRows(model, new_tokens)
+    mask = EmbeddingGradientMask(new_tokens)
+    mask.attach(model, hook=backend.hooks_survive_wrapping)  # FSDP replaces the parameter: masked before the step
+    return mask
 
 
 def _state_dict_post_hook(module: nn.Module, hook) -> torch.utils.hooks.RemovableHandle:
@@ -185,12 +241,12 @@ def _load_state_dict_pre_hook(module: nn.Module, hook) -> torch.utils.hooks.Remo
     return module._register_load_state_dict_pre_hook(hook, with_module=True)  # torch < 2.5
 
 
-def _dtensor_class() -> type | tuple:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without DTensor
-        return ()
-    return DTensor
-
-
-__all__ = ["ROWS_PARAMETER", "TrainableTokenRows", "is_token_rows_name", "tied_output_projection"]
+__all__ = [
+    "ROWS_PARAMETER",
+    "FrozenTokenRows",
+    "TokenRowsStrategy",
+    "TrainableTokenRows",
+    "is_token_rows_name",
+    "select_token_rows_strategy",
+    "tied_output_projection",
+]

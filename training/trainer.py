@@ -10,36 +10,38 @@ loop never wraps the model itself.
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import json
 import math
 import os
 import shlex
 import shutil
-import time
-from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from accelerate import Accelerator
-from accelerate.tracking import GeneralTracker, TensorBoardTracker, WandBTracker
-from accelerate.utils import DistributedType, InitProcessGroupKwargs, gather_object, set_seed
+from accelerate.utils import set_seed
 
 from modeling_flamingo.modeling_flamingo import FlamingoForConditionalGeneration
+from modeling_flamingo.training.arguments import DEFAULT_MAX_CONSECUTIVE_SKIPPED_STEPS, TrainingArguments
+from modeling_flamingo.training.backends import (
+    MIXED_PRECISION,
+    build_accelerator,
+    build_trackers,
+    fsdp_wrap_classes,
+    select_backend,
+)
 from modeling_flamingo.training.export import save_original_checkpoint, save_pretrained_folder
 from modeling_flamingo.training.labels import freeze_for_flamingo_training
 from modeling_flamingo.training.optim import EmbeddingGradientMask, build_lr_scheduler, build_optimizer
+from modeling_flamingo.training.progress import TrainingMeters, progress_bar
 from modeling_flamingo.training.run_folder import (
     CHANGEABLE_ON_RESUME,
     CHECKPOINT_PREFIX,
     RUN_CONFIG_NAME,
     TRAINER_STATE_NAME,
-    check_checkpoint_files,
-    check_deepspeed_files,
     check_lineage,
     check_resume_config,
     check_run_folder,
@@ -51,21 +53,8 @@ from modeling_flamingo.training.run_folder import (
     resume_config,
     weights_sha256,
 )
-from modeling_flamingo.training.token_rows import TrainableTokenRows, is_token_rows_name
-
-# --precision values of the original and the Accelerate mixed-precision mode each one means here. The original's
-# "bf16"/"fp16" cast only the inputs of an fp32 model (which then fails); here they mean autocast like "amp_*".
-PRECISIONS = {
-    "fp32": "no",
-    "amp_bf16": "bf16",
-    "amp_bfloat16": "bf16",
-    "bf16": "bf16",
-    "amp": "fp16",
-    "fp16": "fp16",
-}
-
-# Optimiser steps in a row skipped for a non-finite loss or gradient norm before training stops with an error.
-DEFAULT_MAX_CONSECUTIVE_SKIPPED_STEPS = 10
+from modeling_flamingo.training.state import TrainerState, find_latest_checkpoint, resume_checkpoint
+from modeling_flamingo.training.token_rows import TrainableTokenRows, select_token_rows_strategy
 
 
 class TrainLoaderLike(Protocol):
@@ -83,47 +72,6 @@ class TrainingDivergedError(RuntimeError):
     """Too many optimiser steps in a row were skipped for a non-finite loss or gradient norm."""
 
 
-@dataclass
-class TrainerState:
-    """Where training stands; saved as `trainer_state.json` in every checkpoint folder.
-
-    `epoch` and `batches_done` are where the data resumes; at the end of an epoch they already point at the next one,
-    so the epoch of the last step is `last_step_epoch`.
-
-    Attributes:
-        epoch: the epoch (0-based) of the next micro-batch to read; also the number of epochs completed.
-        batches_done: micro-batches (per dataset) of that epoch already consumed.
-        global_step: optimiser steps taken (including skipped non-finite ones).
-        skipped_steps: optimiser steps skipped because a loss or the gradient norm was not finite.
-        last_step_epoch: the epoch (0-based) that step `global_step` belongs to, as the log names it.
-        consecutive_skipped_steps: skipped steps in a row up to `global_step` (0 when that step moved the weights);
-            training stops when it reaches `--max_consecutive_skipped_steps`.
-    """
-
-    epoch: int = 0
-    batches_done: int = 0
-    global_step: int = 0
-    skipped_steps: int = 0
-    last_step_epoch: int = 0
-    consecutive_skipped_steps: int = 0
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> TrainerState:
-        """The state of a `trainer_state.json`. The fields added after the first four may be absent (folders written
-        before them): `last_step_epoch` then follows from the data position, `consecutive_skipped_steps` is 0."""
-        values = {k: int(data[k]) for k in ("epoch", "batches_done", "global_step", "skipped_steps")}
-        step_epoch = values["epoch"] - 1 if values["batches_done"] == 0 and values["epoch"] > 0 else values["epoch"]
-        values["last_step_epoch"] = int(data.get("last_step_epoch", step_epoch))
-        values["consecutive_skipped_steps"] = int(data.get("consecutive_skipped_steps", 0))
-        return cls(**values)
-
-
-def find_latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    """The `checkpoint_<step>` folder with the highest step in `run_dir` (complete ones only), or None."""
-    found = list_checkpoints(run_dir)
-    return found[-1][1] if found else None
-
-
 def _as_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
@@ -132,8 +80,8 @@ class FlamingoTrainer:
     """Trains a `FlamingoForConditionalGeneration` on batches of several datasets, as the original recipe does.
 
     Args:
-        args: the parsed command line (`modeling_flamingo.training.cli.parse_args`); the names and meanings of the
-            original's `train.py` flags.
+        args: the typed command line (`modeling_flamingo.training.cli.parse_args`), with the names and meanings of
+            the original's `train.py` flags.
         model: the model to train; its trainable set is set here (`freeze_for_flamingo_training`).
         processor: saved beside the exported model (may be None).
         loader_factory: epoch -> dataset name -> loader with `.dataloader` (yielding batch dicts: `pixel_values`
@@ -144,7 +92,7 @@ class FlamingoTrainer:
 
     def __init__(
         self,
-        args: argparse.Namespace,
+        args: TrainingArguments,
         model: FlamingoForConditionalGeneration,
         processor,
         loader_factory: LoaderFactory,
@@ -158,71 +106,76 @@ class FlamingoTrainer:
         self.accumulation = int(args.gradient_accumulation_steps)
         if self.accumulation < 1:
             raise ValueError(f"gradient_accumulation_steps must be >= 1; got {self.accumulation}.")
-        self.accelerator = accelerator or self._build_accelerator(args)
-        acc = self.accelerator
-        self.is_deepspeed = acc.distributed_type == DistributedType.DEEPSPEED
-        self.is_fsdp = acc.distributed_type == DistributedType.FSDP
+        self.accelerator = accelerator or build_accelerator(args)
+        self.backend = select_backend(self.accelerator)
         # Nothing is written before the run folder and the resume are checked (also by the command line, before it
         # loads the model).
-        resume_dir, later = self.check_run(args, acc.num_processes)
-        saved_config = None
-        if resume_dir is not None:
-            self.state = self._read_state(resume_dir)
-            saved_config = read_resume_config(resume_dir)
-            acc.print(f"Resuming from {resume_dir}.")
-            if saved_config is None:
-                acc.print(
-                    f"{resume_dir} records no run configuration (an earlier version wrote it): its flags and model "
-                    "cannot be checked; resume with the same ones."
-                )
-
-        freeze_for_flamingo_training(model, train_embeddings=not args.freeze_lm_embeddings)
-        if getattr(args, "lora_r", 0):
-            from modeling_flamingo.training.lora import add_lora_adapters
-
-            add_lora_adapters(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules or None)
-        if args.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.embedding_mask = None
-        self.token_rows = None
-        if not args.freeze_lm_embeddings:
-            new_tokens = [model.config.media_token_id, model.config.eoc_token_id]
-            if not self.is_deepspeed and TrainableTokenRows.supports(model):
-                # Only the two rows are trained, through a (2, d) parameter: the original's step without its dense
-                # embedding gradient and update (see token_rows.py).
-                self.token_rows = TrainableTokenRows(model, new_tokens)
-            else:
-                # The original's way: the dense embedding is trained and the other rows' gradients are zeroed.
-                self.embedding_mask = EmbeddingGradientMask(new_tokens)
-                if not self.is_fsdp:  # FSDP replaces the parameter: masked after backward instead
-                    self.embedding_mask.register_hook(_input_embedding_weight(model))
+        resume_dir, later = self.check_run(args, self.accelerator.num_processes)
+        saved_config = self._read_resume(resume_dir)
+        self._prepare_model(model)
         self.multipliers: dict[str, float] = {}
-        self._reset_meters()
+        self.meters = TrainingMeters()
         self._window_bad = False
-        # The frozen weights a checkpoint does not store come from `model`: their hash tells another model apart.
-        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-        self._frozen_weights = weights_sha256(model, skip=trainable | _checkpointed_names(model))
         self._changed_on_resume: list[str] = []
         if saved_config is not None:
             self._changed_on_resume = check_resume_config(
                 resume_dir, saved_config, self._resume_config(), _changeable_on_resume(args)
             )
+        self._prepare_training(model, resume_dir)
+        if resume_dir is not None:
+            self._load_checkpoint(resume_dir)
+            if self._changed_on_resume:
+                self._apply_new_optimisation_flags()
+        self._start_run(later)
 
+    # ------------------------------------------------------------------------------------------------------------
+    # setup
+
+    @staticmethod
+    def _build_accelerator(args: TrainingArguments) -> Accelerator:
+        """`backends.build_accelerator`: the command line builds the accelerator before the trainer (it seeds with
+        the process index), and passes it in."""
+        return build_accelerator(args)
+
+    def _read_resume(self, resume_dir: Path | None) -> dict[str, Any] | None:
+        """Take the trainer state of the checkpoint resumed from; returns its run configuration (None for a new
+        run or a checkpoint of an earlier version)."""
+        if resume_dir is None:
+            return None
+        acc = self.accelerator
+        self.state = TrainerState.read(resume_dir)
+        saved_config = read_resume_config(resume_dir)
+        acc.print(f"Resuming from {resume_dir}.")
+        if saved_config is None:
+            acc.print(
+                f"{resume_dir} records no run configuration (an earlier version wrote it): its flags and model "
+                "cannot be checked; resume with the same ones."
+            )
+        return saved_config
+
+    def _prepare_model(self, model: FlamingoForConditionalGeneration) -> None:
+        """The model's trainable set (the original's, LoRA adapters if asked), gradient checkpointing, how the
+        `<image>` and `<|endofchunk|>` embedding rows are trained, and the hash of the frozen weights a resume
+        checks, all before Accelerate wraps the model."""
+        args = self.args
+        freeze_for_flamingo_training(model, train_embeddings=not args.freeze_lm_embeddings)
+        if args.lora_r:
+            from modeling_flamingo.training.lora import add_lora_adapters
+
+            add_lora_adapters(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules or None)
+        if args.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.rows = select_token_rows_strategy(model, not args.freeze_lm_embeddings, self.backend)
+        # The frozen weights a checkpoint does not store come from `model`: their hash tells another model apart.
+        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+        self._frozen_weights = weights_sha256(model, skip=trainable | self._checkpointed_names(model))
+
+    def _prepare_training(self, model: FlamingoForConditionalGeneration, resume_dir: Path | None) -> None:
+        """Wrap the model and AdamW for the backend, read the first epoch's loaders (their length fixes the
+        schedule), and build the learning-rate schedule over the run's optimiser steps."""
+        args, acc = self.args, self.accelerator
         optimizer = build_optimizer(model, args.learning_rate, args.weight_decay)
-        if self.is_deepspeed:
-            ds_config = acc.state.deepspeed_plugin.deepspeed_config
-            if ds_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
-                # Accelerate reads it from prepared data loaders, which this loop does not pass; DeepSpeed only counts
-                # samples with it (one micro-step holds a batch of each dataset).
-                ds_config["train_micro_batch_size_per_gpu"] = int(args.batch_size_laion)
-        if self.is_fsdp:
-            if not self.is_fsdp2:
-                raise ValueError(
-                    "Only FSDP2 (fsdp_version: 2 in the accelerate config) is supported; see docs/training.md."
-                )
-            plugin = acc.state.fsdp_plugin
-            if getattr(plugin, "transformer_cls_names_to_wrap", None) is None:
-                plugin.transformer_cls_names_to_wrap = fsdp_wrap_classes(model)
+        self.backend.configure(model, args)
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.unwrapped: FlamingoForConditionalGeneration = acc.unwrap_model(self.model)
 
@@ -232,7 +185,7 @@ class FlamingoTrainer:
         if resume_dir is not None and os.path.realpath(resume_dir.parent) == os.path.realpath(self.run_dir):
             self._previous_checkpoint = resume_dir
         # Loaders of the first epoch: their length fixes the schedule.
-        self._loaders = dict(loader_factory(self.state.epoch))
+        self._loaders = dict(self.loader_factory(self.state.epoch))
         self.batches_per_epoch = self._check_loaders(self._loaders)
         if self.state.batches_done >= self.batches_per_epoch:
             raise ValueError(
@@ -256,49 +209,22 @@ class FlamingoTrainer:
         self.scheduler = acc.prepare(scheduler)
         # Only the parameters that change are checkpointed (plus the embeddings, as the original saves them).
         acc.register_save_state_pre_hook(self._filter_saved_weights)
-        if resume_dir is not None:
-            self._load_checkpoint(resume_dir)
-            if self._changed_on_resume:
-                self._apply_new_optimisation_flags()
-        if later:  # only once the resume is known to work
+
+    def _start_run(self, later: list[Path]) -> None:
+        """Once the resume is known to work: move the later checkpoints aside (`--move_later_checkpoints_aside`)
+        and start the trackers."""
+        args, acc = self.args, self.accelerator
+        if later:
             acc.wait_for_everyone()  # every process checked the folder as it was before any writes
             if acc.is_main_process:
                 aside = move_aside_later(self.run_dir, later)
                 acc.print(f"Moved {', '.join(p.name for p in later)} and the exports of that run into {aside}.")
             acc.wait_for_everyone()
-        if getattr(args, "report_to", None):
+        if args.report_to:
             if acc.is_main_process:  # TensorBoard writes into the run folder: marked first
                 mark_run_folder(self.run_dir)
             # The trackers were built with the accelerator (`build_trackers`): the project name is theirs.
-            acc.init_trackers("openflamingo", config={k: v for k, v in vars(args).items() if _loggable(v)})
-
-    # ------------------------------------------------------------------------------------------------------------
-    # setup helpers
-
-    @staticmethod
-    def _build_accelerator(args: argparse.Namespace) -> Accelerator:
-        if args.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {args.precision!r}.")
-        deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-        handlers = []
-        if deepspeed and _deepspeed_on_cpu():
-            # Accelerate picks a process-group backend only for accelerator devices (or for its own CPU mode, which
-            # excludes DeepSpeed): DeepSpeed's CPU accelerator communicates over gloo.
-            handlers.append(InitProcessGroupKwargs(backend="gloo"))
-        return Accelerator(
-            kwargs_handlers=handlers,
-            mixed_precision=PRECISIONS[args.precision],
-            # DeepSpeed counts micro-batches itself; elsewhere the loop accumulates (two datasets per micro-step).
-            gradient_accumulation_steps=int(args.gradient_accumulation_steps) if deepspeed else 1,
-            log_with=build_trackers(args) or None,
-            project_dir=str(args.run_name),
-            # The schedule counts optimiser steps, like the original (not optimiser steps x processes).
-            step_scheduler_with_optimizer=False,
-        )
-
-    @property
-    def is_fsdp2(self) -> bool:
-        return self.is_fsdp and getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) == 2
+            acc.init_trackers("openflamingo", config={k: v for k, v in asdict(args).items() if _loggable(v)})
 
     def _check_loaders(self, loaders: Mapping[str, TrainLoaderLike]) -> int:
         if not loaders:
@@ -314,11 +240,11 @@ class FlamingoTrainer:
             raise ValueError(
                 f"An epoch has no batches ({counts}): raise --train_num_samples_* or lower the batch size."
             )
-        self.multipliers = {name: float(getattr(self.args, f"loss_multiplier_{name}", 1.0)) for name in loaders}
+        self.multipliers = {name: self.args.loss_multiplier(name) for name in loaders}
         return n
 
     @classmethod
-    def check_run(cls, args: argparse.Namespace, num_processes: int | None = None) -> tuple[Path | None, list[Path]]:
+    def check_run(cls, args: TrainingArguments, num_processes: int | None = None) -> tuple[Path | None, list[Path]]:
         """What a run checks before it loads a model or writes anything (reads only): `--run_name` is new or a run
         folder, resuming from the checkpoint it resumes from mixes no lineages, and the data and optimisation flags
         (and `num_processes`, when given) are those the checkpoint was saved with. Raises `RunFolderError` (a
@@ -330,11 +256,11 @@ class FlamingoTrainer:
         """
         run_dir = Path(args.run_name)
         check_run_folder(run_dir)
-        resume_dir = cls._resume_dir(args)
+        resume_dir = resume_checkpoint(args.run_name, args.resume_from_checkpoint)
         if resume_dir is None:
             return None, []
-        step = cls._read_state(resume_dir).global_step
-        later = check_lineage(run_dir, resume_dir, step, bool(getattr(args, "move_later_checkpoints_aside", False)))
+        step = TrainerState.read(resume_dir).global_step
+        later = check_lineage(run_dir, resume_dir, step, args.move_later_checkpoints_aside)
         saved = read_resume_config(resume_dir)
         if saved is not None:
             check_resume_config(resume_dir, saved, resume_config(args, num_processes), _changeable_on_resume(args))
@@ -361,35 +287,27 @@ class FlamingoTrainer:
     def _resume_config(self) -> dict[str, Any]:
         return resume_config(self.args, self.accelerator.num_processes, self._frozen_weights)
 
-    @staticmethod
-    def _resume_dir(args: argparse.Namespace) -> Path | None:
-        path = args.resume_from_checkpoint
-        if path is None:
-            # The original resumes from the run folder's latest checkpoint when none is named.
-            return find_latest_checkpoint(args.run_name)
-        path = Path(path)
-        if path.is_dir() and not (path / TRAINER_STATE_NAME).is_file():
-            latest = find_latest_checkpoint(path)
-            if latest is not None:
-                return latest
-        if not (path / TRAINER_STATE_NAME).is_file():
-            raise ValueError(
-                f"--resume_from_checkpoint {path} is not a checkpoint folder of this trainer (no {TRAINER_STATE_NAME})."
-            )
-        return path
-
-    @staticmethod
-    def _read_state(folder: Path) -> TrainerState:
-        try:
-            data = json.loads((folder / TRAINER_STATE_NAME).read_text())
-            return TrainerState.from_dict(data)
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"{folder / TRAINER_STATE_NAME} is not a valid trainer state: {exc}") from None
+    def _checkpointed_names(self, model: FlamingoForConditionalGeneration) -> set[str]:
+        """The parameters a (non-FSDP) checkpoint stores: the trainable ones (but the token-rows strategy's own) and
+        the input embeddings, each under one name (a head tied to the input embeddings (Qwen2, Gemma, GPT-2, MPT)
+        shares their tensor, which safetensors stores once; loading that sets both)."""
+        keys = {n for n, p in model.named_parameters() if p.requires_grad and not self.rows.hides_parameter(n)}
+        emb = model.get_input_embeddings().weight
+        keys |= {name for name, p in model.named_parameters() if p is emb}
+        return keys
 
     def _saved_keys(self) -> set[str]:
-        # A head tied to the input embedding (Qwen2, Gemma, GPT-2, MPT) is stored once, under the embedding's name
-        # (`_checkpointed_names`; safetensors refuses aliases), and loading that sets both.
-        return _checkpointed_names(self.unwrapped)
+        return self._checkpointed_names(self.unwrapped)
+
+    @property
+    def token_rows(self) -> TrainableTokenRows | None:
+        """The token-rows strategy when it trains the rows through a (k, d) parameter, else None."""
+        return self.rows if isinstance(self.rows, TrainableTokenRows) else None
+
+    @property
+    def embedding_mask(self) -> EmbeddingGradientMask | None:
+        """The token-rows strategy when it masks the dense embedding's gradient (the original's way), else None."""
+        return self.rows if isinstance(self.rows, EmbeddingGradientMask) else None
 
     def _filter_saved_weights(self, models, weights, output_dir) -> None:
         keep = self._saved_keys()
@@ -397,42 +315,8 @@ class FlamingoTrainer:
             weights[i] = {k: v for k, v in state.items() if k in keep}
 
     def _load_checkpoint(self, folder: Path) -> None:
-        acc = self.accelerator
-        if not (self.is_fsdp or self.is_deepspeed):
-            from safetensors import safe_open
-
-            weights = folder / "model.safetensors"
-            if weights.is_file():
-                try:
-                    with safe_open(str(weights), "pt") as f:
-                        stored = set(f.keys())
-                except Exception as exc:
-                    raise ValueError(
-                        f"cannot resume from {folder}: {weights.name}: it is truncated or corrupt ({exc}); resume "
-                        "from another checkpoint"
-                    ) from None
-                expected = self._saved_keys()
-                if stored != expected:
-                    missing = sorted(expected - stored)[:3]
-                    extra = sorted(stored - expected)[:3]
-                    raise ValueError(
-                        f"Checkpoint {folder} does not match this model's trainable set (missing {missing}, "
-                        f"unexpected {extra}): resume with the same model and flags."
-                    )
-        check_checkpoint_files(folder, acc.process_index)
-        if self.is_deepspeed:
-            check_deepspeed_files(folder)
-        try:
-            if not (self.is_fsdp or self.is_deepspeed):
-                acc.load_state(str(folder), strict=False)
-            else:
-                acc.load_state(str(folder))
-        except torch.OutOfMemoryError:
-            raise
-        except Exception as exc:
-            message = " ".join(str(exc).split())[:160]
-            raise ValueError(f"cannot resume from {folder}: {message}; resume from another checkpoint") from exc
-        acc.print(
+        self.backend.load_state(folder, self._saved_keys())
+        self.accelerator.print(
             f"Resumed at epoch {self.state.epoch}, batch {self.state.batches_done}, step {self.state.global_step}."
         )
 
@@ -459,19 +343,8 @@ class FlamingoTrainer:
         acc = self.accelerator
         losses: dict[str, float] = {}
         names = list(batches)
-        combined = None
         for i, name in enumerate(names):
-            batch = dict(batches[name])
-            skipped = batch.pop("skipped", None) or {}
-            for reason, count in skipped.items():
-                self._skipped[f"{name}/{reason}"] += int(count)
-            batch = _as_device(batch, acc.device)
-            self._samples += int(batch["input_ids"].shape[0])
-            if "attention_mask" in batch:
-                self._tokens += int(batch["attention_mask"].sum())
-            else:
-                self._tokens += int(batch["input_ids"].numel())
-            last = i == len(names) - 1
+            batch = _as_device(self.meters.add_batch(name, batches[name]), acc.device)
             with acc.autocast():
                 loss = self.model(**batch, use_cache=False).loss
             bad = self._nonfinite_anywhere(not bool(torch.isfinite(loss.detach()).all()))
@@ -481,22 +354,8 @@ class FlamingoTrainer:
                 self._window_bad = True
                 continue
             scaled = loss * self.multipliers.get(name, 1.0)
-            if self.is_deepspeed:
-                # DeepSpeed steps inside its backward: one backward per micro-step, over all datasets.
-                combined = scaled if combined is None else combined + scaled
-                continue
-            scaled = scaled / self.accumulation
-            # FSDP reduce-scatters every backward: skipping the sync would keep full-size gradients across micro-steps
-            # (the memory FSDP saves) outside the sharded `.grad`, where a skipped step's `zero_grad` cannot drop them.
-            no_sync = not (sync and last) and not self.is_fsdp
-            with acc.no_sync(self.model) if no_sync else contextlib.nullcontext():
-                acc.backward(scaled)
-        if self.is_deepspeed:
-            # Our window sets DeepSpeed's accumulation boundary (Accelerate's own count would miss an epoch's end: the
-            # loaders are not prepared). A micro-step with a non-finite loss on any process runs no backward anywhere.
-            acc.sync_gradients = sync
-            if combined is not None and not self._window_bad:
-                acc.backward(combined)
+            self.backend.backward(self.model, scaled, self.accumulation, sync=sync and i == len(names) - 1)
+        self.backend.end_micro_step(sync, skip=self._window_bad)
         return losses
 
     def optimizer_step(self) -> bool:
@@ -505,22 +364,10 @@ class FlamingoTrainer:
         acc = self.accelerator
         stepped = False
         if not self._window_bad:
-            if self.embedding_mask is not None and self.is_fsdp:
-                self.embedding_mask.apply(_input_embedding_weight(self.unwrapped))
-            if self.is_deepspeed:
-                # DeepSpeed clipped (gradient_clipping in its config) and stepped in backward; the schedule was
-                # prepared apart from its engine, so it is stepped here.
-                self.scheduler.step()
-                stepped = True
-            else:
-                norm = acc.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
-                finite = norm is None or bool(torch.isfinite(torch.as_tensor(norm)).all())
-                if finite:
-                    self.optimizer.step()
-                    self.scheduler.step()
-                    stepped = True
-        if stepped and self.token_rows is not None:
-            self.token_rows.sync_()
+            self.rows.before_optimizer_step(self.unwrapped)
+            stepped = self.backend.step(self.model, self.optimizer, self.scheduler, self.args.max_grad_norm)
+        if stepped:
+            self.rows.after_optimizer_step()
         self.optimizer.zero_grad(set_to_none=True)
         if stepped:
             self.state.consecutive_skipped_steps = 0
@@ -543,9 +390,9 @@ class FlamingoTrainer:
                 process alike); nothing is saved after the last checkpoint.
         """
         acc, args, state = self.accelerator, self.args, self.state
-        max_skipped = getattr(args, "max_consecutive_skipped_steps", DEFAULT_MAX_CONSECUTIVE_SKIPPED_STEPS)
+        max_skipped = args.max_consecutive_skipped_steps
         self.model.train()
-        progress = _progress_bar(acc, self.total_steps, state.global_step)
+        progress = progress_bar(acc, self.total_steps, state.global_step)
         while state.global_step < self.total_steps and state.epoch < self.num_epochs:
             loaders = self._loaders if self._loaders is not None else dict(self.loader_factory(state.epoch))
             self._loaders = None
@@ -574,9 +421,7 @@ class FlamingoTrainer:
                 sync = end_of_epoch or state.batches_done % self.accumulation == 0
                 losses = self.forward_backward(batches, sync=sync)
                 for name, value in losses.items():
-                    # A non-finite loss (its step skipped, counted in skipped_steps) would turn the mean into NaN.
-                    self._loss_sums[name] += value if math.isfinite(value) else 0.0
-                    self._loss_counts[name] += int(math.isfinite(value))
+                    self.meters.add_loss(name, value)
                 if not sync:
                     continue
                 self.optimizer_step()
@@ -587,7 +432,8 @@ class FlamingoTrainer:
                     state.epoch += 1
                     state.batches_done = 0
                 if args.logging_steps and state.global_step % args.logging_steps == 0:
-                    self._log(progress)
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    self.meters.log(acc, progress, state, self.total_steps, lr, bool(args.report_to))
                 if max_skipped and state.consecutive_skipped_steps >= max_skipped:
                     progress.close()
                     acc.end_training()
@@ -632,56 +478,13 @@ class FlamingoTrainer:
     def _save_checkpoint_to_wandb(self, folder: Path) -> None:
         """`--save_checkpoints_to_wandb`: the checkpoint folder's files and `checkpoint.pt` into the W&B run's files,
         named as in the run folder (the original `wandb.save`s its checkpoint file and final weights)."""
-        if not getattr(self.args, "save_checkpoints_to_wandb", False) or not self.accelerator.is_main_process:
+        if not self.args.save_checkpoints_to_wandb or not self.accelerator.is_main_process:
             return
         run = self.accelerator.get_tracker("wandb", unwrap=True)
         base = self.run_dir.resolve()
         files = [*sorted(p for p in folder.rglob("*") if p.is_file()), self.run_dir / "checkpoint.pt"]
         for path in files:
             run.save(str(path.resolve()), base_path=str(base), policy="now")
-
-    # ------------------------------------------------------------------------------------------------------------
-    # logging
-
-    def _reset_meters(self) -> None:
-        self._loss_sums: dict[str, float] = defaultdict(float)
-        self._loss_counts: dict[str, int] = defaultdict(int)
-        self._skipped: dict[str, int] = defaultdict(int)
-        self._samples = 0
-        self._tokens = 0
-        self._since = time.perf_counter()
-
-    def _log(self, progress) -> None:
-        acc, state = self.accelerator, self.state
-        elapsed = max(time.perf_counter() - self._since, 1e-9)
-        local = torch.tensor([float(self._samples), float(self._tokens)], device=acc.device)
-        samples, tokens = (acc.reduce(local, reduction="sum") if acc.num_processes > 1 else local).tolist()
-        logs = {
-            f"loss_{name}": self._loss_sums[name] / count if (count := self._loss_counts[name]) else float("nan")
-            for name in self._loss_sums
-        }
-        logs.update(
-            lr=self.optimizer.param_groups[0]["lr"],
-            samples_per_second=samples / elapsed,
-            tokens_per_second=tokens / elapsed,
-            skipped_steps=state.skipped_steps,
-        )
-        skipped = gather_object([dict(self._skipped)]) if acc.num_processes > 1 else [dict(self._skipped)]
-        total_skipped: dict[str, int] = defaultdict(int)
-        for counts in skipped:
-            for key, value in counts.items():
-                total_skipped[key] += value
-        if acc.is_main_process:
-            text = " ".join(f"{k}={v:.4g}" for k, v in logs.items())
-            progress.write(f"step {state.global_step}/{self.total_steps} (epoch {state.last_step_epoch}) {text}")
-            short = {"samples_per_second": "samples/s", "tokens_per_second": "tokens/s"}
-            progress.set_postfix({short.get(k, k): v for k, v in logs.items() if k != "skipped_steps"}, refresh=False)
-            if total_skipped:
-                summary = ", ".join(f"{k}: {v}" for k, v in sorted(total_skipped.items()))
-                progress.write(f"  bad samples skipped since the last log: {summary}")
-            if getattr(self.args, "report_to", None):
-                acc.log({**logs, **{f"skipped/{k}": v for k, v in total_skipped.items()}}, step=state.global_step)
-        self._reset_meters()
 
     # ------------------------------------------------------------------------------------------------------------
     # checkpoints and exports
@@ -746,88 +549,17 @@ class FlamingoTrainer:
         save_pretrained_folder(model, self.processor, self.run_dir / "model", state_dict=dict(state_dict))
 
 
-def build_trackers(args: argparse.Namespace) -> list[GeneralTracker]:
-    """The Accelerate trackers named by `--report_to` (`--report_to_wandb` adds "wandb").
-
-    TensorBoard writes its event files under `{run_name}/tensorboard/`. The W&B run is the original's
-    (`open_flamingo/train/train.py`): project `--wandb_project` (W&B's default, or `WANDB_PROJECT`, when unset),
-    entity `--wandb_entity`, named `--run_name`; its files go where W&B puts them (`WANDB_DIR`, else `./wandb`).
-    """
-    trackers: list[GeneralTracker] = []
-    for name in dict.fromkeys(getattr(args, "report_to", None) or []):  # once each, in order
-        if name == "tensorboard":
-            trackers.append(TensorBoardTracker("tensorboard", str(args.run_name)))
-        elif name == "wandb":
-            init = {"name": str(args.run_name)}
-            if getattr(args, "wandb_entity", None):
-                init["entity"] = args.wandb_entity
-            trackers.append(WandBTracker(getattr(args, "wandb_project", None), **init))
-        else:
-            raise ValueError(f"report_to: unknown tracker {name!r}; expected tensorboard or wandb.")
-    return trackers
-
-
-def fsdp_wrap_classes(model: FlamingoForConditionalGeneration) -> list[str]:
-    """The FSDP units: the classes of `model._no_split_modules` the model holds (the vision tower's encoder layers,
-    the resampler, the gated cross-attention blocks and the language model's decoder layers, taken from the built
-    model). Accelerate's default takes the whole list, which also gathers the lists of the vision tower's and language
-    model's own classes, and fails on the classes this model lacks (e.g. CLIP's text embeddings)."""
-    present = {type(module).__name__ for module in model.modules()}
-    return sorted(name for name in model._no_split_modules if name in present)
-
-
-def _deepspeed_on_cpu() -> bool:
-    from deepspeed.accelerator import get_accelerator
-
-    return get_accelerator().device_name() == "cpu"
-
-
-def _input_embedding_weight(model) -> torch.nn.Parameter:
-    return model.get_input_embeddings().weight
-
-
 def _shell_path(path: Path) -> str:
     """`path` made absolute, quoted only where a shell needs it: pasted as is into a later command."""
     return shlex.quote(str(path.resolve()))
 
 
-def _changeable_on_resume(args: argparse.Namespace) -> tuple[str, ...]:
-    return CHANGEABLE_ON_RESUME if getattr(args, "resume_with_new_optimisation_flags", False) else ()
-
-
-def _checkpointed_names(model) -> set[str]:
-    """The parameters a (non-FSDP) checkpoint stores: the trainable ones and the input embeddings, each under one
-    name (a head tied to the input embeddings shares their tensor, which safetensors stores once)."""
-    keys = {name for name, p in model.named_parameters() if p.requires_grad and not is_token_rows_name(name)}
-    emb = _input_embedding_weight(model)
-    keys |= {name for name, p in model.named_parameters() if p is emb}
-    return keys
+def _changeable_on_resume(args: TrainingArguments) -> tuple[str, ...]:
+    return CHANGEABLE_ON_RESUME if args.resume_with_new_optimisation_flags else ()
 
 
 def _loggable(value: Any) -> bool:
     return isinstance(value, (int, float, str, bool)) or value is None
-
-
-class _NoProgress:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def set_postfix(self, *args, **kwargs) -> None:
-        pass
-
-    def write(self, text: str) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress_bar(acc: Accelerator, total: int, initial: int):
-    if not acc.is_main_process:
-        return _NoProgress()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc="training", dynamic_ncols=True)
 
 
 def seed_everything(seed: int, rank: int = 0) -> None:
@@ -837,7 +569,7 @@ def seed_everything(seed: int, rank: int = 0) -> None:
 
 __all__ = [
     "DEFAULT_MAX_CONSECUTIVE_SKIPPED_STEPS",
-    "PRECISIONS",
+    "MIXED_PRECISION",
     "FlamingoTrainer",
     "LoaderFactory",
     "TrainLoaderLike",
