@@ -152,7 +152,9 @@ def _extra_text_config(family: str, vocab_size: int, num_layers: int, hidden: in
         "pad_token_id": None,
     }
     head_dim = hidden // 4
-    alternating = ["sliding_attention", "full_attention"] * (num_layers // 2) + ["sliding_attention"] * (num_layers % 2)
+    alternating = ["sliding_attention", "full_attention"] * (num_layers // 2) + ["sliding_attention"] * (
+        num_layers % 2
+    )
     if family == "llama3":
         rope = {
             "rope_type": "llama3",

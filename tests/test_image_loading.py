@@ -42,7 +42,9 @@ def test_a_decompression_bomb_is_refused_from_its_header():
         # PIL itself refuses from 179 MP whatever the bound: reported as ours, with the size PIL saw.
         with pytest.raises(ImageTooLargeError, match=r"declares 900,000,000 pixels.*50,000,000 \(--max_image_pixels"):
             read(bomb, max_pixels=DEFAULT_MAX_IMAGE_PIXELS)
-        with pytest.raises(ImageTooLargeError, match=r"declares 12000x12000 = 144,000,000 pixels, more than the limit"):
+        with pytest.raises(
+            ImageTooLargeError, match=r"declares 12000x12000 = 144,000,000 pixels, more than the limit"
+        ):
             read(png_declaring(12000, 12000), max_pixels=DEFAULT_MAX_IMAGE_PIXELS)
     assert PIL.Image.MAX_IMAGE_PIXELS == global_limit  # never changed, not even for the call
     with pytest.raises(ImageTooLargeError):
