@@ -15,8 +15,8 @@ Flags of this package only: `--lora_target_modules` / `--lora_dropout` as parsed
 exactly the named modules with that dropout; `--tokenizer_path` with `--init_from` is the tokenizer a run trains and
 exports with; `--mmc4_image_order` and `--no_flip` reach the batches of the loaders the command line builds.
 
-Not compared here: `--precision fp16` (the original's "amp"). On the CPU, Accelerate accepts fp16 but runs no fp16
-autocast (the loss is the fp32 one), so fp16 numerics and its gradient scaler need a GPU.
+Not compared here: `--precision fp16` (the original's "amp"). On the CPU, Accelerate runs no fp16 autocast nor a
+gradient scaler, so the trainer refuses it there (tests/test_train_precision.py); fp16 numerics need a GPU.
 """
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ def build_accelerator(args: Any) -> Accelerator:
         # Accelerate picks a process-group backend only for accelerator devices (or for its own CPU mode, which
         # excludes DeepSpeed): DeepSpeed's CPU accelerator communicates over gloo.
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
-    return Accelerator(
+    accelerator = Accelerator(
         kwargs_handlers=handlers,
         mixed_precision=MIXED_PRECISION[args.precision],
         # DeepSpeed counts micro-batches itself; elsewhere the loop accumulates (two datasets per micro-step).
@@ -57,6 +57,13 @@ def build_accelerator(args: Any) -> Accelerator:
         # The schedule counts optimiser steps, like the original (not optimiser steps x processes).
         step_scheduler_with_optimizer=False,
     )
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        # Accelerate enables fp16 autocast and its GradScaler only off the CPU: the run would silently be fp32.
+        raise ValueError(
+            f"--precision {args.precision} needs a GPU: on the CPU Accelerate runs neither fp16 autocast nor a "
+            "gradient scaler, so the run would train in fp32; use --precision amp_bf16 (bf16 autocast) or fp32"
+        )
+    return accelerator
 
 
 def build_trackers(args: Any) -> list[GeneralTracker]:
