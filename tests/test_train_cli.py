@@ -11,14 +11,13 @@ import pytest
 import torch
 from train_data_helpers import make_laion_shards, make_mmc4_shards
 
-from modeling_flamingo import FlamingoForConditionalGeneration, FlamingoProcessor
+from modeling_flamingo import FlamingoForConditionalGeneration
 from modeling_flamingo.demo import write_release_inputs
-from modeling_flamingo.processing.image_processing_flamingo import FlamingoImageProcessor
 from modeling_flamingo.testing import make_tiny_tokenizer
 from modeling_flamingo.training.cli import main
 from modeling_flamingo.training.model_init import build_fresh_flamingo
 
-from train_helpers import tiny_model
+from train_helpers import tiny_model, tiny_processor
 
 DATA_FLAGS = [
     "--batch_size_laion", "2", "--batch_size_mmc4", "2",
@@ -31,7 +30,7 @@ DATA_FLAGS = [
 def inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     model, tokenizer = tiny_model()
-    processor = FlamingoProcessor(image_processor=FlamingoImageProcessor(size=42, crop_size=42), tokenizer=tokenizer)
+    processor = tiny_processor(tokenizer)
     model.save_pretrained(root / "model")
     processor.save_pretrained(root / "model")
     (root / "parts").mkdir()

@@ -10,12 +10,19 @@ from modeling_flamingo import FlamingoForConditionalGeneration, FlamingoProcesso
 from modeling_flamingo.convert import ConversionSpec, convert
 from modeling_flamingo.convert.mapping import canonical_original_key
 from modeling_flamingo.demo import write_release_inputs
-from modeling_flamingo.processing.image_processing_flamingo import FlamingoImageProcessor
 from modeling_flamingo.testing import make_tiny_tokenizer
 from modeling_flamingo.training import FlamingoTrainer, original_checkpoint_state_dict
 
 from reference import build_original, ours_from_original
-from train_helpers import LAION_TEXTS, MMC4_TEXTS, fresh_accelerate_state, loader_factory, make_batch, train_args
+from train_helpers import (
+    LAION_TEXTS,
+    MMC4_TEXTS,
+    fresh_accelerate_state,
+    loader_factory,
+    make_batch,
+    tiny_processor,
+    train_args,
+)
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +34,7 @@ def trained(tmp_path_factory):
     before = {k: v.clone() for k, v in ours.state_dict().items()}
     laion = [make_batch(tokenizer, LAION_TEXTS[i : i + 2], 1, False, i) for i in range(2)]
     mmc4 = [make_batch(tokenizer, MMC4_TEXTS[i : i + 2], 2, True, 10 + i) for i in range(2)]
-    processor = FlamingoProcessor(image_processor=FlamingoImageProcessor(size=42, crop_size=42), tokenizer=tokenizer)
+    processor = tiny_processor(tokenizer)
     args = train_args(learning_rate=1e-2, warmup_steps=0, run_name=str(root / "run"), logging_steps=0)
     with fresh_accelerate_state():
         FlamingoTrainer(args, ours, processor, loader_factory(laion, mmc4)).train()

@@ -24,12 +24,19 @@ import pytest
 import torch
 from train_data_helpers import make_laion_shards
 
-from modeling_flamingo import FlamingoForConditionalGeneration, FlamingoProcessor
-from modeling_flamingo.processing.image_processing_flamingo import FlamingoImageProcessor
+from modeling_flamingo import FlamingoForConditionalGeneration
 from modeling_flamingo.training import FlamingoTrainer, TrainerState
 from modeling_flamingo.training.cli import _MOVED_FLAGS, build_parser, parse_args
 
-from train_helpers import batches, fresh_accelerate_state, loader_factory, offline_wandb_env, tiny_model, train_args
+from train_helpers import (
+    batches,
+    fresh_accelerate_state,
+    loader_factory,
+    offline_wandb_env,
+    tiny_model,
+    tiny_processor,
+    train_args,
+)
 
 
 def original_train_flags(source: str) -> dict[str, dict]:
@@ -163,7 +170,7 @@ def test_cli_saves_checkpoints_to_an_offline_wandb_run(tmp_path):
     """As the original's `wandb.save` of each checkpoint: every checkpoint folder and checkpoint.pt land in the W&B
     run's files, named as in the run folder, with the bytes they had when saved."""
     model, tokenizer = tiny_model()
-    processor = FlamingoProcessor(image_processor=FlamingoImageProcessor(size=42, crop_size=42), tokenizer=tokenizer)
+    processor = tiny_processor(tokenizer)
     model.save_pretrained(tmp_path / "model")
     processor.save_pretrained(tmp_path / "model")
     laion = make_laion_shards(tmp_path / "laion", num_shards=2, samples_per_shard=3)

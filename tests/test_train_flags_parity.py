@@ -40,6 +40,7 @@ from train_helpers import (
     make_batch,
     original_train_args,
     tiny_model,
+    tiny_processor,
     train_args,
 )
 from train_reference import (
@@ -370,8 +371,6 @@ def test_mmc4_image_order_and_no_flip_reach_the_batches_the_cli_builds(tmp_path)
     of `document` order; without `--no_flip` some documents come flipped (seeded), with it none."""
     from train_data_helpers import image_bytes, mmc4_document, sentence, write_mmc4_shard
 
-    from modeling_flamingo import FlamingoProcessor
-    from modeling_flamingo.processing.image_processing_flamingo import FlamingoImageProcessor
     from modeling_flamingo.training.cli import data_loader_factory, parse_args
 
     sentences = [sentence(index, 5) for index in range(3)]
@@ -379,7 +378,7 @@ def test_mmc4_image_order_and_no_flip_reach_the_batches_the_cli_builds(tmp_path)
     document = mmc4_document(sentences, [image_bytes(11), image_bytes(12)], [[0.1, 0.5, 0.1], [0.6, 0.1, 0.1]])
     shard = write_mmc4_shard(tmp_path / "mmc4.tar", [document] * 6)
     _, tokenizer = tiny_model()
-    processor = FlamingoProcessor(image_processor=FlamingoImageProcessor(size=42, crop_size=42), tokenizer=tokenizer)
+    processor = tiny_processor(tokenizer)
     flags = ["--model", "unused", "--mmc4_shards", str(shard), "--batch_size_mmc4", "1"]
     flags += ["--train_num_samples_mmc4", "6", "--workers", "0", "--mmc4_max_num_images", "2"]
 

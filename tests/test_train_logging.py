@@ -21,12 +21,18 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from train_data_helpers import make_laion_shards, make_mmc4_shards
 from transformers import get_linear_schedule_with_warmup
 
-from modeling_flamingo import FlamingoProcessor
-from modeling_flamingo.processing.image_processing_flamingo import FlamingoImageProcessor
 from modeling_flamingo.training import FlamingoTrainer
 from modeling_flamingo.training.trainer import build_trackers
 
-from train_helpers import batches, fresh_accelerate_state, loader_factory, offline_wandb_env, tiny_model, train_args
+from train_helpers import (
+    batches,
+    fresh_accelerate_state,
+    loader_factory,
+    offline_wandb_env,
+    tiny_model,
+    tiny_processor,
+    train_args,
+)
 
 SCALARS = ["loss_laion", "loss_mmc4", "lr", "samples_per_second", "tokens_per_second", "skipped_steps"]
 
@@ -161,7 +167,7 @@ def _wandb_files_outside() -> set[str]:
 
 def test_cli_reports_to_wandb_offline_and_tensorboard_with_the_same_numbers(tmp_path):
     model, tokenizer = tiny_model()
-    processor = FlamingoProcessor(image_processor=FlamingoImageProcessor(size=42, crop_size=42), tokenizer=tokenizer)
+    processor = tiny_processor(tokenizer)
     model.save_pretrained(tmp_path / "model")
     processor.save_pretrained(tmp_path / "model")
     laion = make_laion_shards(tmp_path / "laion", num_shards=2, samples_per_shard=3)

@@ -14,9 +14,7 @@ import pytest
 import torch
 from train_data_helpers import make_laion_shards
 
-from modeling_flamingo import FlamingoProcessor
 from modeling_flamingo.convert.writer import NonFiniteWeightsError
-from modeling_flamingo.processing.image_processing_flamingo import FlamingoImageProcessor
 from modeling_flamingo.training import FlamingoTrainer
 from modeling_flamingo.training.export import (
     original_checkpoint_state_dict,
@@ -25,7 +23,7 @@ from modeling_flamingo.training.export import (
 )
 from modeling_flamingo.training.trainer import TrainingDivergedError
 
-from train_helpers import batches, fresh_accelerate_state, loader_factory, tiny_model, train_args
+from train_helpers import batches, fresh_accelerate_state, loader_factory, tiny_model, tiny_processor, train_args
 
 
 def _overflowing(batch: dict) -> dict:
@@ -79,7 +77,7 @@ def test_cli_stops_a_diverging_run_with_an_error(tmp_path):
     """`--learning_rate 1e30`: the first step sends the weights to ~1e30, every later loss is NaN. The default limit
     (10 skipped steps in a row) stops the run: exit status 1 and one error line, no traceback."""
     model, tokenizer = tiny_model()
-    processor = FlamingoProcessor(image_processor=FlamingoImageProcessor(size=42, crop_size=42), tokenizer=tokenizer)
+    processor = tiny_processor(tokenizer)
     model.save_pretrained(tmp_path / "model")
     processor.save_pretrained(tmp_path / "model")
     laion = make_laion_shards(tmp_path / "laion", num_shards=2, samples_per_shard=3)
@@ -107,7 +105,7 @@ def _first_non_finite(state: dict[str, torch.Tensor]) -> str:
 
 def test_exports_refuse_non_finite_weights_and_keep_the_previous_export(tmp_path):
     model, tokenizer = tiny_model()
-    processor = FlamingoProcessor(image_processor=FlamingoImageProcessor(size=42, crop_size=42), tokenizer=tokenizer)
+    processor = tiny_processor(tokenizer)
     checkpoint, folder = tmp_path / "run" / "checkpoint.pt", tmp_path / "run" / "model"
     save_original_checkpoint(model, checkpoint)
     save_pretrained_folder(model, processor, folder)

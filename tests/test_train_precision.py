@@ -19,13 +19,11 @@ import math
 import pytest
 import torch
 
-from modeling_flamingo import FlamingoProcessor
-from modeling_flamingo.processing.image_processing_flamingo import FlamingoImageProcessor
 from modeling_flamingo.training import FlamingoTrainer
 from modeling_flamingo.training.cli import main
 from modeling_flamingo.training.trainer import TrainingDivergedError
 
-from train_helpers import batches, fresh_accelerate_state, loader_factory, tiny_model, train_args
+from train_helpers import batches, fresh_accelerate_state, loader_factory, tiny_model, tiny_processor, train_args
 
 
 def _inf_gradient(model, active: list[bool]):
@@ -40,7 +38,7 @@ def test_fp16_on_the_cpu_is_refused_in_one_line(precision, tmp_path, capsys):
     """Through the CLI: one `error:` line naming the flag and what to use, before any run folder is written."""
     model, tokenizer = tiny_model()
     model.save_pretrained(tmp_path / "model")
-    FlamingoProcessor(FlamingoImageProcessor(size=42, crop_size=42), tokenizer).save_pretrained(tmp_path / "model")
+    tiny_processor(tokenizer).save_pretrained(tmp_path / "model")
     run = tmp_path / "run"
     argv = ["--model", str(tmp_path / "model"), "--laion_shards", str(tmp_path / "none.tar"), "--precision", precision]
     with fresh_accelerate_state():

@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 from accelerate.state import AcceleratorState, GradientState
 
-from modeling_flamingo import FlamingoForConditionalGeneration
+from modeling_flamingo import FlamingoForConditionalGeneration, FlamingoProcessor
+from modeling_flamingo.processing.image_processing_flamingo import FlamingoImageProcessor
 from modeling_flamingo.testing import add_flamingo_tokens, make_tiny_tokenizer, tiny_flamingo_config
 from modeling_flamingo.training import mask_flamingo_labels
 from modeling_flamingo.training.arguments import TrainingArguments
@@ -116,6 +117,11 @@ def tiny_model(seed: int = 0, family: str = "mosaic_gpt") -> tuple[FlamingoForCo
             block.attn_gate.fill_(0.5)
             block.ff_gate.fill_(0.5)
     return model, tokenizer
+
+
+def tiny_processor(tokenizer) -> FlamingoProcessor:
+    """The processor of `tiny_model`'s tokenizer, with 42 px images (the size `make_batch` and the shards use)."""
+    return FlamingoProcessor(image_processor=FlamingoImageProcessor(size=42, crop_size=42), tokenizer=tokenizer)
 
 
 def scramble_trainable(model: FlamingoForConditionalGeneration, seed: int = 1) -> None:
