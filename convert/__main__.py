@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from modeling_flamingo.arguments import EXIT_FAILURE, EXIT_INTERRUPTED, FlamingoArgumentParser, arg
+from modeling_flamingo.arguments import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, FlamingoArgumentParser, arg
 from modeling_flamingo.weight_dtypes import DTYPES
 
 from .converter import ConversionSpec, ConversionTerminated, convert
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # an unforeseen failure still gets one line, with its type for bug reports
         print(f"error: {type(exc).__name__}: {first_line(exc)}", file=sys.stderr)
         return EXIT_FAILURE
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ them with `FlamingoArgumentParser`, transformers' `HfArgumentParser` with these 
 - every flag is accepted as `--some_flag` and `--some-flag`;
 - `--help` shows each flag's default (switches and flags without a default show none);
 - a bad command line prints one `error: ...` line on stderr (no usage block: `--help` has it) and exits with
-  status 2; the CLIs report failures while running the same way with status 1 (`run_cli`), and Ctrl-C with 130.
+  status 2; each CLI reports failures while running as one `error: ...` line with status 1, and Ctrl-C with 130
+  (`openflamingo-convert` keeps status 1 for a bad command line too).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, NoReturn
 
 from transformers import HfArgumentParser
@@ -81,16 +82,3 @@ class FlamingoArgumentParser(HfArgumentParser):
         if remaining:
             self.error(f"unrecognized arguments: {' '.join(remaining)}")
         return tuple(dataclass_values)
-
-
-def run_cli(main: Callable[[], int], errors: tuple[type[BaseException], ...]) -> int:
-    """Run `main` with the CLIs' failure convention: one of `errors` prints one `error: ...` line and gives exit
-    status 1; Ctrl-C not handled by `main` gives 130."""
-    try:
-        return main()
-    except errors as err:
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-        return EXIT_FAILURE
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED

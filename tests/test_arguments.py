@@ -7,7 +7,7 @@ from typing import Literal
 
 import pytest
 
-from modeling_flamingo.arguments import EXIT_FAILURE, FlamingoArgumentParser, arg, run_cli
+from modeling_flamingo.arguments import FlamingoArgumentParser, arg
 
 
 @dataclasses.dataclass
@@ -66,14 +66,6 @@ def test_help_shows_defaults_except_for_switches_and_none(capsys):
     out = " ".join(capsys.readouterr().out.split())
     assert "weights dtype (default: fp32)" in out and "demonstrations (default: [0, 4])" in out
     assert "continue (default" not in out and "stop after (default" not in out
-
-
-def test_run_cli_failure_is_one_line_with_status_1(capsys):
-    def failing() -> int:
-        raise ValueError("bad\n  input")
-
-    assert run_cli(failing, (ValueError,)) == EXIT_FAILURE
-    assert capsys.readouterr().err == "error: bad input\n"
 
 
 def _at_least_two(text: str) -> int:

@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from modeling_flamingo.arguments import FlamingoArgumentParser
+from modeling_flamingo.arguments import EXIT_FAILURE, EXIT_OK, FlamingoArgumentParser
 from modeling_flamingo.training.arguments import ARGUMENT_GROUPS, TrainingArguments
 
 # Accelerate launch configurations shipped with the package (ddp, fsdp_full, fsdp_hybrid, deepspeed_zero2/3).
@@ -174,8 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, ConversionError, TrainingDivergedError) as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"error: {message}", file=sys.stderr)
-        return 1
-    return 0
+        return EXIT_FAILURE
+    return EXIT_OK
 
 
 __all__ = ["CONFIGS_DIR", "build_parser", "data_loader_factory", "main", "parse_args"]
